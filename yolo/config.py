@@ -1,0 +1,195 @@
+"""Run configuration: frozen dataclasses whose fields are the command-line flags.
+
+Each field becomes one ``--kebab-case`` flag (booleans get ``--x/--no-x``, tuples take several
+values); unknown flags are an error. Entry scripts hold a preset instance and call
+:func:`parse_config`, so the three train scripts differ only in their presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODELS = ("darknet19", "tiny", "resnet18", "resnet50", "resnet101")
+DEMO_ROOT = "data/demo"
+
+
+def _flag(default, help_text: str, **extra):
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; stored in every checkpoint."""
+
+    model: str = _flag("darknet19", f"backbone, one of {', '.join(MODELS)}")
+    run: str = _flag("yolov2", "run name: logs/<run>/ and model/<run>/")
+    data_root: str = _flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
+    train_sets: tuple[str, ...] = _flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ...")
+    val_set: str = _flag("2007:test", "NAME:SPLIT evaluated every --eval-every epochs")
+    classes: str | None = _flag(None, "classes file, one name per line (default: VOC's 20)")
+    anchors: str | None = _flag(None, "anchors JSON from kmeans.py (default: darknet's VOC set)")
+    demo: bool = _flag(False, "generate the demo dataset if missing and train on it")
+    epochs: int = _flag(160, "number of epochs")
+    batch_size: int = _flag(16, "images per forward pass (per GPU)")
+    accum: int = _flag(4, "batches accumulated per optimizer step (64 = batch * accum * GPUs)")
+    img_size: int = _flag(416, "training size when multi-scale is off")
+    eval_img_size: int = _flag(416, "evaluation size")
+    multi_scale: bool = _flag(True, "a random size in 320..608 every --multi-scale-every batches")
+    multi_scale_every: int = _flag(10, "batches between multi-scale size changes")
+    min_size: int = _flag(320, "smallest multi-scale size")
+    max_size: int = _flag(608, "largest multi-scale size")
+    lr: float = _flag(1e-3, "peak learning rate")
+    momentum: float = _flag(0.9, "SGD momentum")
+    weight_decay: float = _flag(5e-4, "weight decay on conv/linear weights (not biases or BN)")
+    burn_in: int = _flag(1000, "optimizer steps of darknet's burn-in, lr * (i / burn_in) ** 4")
+    lr_steps: tuple[int, ...] = _flag((60, 90), "epochs at which lr is multiplied by --lr-gamma")
+    lr_gamma: float = _flag(0.1, "lr factor at each of --lr-steps")
+    jitter: float = _flag(0.3, "darknet jitter of the random crop")
+    hue: float = _flag(0.1, "hue shift, fraction of the colour circle")
+    saturation: float = _flag(1.5, "saturation scale up to this or its inverse")
+    exposure: float = _flag(1.5, "exposure scale up to this or its inverse")
+    flip: float = _flag(0.5, "horizontal flip probability")
+    keep_difficult: bool = _flag(False, "train on difficult objects too (darknet leaves them out)")
+    assignment: str = _flag("global", "loss target assignment: global | darknet")
+    conf_threshold: float = _flag(0.005, "evaluation score threshold")
+    nms_threshold: float = _flag(0.45, "evaluation NMS IoU threshold")
+    device: str = _flag("auto", "auto | cpu | cuda | cuda:N")
+    workers: int = _flag(4, "data loader worker processes")
+    seed: int = _flag(0, "seed for shuffling, augmentation and initialisation")
+    resume: str | None = _flag(None, "resume model/<run>/last.pt, or the PATH given", const="last")
+    weights: str | None = _flag(None, "initialise the model from a checkpoint of this project")
+    pretrained: str | None = _flag(
+        None, "ImageNet backbone weights: torchvision's (no PATH) or a local PATH", const="default"
+    )
+    darknet_weights: str | None = _flag(None, "darknet .weights file, e.g. darknet19_448.conv.23")
+    amp: bool = _flag(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
+    eval_every: int = _flag(1, "evaluate every N epochs (and always after the last)")
+    num_vis_images: int = _flag(4, "validation images drawn to tensorboard each evaluation")
+    log_dir: str = _flag("logs", "tensorboard folder")
+    model_dir: str = _flag("model", "checkpoint folder")
+
+    def __post_init__(self) -> None:
+        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
+        _check(self.assignment in ("global", "darknet"), "--assignment: global or darknet")
+        for name in ("img_size", "eval_img_size", "min_size", "max_size"):
+            value = getattr(self, name)
+            _check(value > 0 and value % 32 == 0, f"--{_kebab(name)} {value}: use a multiple of 32")
+        _check(self.min_size <= self.max_size, "--min-size must not exceed --max-size")
+        for name in ("epochs", "batch_size", "accum", "multi_scale_every", "eval_every"):
+            _check(getattr(self, name) >= 1, f"--{_kebab(name)} must be at least 1")
+        _check(self.lr > 0, f"--lr {self.lr}: must be positive")
+        _check(self.workers >= 0, "--workers must be >= 0")
+        _check(list(self.lr_steps) == sorted(self.lr_steps), "--lr-steps must be increasing")
+        if self.darknet_weights and self.model not in ("darknet19", "tiny"):
+            raise ValueError(f"--darknet-weights needs a darknet model, not --model {self.model}")
+        for spec in (*self.train_sets, self.val_set):
+            _check(spec.count(":") == 1, f"image set {spec!r}: write NAME:SPLIT, e.g. 2007:test")
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    """Evaluation of trained weights on a validation set."""
+
+    weights: str | None = _flag(None, "checkpoint .pt of this project, or darknet .weights")
+    model: str = _flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
+    data_root: str = _flag("data/VOCdevkit", "VOCdevkit folder")
+    val_set: str = _flag("2007:test", "NAME:SPLIT to evaluate")
+    classes: str | None = _flag(None, "classes file (default: the checkpoint's, else VOC's)")
+    anchors: str | None = _flag(None, "anchors JSON (default: the checkpoint's, else darknet's)")
+    demo: bool = _flag(False, "evaluate on the demo dataset's val split")
+    img_size: int = _flag(416, "evaluation size")
+    conf_threshold: float = _flag(0.005, "score threshold")
+    nms_threshold: float = _flag(0.45, "NMS IoU threshold")
+    device: str = _flag("auto", "auto | cpu | cuda | cuda:N")
+    batch_size: int = _flag(16, "images per batch")
+    workers: int = _flag(4, "data loader worker processes")
+    amp: bool = _flag(True, "half precision on CUDA")
+    out: str = _flag("model/test", "output folder for metrics.json, pr_curves.png, detections/")
+    num_vis_images: int = _flag(8, "validation images drawn into OUT/detections/")
+    fps_iters: int = _flag(50, "timed batch-1 forward passes for the FPS figures")
+    save_voc_results: str | None = _flag(None, "write comp4_det_test_<class>.txt files here")
+
+    def __post_init__(self) -> None:
+        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
+        _check(self.img_size % 32 == 0, f"--img-size {self.img_size}: use a multiple of 32")
+        _check(self.batch_size >= 1 and self.workers >= 0, "--batch-size >= 1, --workers >= 0")
+        _check(self.val_set.count(":") == 1, f"--val-set {self.val_set!r}: write NAME:SPLIT")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def build_parser(preset, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of ``preset``'s dataclass, defaulting to it."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    hints = typing.get_type_hints(type(preset))
+    for item in dataclasses.fields(preset):
+        flag, default = f"--{_kebab(item.name)}", getattr(preset, item.name)
+        kind, help_text = hints[item.name], item.metadata.get("help", "")
+        kwargs = {"dest": item.name, "default": default, "help": help_text}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(kind) is tuple:
+            elem = typing.get_args(kind)[0]
+            parser.add_argument(flag, nargs="+", type=elem, metavar=elem.__name__.upper(), **kwargs)
+        elif "const" in item.metadata:
+            parser.add_argument(flag, nargs="?", const=item.metadata["const"], **kwargs)
+            if item.name == "pretrained":
+                parser.add_argument(
+                    "--no-pretrained",
+                    dest=item.name,
+                    action="store_const",
+                    const=None,
+                    help="train the backbone from random weights",
+                )
+        else:
+            elem = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            parser.add_argument(flag, type=elem, **kwargs)
+    return parser
+
+
+def parse_config(preset, argv: list[str] | None = None, description: str | None = None):
+    """Apply command-line overrides to a preset; unknown flags exit with an error."""
+    args = build_parser(preset, description).parse_args(argv)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
+    try:
+        return dataclasses.replace(preset, **values)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def config_to_dict(config) -> dict:
+    """Plain JSON-able data: tuples become lists."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_dict(cls, data: dict):
+    """Inverse of :func:`config_to_dict`; keys the class no longer has are an error."""
+    names = {item.name for item in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"config has unknown fields {unknown}; was it written by another version?")
+    hints = typing.get_type_hints(cls)
+    values = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in data.items()}
+    return cls(**values)
+
+
+def save_config_json(config, path: str | Path) -> None:
+    """Write the resolved config beside the checkpoints (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,222 @@
+"""Evaluation: :func:`evaluate` (used every epoch by the trainer) and :func:`run_test`, the engine
+of the test scripts (metrics, plots, drawn detections, FPS, VOC result files)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm import tqdm
+
+from utils.data import VOCDataset, build_dataloader, parse_sets
+from utils.metrics import DetectionEvaluator, to_json
+from utils.transforms import build_eval_transform
+from utils.visualize import draw_detections, format_ap_table, plot_pr_curves
+from yolo.build import load_trained_model, resolve_classes, resolve_demo
+from yolo.nms import postprocess
+from yolo.runtime import Runtime, gather_to_main, setup_runtime, teardown_runtime
+
+log = logging.getLogger(__name__)
+
+
+def _autocast(runtime: Runtime):
+    return torch.autocast(
+        runtime.device.type,
+        dtype=runtime.amp_dtype or torch.float32,
+        enabled=runtime.amp_dtype is not None,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    anchors: torch.Tensor,
+    *,
+    runtime: Runtime,
+    class_names: tuple[str, ...],
+    conf_threshold: float = 0.005,
+    nms_threshold: float = 0.45,
+    num_vis_images: int = 0,
+    records: list | None = None,
+) -> tuple[dict | None, list]:
+    """Detections on a validation loader scored by :class:`DetectionEvaluator`.
+
+    Each rank evaluates its shard; detections are gathered (and de-duplicated by image id, since
+    a sharded sampler may repeat images to even out the ranks) so that the main rank scores the
+    whole set; other ranks get ``None``. Returns ``(metrics, samples)`` with up to
+    ``num_vis_images`` samples ``(image [3,H,W], detections [K,6], ground truth [G,6])``.
+    ``records``, when given, receives ``(image_id, orig_size, detections)`` for every image.
+    """
+    model = (model.module if hasattr(model, "module") else model).eval()
+    device, anchors = runtime.device, anchors.to(runtime.device)
+    local, samples = [], []
+    for images, _, metas in tqdm(loader, desc="eval", disable=not runtime.is_main, leave=False):
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(runtime):
+            raw = model(images)
+        detections = postprocess(
+            raw.float(),
+            anchors,
+            conf_threshold=conf_threshold,
+            nms_threshold=nms_threshold,
+            max_detections=100,
+        )
+        for image, dets, meta in zip(images, detections, metas, strict=True):
+            local.append((meta["image_id"], tuple(meta["orig_size"]), dets.cpu(), meta["gt"]))
+            if len(samples) < num_vis_images:
+                samples.append((image.float().cpu(), dets.cpu(), meta["gt"]))
+    gathered = {rec[0]: rec for rec in gather_to_main(local, runtime)}
+    if not runtime.is_main:
+        return None, samples
+    evaluator = DetectionEvaluator(len(class_names), class_names=class_names)
+    evaluator.update([r[2] for r in gathered.values()], [r[3] for r in gathered.values()])
+    if records is not None:
+        records.extend((r[0], r[1], r[2]) for r in gathered.values())
+    return evaluator.compute(), samples
+
+
+def log_evaluation(writer, res: dict, samples: list, classes, step: int) -> None:
+    """Metrics, per-class AP, PR curves and drawn detections to tensorboard."""
+    for key in ("map_voc07", "map_voc12", "map_coco", "ap50_coco", "ap75_coco"):
+        writer.add_scalar(f"val/{key}", res[key], step)
+    for name, ap in zip(classes, res["per_class"]["voc07"], strict=True):
+        if math.isfinite(ap):
+            writer.add_scalar(f"val/ap/{name}", ap, step)
+    writer.add_figure("val/pr_curves", plot_pr_curves(res, classes), step)
+    for i, (image, dets, gt) in enumerate(samples):
+        drawn = draw_detections(image, dets, classes, ground_truths=gt)
+        writer.add_image(f"val/detections/{i}", pil_to_tensor(drawn), step)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_fps(
+    model: nn.Module,
+    anchors: torch.Tensor,
+    *,
+    img_size: int,
+    runtime: Runtime,
+    iters: int = 50,
+    warmup: int = 5,
+) -> dict:
+    """Batch-1 frames per second: the model alone (as the seed's table) and end to end with
+    postprocess; synchronised on CUDA so the clock measures the GPU's work."""
+    device = runtime.device
+    image = torch.rand(1, 3, img_size, img_size, device=device)
+    if device.type == "cuda":
+        image = image.contiguous(memory_format=torch.channels_last)
+    anchors = anchors.to(device)
+    results = {}
+    for name, with_post in (("fps_model", False), ("fps_end_to_end", True)):
+        for i in range(warmup + iters):
+            if i == warmup:
+                _sync(device)
+                start = time.perf_counter()
+            with _autocast(runtime):
+                raw = model(image)
+            if with_post:
+                postprocess(raw.float(), anchors)
+        _sync(device)
+        results[name] = iters / (time.perf_counter() - start)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[runtime.amp_dtype]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return {**results, "device": name, "precision": precision, "img_size": img_size}
+
+
+def write_voc_results(records: list, classes: tuple[str, ...], out_dir: str | Path) -> None:
+    """VOC test-server files ``comp4_det_test_<class>.txt``: ``image_id score x1 y1 x2 y2`` in
+    1-based pixels of the original image, as the devkit expects."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines: dict[int, list[str]] = {c: [] for c in range(len(classes))}
+    for image_id, (height, width), dets in records:
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        for x1, y1, x2, y2, score, label in dets.tolist():
+            px = (torch.tensor([x1, y1, x2, y2]) * scale).tolist()
+            lines[int(label)].append(
+                f"{image_id} {score:.6f} {px[0] + 1:.1f} {px[1] + 1:.1f} {px[2]:.1f} {px[3]:.1f}"
+            )
+    for label, name in enumerate(classes):
+        (out_dir / f"comp4_det_test_{name}.txt").write_text("".join(f"{x}\n" for x in lines[label]))
+
+
+def run_test(config) -> dict:
+    """Evaluate ``config.weights`` on ``config.val_set``; write metrics, plots and samples."""
+    if not config.weights:
+        raise ValueError(
+            "--weights is required: a checkpoint of this project (model/<run>/best.pt) or "
+            "darknet's yolov2-voc.weights (https://pjreddie.com/media/files/yolov2-voc.weights)"
+        )
+    config = resolve_demo(config)
+    runtime = setup_runtime(config.device, config.amp)
+    try:
+        return _run_test(config, runtime)
+    finally:
+        teardown_runtime(runtime)
+
+
+def _run_test(config, runtime: Runtime) -> dict:
+    classes = resolve_classes(config.classes) if config.classes else None
+    model, classes, anchors = load_trained_model(
+        config.weights, model_name=config.model, classes=classes, anchors_file=config.anchors
+    )
+    model = model.to(runtime.device)
+    if runtime.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    dataset = VOCDataset(
+        config.data_root,
+        parse_sets([config.val_set]),
+        classes,
+        keep_difficult=True,
+        transform=build_eval_transform(config.img_size),
+    )
+    log.info("val set: %s", dataset.summary())
+    loader = build_dataloader(
+        dataset, batch_size=config.batch_size, shuffle=False, seed=0, workers=config.workers
+    )
+    records: list = []
+    res, samples = evaluate(
+        model,
+        loader,
+        anchors,
+        runtime=runtime,
+        class_names=classes,
+        conf_threshold=config.conf_threshold,
+        nms_threshold=config.nms_threshold,
+        num_vis_images=config.num_vis_images,
+        records=records,
+    )
+    out = Path(config.out)
+    (out / "detections").mkdir(parents=True, exist_ok=True)
+    fps = measure_fps(
+        model, anchors, img_size=config.img_size, runtime=runtime, iters=config.fps_iters
+    )
+    metrics = {**to_json(res), **fps, "weights": str(config.weights)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_pr_curves(res, classes).savefig(out / "pr_curves.png", dpi=100)
+    for i, (image, dets, gt) in enumerate(samples):
+        draw_detections(image, dets, classes, ground_truths=gt).save(
+            out / "detections" / f"{i:03d}.jpg", quality=90
+        )
+    if config.save_voc_results:
+        write_voc_results(records, classes, config.save_voc_results)
+    sys.stdout.write(format_ap_table(res, classes) + "\n")
+    sys.stdout.write(
+        f"FPS at {config.img_size} on {fps['device']} ({fps['precision']}), batch 1: model "
+        f"{fps['fps_model']:.1f}, end to end {fps['fps_end_to_end']:.1f}\nwrote {out}/\n"
+    )
+    return metrics

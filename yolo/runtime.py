@@ -1,0 +1,133 @@
+"""Where a run executes: device, precision, processes (torchrun + DDP), and stop signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The process's place in the run: its device and rank, and the AMP dtype to use."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def select_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error, not a fallback."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name}: CUDA is not available here; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def select_amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16 (with a GradScaler); none on the CPU."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def setup_runtime(device_name: str, amp: bool) -> Runtime:
+    """Join the torchrun process group when launched by torchrun, else run as one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, rank, world_size, select_amp_dtype(device, amp))
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds the global RNGs that initialisation uses; data order and augmentation are seeded
+    per item by the sampler, so they do not depend on this."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def gather_to_main(items: list, runtime: Runtime) -> list:
+    """Concatenate per-rank lists on every rank (in rank order); identity for one process."""
+    if not runtime.distributed:
+        return items
+    gathered: list[list | None] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def broadcast_flag(flag: bool, runtime: Runtime) -> bool:
+    """True on every rank when any rank says True (used for stop requests)."""
+    if not runtime.distributed:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks at a safe point.
+
+    A second signal of the same kind restores the default behaviour, so pressing Ctrl-C twice
+    still stops a run that is stuck.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        self.signum = signum
+        log.warning(
+            "%s received: saving a checkpoint at the next step, then stopping",
+            signal.Signals(signum).name,
+        )
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
