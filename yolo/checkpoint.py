@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -48,6 +49,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} not found: train one (model/<run>/best.pt) or pass its path"
+        )
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"cannot read checkpoint {path}: not a PyTorch checkpoint file (truncated, or "
+            f"another format; {path.stat().st_size} bytes)"
         )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)

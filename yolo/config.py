@@ -95,6 +95,8 @@ class TrainConfig:
 class TestConfig:
     """Evaluation of trained weights on a validation set."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     weights: str | None = _flag(None, "checkpoint .pt of this project, or darknet .weights")
     model: str = _flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
     data_root: str = _flag("data/VOCdevkit", "VOCdevkit folder")
@@ -133,7 +135,9 @@ def _kebab(name: str) -> str:
 def build_parser(preset, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of ``preset``'s dataclass, defaulting to it."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a misspelt flag must fail, not match a longer one
     )
     hints = typing.get_type_hints(type(preset))
     for item in dataclasses.fields(preset):

@@ -1,0 +1,26 @@
+import pytest
+import torch
+from torch import nn
+
+from yolo.build import build_optimizer, learning_rate
+
+
+def test_learning_rate_follows_darknet_burn_in_and_steps():
+    kwargs = {"burn_in": 1000, "lr_steps": (60, 90), "gamma": 0.1}
+    assert learning_rate(1e-3, iteration=0, epoch=0, **kwargs) == 0.0
+    assert learning_rate(1e-3, iteration=500, epoch=0, **kwargs) == pytest.approx(1e-3 / 16)
+    assert learning_rate(1e-3, iteration=1000, epoch=0, **kwargs) == pytest.approx(1e-3)
+    assert learning_rate(1e-3, iteration=5000, epoch=59, **kwargs) == pytest.approx(1e-3)
+    assert learning_rate(1e-3, iteration=5000, epoch=60, **kwargs) == pytest.approx(1e-4)
+    assert learning_rate(1e-3, iteration=9000, epoch=90, **kwargs) == pytest.approx(1e-5)
+
+
+def test_weight_decay_only_on_weights():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    optimizer = build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
+    assert {p.ndim for p in decayed["params"]} == {4}
+    assert {p.ndim for p in plain["params"]} == {1}
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert all(torch.is_tensor(p) for p in plain["params"])
