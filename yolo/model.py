@@ -1,0 +1,380 @@
+"""YOLOv2 detectors: Darknet-19 and tiny (darknet's cfgs layer for layer) and ResNet backbones.
+
+Every model maps images ``[N, 3, H, W]`` (RGB in [0, 1], H and W multiples of 32) to the raw
+head output ``[N, A*(5+C), H/32, W/32]``, channel ``a*(5+C) + k`` with k = tx, ty, tw, th, to,
+then C class logits (darknet's region-layer order). The prediction conv is linear.
+
+- ``darknet19``: ``cfg/yolov2-voc.cfg``: 23 convs, 5 maxpools, the 1x1 64-filter conv on the
+  stride-16 feature, darknet's ``[reorg]`` and the route ``[passthrough, conv 20]`` (1280 ch).
+- ``tiny``: ``cfg/yolov2-tiny-voc.cfg``: 9 convs, 6 maxpools (the last one 2x2 stride 1).
+- ``resnet18/50/101``: torchvision's ResNet with ImageNet normalisation inside, and the same
+  head as darknet19 with a passthrough from the stride-16 stage.
+
+Darknet models keep their convs in cfg order (``darknet_blocks()``), which is the order of
+darknet's ``.weights`` files (see ``yolo.darknet``).
+"""
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from utils.winit import init_darknet_conv, init_detection_head, init_kaiming_conv
+from yolo.darknet import load_darknet_weights
+
+__all__ = [
+    "MODEL_NAMES",
+    "ConvBlock",
+    "DarknetMaxPool",
+    "YOLOv2Darknet19",
+    "YOLOv2ResNet",
+    "YOLOv2Tiny",
+    "build_model",
+    "darknet_reorg",
+]
+
+logger = logging.getLogger(__name__)
+
+LEAKY_SLOPE = 0.1
+BN_EPS = 1e-5  # darknet's GPU path and its weight folding: (x - mean) / sqrt(var + 1e-5)
+OUTPUT_STRIDE = 32
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Layer specs in cfg order: ("conv", filters, size) with pad = size // 2, BN and leaky;
+# ("max", size, stride) for darknet's maxpool.
+DARKNET19_TO_STRIDE16 = (  # yolov2-voc.cfg layers 0-16: conv 1-13
+    ("conv", 32, 3), ("max", 2, 2), ("conv", 64, 3), ("max", 2, 2),
+    ("conv", 128, 3), ("conv", 64, 1), ("conv", 128, 3), ("max", 2, 2),
+    ("conv", 256, 3), ("conv", 128, 1), ("conv", 256, 3), ("max", 2, 2),
+    ("conv", 512, 3), ("conv", 256, 1), ("conv", 512, 3), ("conv", 256, 1), ("conv", 512, 3),
+)  # fmt: skip
+DARKNET19_TO_STRIDE32 = (  # layers 17-22: conv 14-18, the end of darknet19_448.conv.23
+    ("max", 2, 2),
+    ("conv", 1024, 3), ("conv", 512, 1), ("conv", 1024, 3), ("conv", 512, 1), ("conv", 1024, 3),
+)  # fmt: skip
+TINY_BACKBONE = (  # yolov2-tiny-voc.cfg layers 0-12: conv 1-7
+    ("conv", 16, 3), ("max", 2, 2), ("conv", 32, 3), ("max", 2, 2), ("conv", 64, 3), ("max", 2, 2),
+    ("conv", 128, 3), ("max", 2, 2), ("conv", 256, 3), ("max", 2, 2), ("conv", 512, 3),
+    ("max", 2, 1), ("conv", 1024, 3),
+)  # fmt: skip
+
+RESNETS = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
+    "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
+}
+DARKNET_NAMES = ("darknet19", "tiny")
+MODEL_NAMES = (*DARKNET_NAMES, *RESNETS)
+
+
+def darknet_reorg(x: torch.Tensor, stride: int = 2) -> torch.Tensor:
+    """Darknet's ``[reorg]`` layer (``reorg_cpu(x, w, h, c, batch, stride, forward=0)``).
+
+    Args:
+        x: ``[N, C, H, W]``, C divisible by ``stride**2``, H and W divisible by ``stride``.
+    Returns:
+        ``[N, C*stride**2, H/stride, W/stride]`` in darknet's memory order: the input buffer
+        is read as ``[N, C/s^2, H*s, W*s]`` and output element ``(k, j, i)`` of an
+        ``[N, C, H, W]`` buffer is input ``(k % (C/s^2), j*s + (k // (C/s^2)) // s,
+        i*s + (k // (C/s^2)) % s)``; that buffer is then read as the layer's reported shape.
+        This is neither ``pixel_unshuffle`` nor a channel permutation of it: rows of
+        different output positions mix. Reshape/permute only, so it exports to ONNX.
+    """
+    n, c, h, w = x.shape
+    s = stride
+    if c % (s * s) or h % s or w % s:
+        raise ValueError(
+            f"darknet_reorg needs C divisible by {s * s} and H, W divisible by {s}; "
+            f"got shape {tuple(x.shape)}"
+        )
+    x = x.reshape(n, c // (s * s), h, s, w, s)  # [N, C/s², H, dy, W, dx] (read as [N,C/s²,sH,sW])
+    x = x.permute(0, 3, 5, 1, 2, 4)  # [N, dy, dx, C/s², H, W]: k = (dy*s + dx)*C/s² + c2
+    return x.reshape(n, c * s * s, h // s, w // s)  # buffer [N, C, H, W] read as reported shape
+
+
+class DarknetMaxPool(nn.Module):
+    """Darknet's ``[maxpool]``: padding ``size-1`` (-inf), window ``i`` starting at input
+    ``i*stride - pad/2`` (C division, so 0 for size 2: the padding is all right/bottom), and
+    ``out = (in + size - 1 - size) // stride + 1``; size 2 stride 1 keeps the spatial size."""
+
+    def __init__(self, size: int, stride: int) -> None:
+        super().__init__()
+        self.size = size
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.size - 1
+        before, after = pad // 2, pad - pad // 2
+        h, w = x.shape[-2:]
+        darknet_out = ((h + pad - self.size) // self.stride, (w + pad - self.size) // self.stride)
+        plain_out = ((h - self.size) // self.stride, (w - self.size) // self.stride)
+        if before or darknet_out != plain_out:  # else the padding never reaches a window
+            x = F.pad(x, (before, after, before, after), value=float("-inf"))
+        return F.max_pool2d(x, self.size, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, stride={self.stride}"
+
+
+class ConvBlock(nn.Module):
+    """Darknet's ``[convolutional]``: conv (no bias when BN follows), BN, leaky 0.1; or, with
+    ``batch_norm=False, leaky=False``, a linear conv with bias (the prediction layer)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        size: int,
+        *,
+        batch_norm: bool = True,
+        leaky: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, size, padding=size // 2, bias=not batch_norm
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS) if batch_norm else None
+        self.act = nn.LeakyReLU(LEAKY_SLOPE, inplace=True) if leaky else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return self.act(x)
+
+
+def make_darknet_stage(in_channels: int, spec: Sequence[tuple[str, int, int]]) -> nn.Sequential:
+    """An ``nn.Sequential`` of ``ConvBlock``/``DarknetMaxPool`` from a cfg-order layer spec."""
+    layers: list[nn.Module] = []
+    for kind, a, b in spec:
+        if kind == "conv":
+            layers.append(ConvBlock(in_channels, a, b))
+            in_channels = a
+        else:
+            layers.append(DarknetMaxPool(a, b))
+    return nn.Sequential(*layers)
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Raise a clear error unless ``images`` is ``[N, 3, H, W]`` with H, W multiples of 32."""
+    shape = tuple(images.shape)
+    if images.dim() != 4 or shape[1] != 3:
+        raise ValueError(f"model input must be [N, 3, H, W] RGB images; got shape {shape}")
+    if shape[2] % OUTPUT_STRIDE or shape[3] % OUTPUT_STRIDE or shape[2] == 0 or shape[3] == 0:
+        raise ValueError(
+            f"image height and width must be positive multiples of {OUTPUT_STRIDE}; got "
+            f"{shape[2]}x{shape[3]}: resize or pad the batch (e.g. to 416x416)"
+        )
+
+
+class YOLOv2Darknet19(nn.Module):
+    """YOLOv2 on Darknet-19, layer for layer ``cfg/yolov2-voc.cfg``; input RGB in [0, 1]."""
+
+    def __init__(self, num_classes: int = 20, num_anchors: int = 5) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_anchors = num_anchors
+        self.backbone_name = "darknet19"
+        self.stage16 = make_darknet_stage(3, DARKNET19_TO_STRIDE16)
+        self.stage32 = make_darknet_stage(512, DARKNET19_TO_STRIDE32)
+        self.neck = nn.Sequential(ConvBlock(1024, 1024, 3), ConvBlock(1024, 1024, 3))  # 19, 20
+        self.passthrough = ConvBlock(512, 64, 1)  # conv 21, on layer 16's output
+        self.fuse = ConvBlock(256 + 1024, 1024, 3)  # conv 22, after route -1,-4
+        outputs = num_anchors * (5 + num_classes)
+        self.head = ConvBlock(1024, outputs, 1, batch_norm=False, leaky=False)  # conv 23
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images)
+        fine = self.stage16(images)  # [N, 512, H/16, W/16]
+        coarse = self.neck(self.stage32(fine))  # [N, 1024, H/32, W/32]
+        shortcut = darknet_reorg(self.passthrough(fine))  # [N, 64, H/16, W/16] -> [N, 256, ...]
+        routed = torch.cat([shortcut, coarse], dim=1)  # [N, 1280, H/32, W/32], reorg first
+        return self.head(self.fuse(routed))  # [N, A*(5+C), H/32, W/32]
+
+    def darknet_blocks(self) -> list[ConvBlock]:
+        """The 23 conv layers in cfg (and ``.weights`` file) order."""
+        stages = [*self.stage16, *self.stage32, *self.neck]
+        blocks = [m for m in stages if isinstance(m, ConvBlock)]
+        return [*blocks, self.passthrough, self.fuse, self.head]
+
+
+class YOLOv2Tiny(nn.Module):
+    """Tiny YOLOv2, layer for layer ``cfg/yolov2-tiny-voc.cfg``; input RGB in [0, 1]."""
+
+    def __init__(self, num_classes: int = 20, num_anchors: int = 5) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_anchors = num_anchors
+        self.backbone_name = "tiny"
+        self.backbone = make_darknet_stage(3, TINY_BACKBONE)  # conv 1-7
+        self.neck = ConvBlock(1024, 1024, 3)  # conv 8
+        outputs = num_anchors * (5 + num_classes)
+        self.head = ConvBlock(1024, outputs, 1, batch_norm=False, leaky=False)  # conv 9
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images)
+        return self.head(self.neck(self.backbone(images)))  # [N, A*(5+C), H/32, W/32]
+
+    def darknet_blocks(self) -> list[ConvBlock]:
+        """The 9 conv layers in cfg (and ``.weights`` file) order."""
+        blocks = [m for m in self.backbone if isinstance(m, ConvBlock)]
+        return [*blocks, self.neck, self.head]
+
+
+class YOLOv2ResNet(nn.Module):
+    """YOLOv2 head on a torchvision ResNet.
+
+    The stride-16 stage (``layer3``) feeds a 1x1 conv to 64 channels and a space-to-depth
+    (``pixel_unshuffle``) to 256 channels, concatenated before the stride-32 path (``layer4``
+    and two 3x3 1024 convs), then a 3x3 1024 conv and the linear prediction conv: darknet19's
+    head on another backbone. ``pixel_unshuffle`` rather than darknet's reorg: no darknet
+    weights need its memory order here, and pixel_unshuffle keeps each output channel a true
+    2x2 sub-grid of one input channel.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        resnet: torchvision.models.ResNet,
+        num_classes: int = 20,
+        num_anchors: int = 5,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_anchors = num_anchors
+        self.backbone_name = name
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        r = resnet
+        self.stage16 = nn.Sequential(
+            r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3
+        )
+        self.stage32 = r.layer4
+        channels32 = r.fc.in_features  # 512 (resnet18) or 2048 (resnet50/101)
+        channels16 = channels32 // 2
+        self.neck = nn.Sequential(ConvBlock(channels32, 1024, 3), ConvBlock(1024, 1024, 3))
+        self.passthrough = ConvBlock(channels16, 64, 1)
+        self.fuse = ConvBlock(256 + 1024, 1024, 3)
+        outputs = num_anchors * (5 + num_classes)
+        self.head = ConvBlock(1024, outputs, 1, batch_norm=False, leaky=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images)
+        fine = self.stage16((images - self.mean) / self.std)  # [N, C16, H/16, W/16]
+        coarse = self.neck(self.stage32(fine))  # [N, 1024, H/32, W/32]
+        shortcut = F.pixel_unshuffle(self.passthrough(fine), 2)  # [N, 256, H/32, W/32]
+        routed = torch.cat([shortcut, coarse], dim=1)  # [N, 1280, H/32, W/32]
+        return self.head(self.fuse(routed))  # [N, A*(5+C), H/32, W/32]
+
+    def new_blocks(self) -> list[ConvBlock]:
+        """The layers on top of the ResNet (not pretrained)."""
+        return [*self.neck, self.passthrough, self.fuse, self.head]
+
+
+def download_resnet_state(weights: torchvision.models.WeightsEnum) -> dict:
+    """torchvision's pretrained state dict (downloaded once, then read from the hub cache)."""
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except OSError as err:  # URLError, DNS failure, timeout: no internet and nothing cached
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+        raise RuntimeError(
+            f"could not download the pretrained weights {weights} from {weights.url} "
+            f"({err}). Offline, place that file at {cached}, or pass a local copy with "
+            "--pretrained PATH (pretrained='file.pth'), or train from scratch with "
+            "--no-pretrained."
+        ) from err
+
+
+def read_resnet_state(path: str | os.PathLike, name: str) -> dict:
+    """A local state dict of torchvision's ``name``, read with ``weights_only=True``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"pretrained weights file {os.fspath(path)!r} not found: pass the path of a "
+            f"torchvision {name} state dict (.pth), or use --no-pretrained"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{os.fspath(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def build_resnet(name: str, pretrained: bool | str | os.PathLike) -> torchvision.models.ResNet:
+    """torchvision's ResNet ``name``, with pretrained weights when asked (never silently not)."""
+    builder, weights_enum = RESNETS[name]
+    resnet = builder(weights=None)
+    if pretrained is False or pretrained is None:
+        return resnet
+    if pretrained is True:
+        state, source = download_resnet_state(weights_enum.DEFAULT), str(weights_enum.DEFAULT)
+    else:
+        state, source = read_resnet_state(pretrained, name), os.fspath(pretrained)
+    # The ImageNet classifier is dropped, so its shape (class count) does not matter.
+    expected = {k: v.shape for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    found = {k: v.shape for k, v in state.items() if not k.startswith("fc.")}
+    if found != expected:
+        wrong = [k for k in expected if found.get(k) != expected[k]] + sorted(
+            found - expected.keys()
+        )
+        raise ValueError(
+            f"{source} is not a torchvision {name} state dict: {len(wrong)} keys missing, "
+            f"unexpected or of another shape (first: {', '.join(wrong[:3])})"
+        )
+    resnet.load_state_dict(state, strict=False)
+    logger.info("loaded %s backbone weights from %s", name, source)
+    return resnet
+
+
+def init_darknet_model(model: YOLOv2Darknet19 | YOLOv2Tiny) -> None:
+    """Darknet's from-scratch init for every conv; the prediction conv gets the head init."""
+    for block in model.darknet_blocks():
+        init_darknet_conv(block.conv)
+    init_detection_head(model.head.conv, model.num_anchors, model.num_classes)
+
+
+def build_model(
+    name: str,
+    num_classes: int = 20,
+    num_anchors: int = 5,
+    pretrained: bool | str | os.PathLike = False,
+) -> nn.Module:
+    """Build a YOLOv2 detector.
+
+    Args:
+        name: "darknet19", "tiny", "resnet18", "resnet50" or "resnet101".
+        pretrained: False: random init. Darknet models: a path to a darknet ``.weights`` file
+            (the full model or a prefix such as ``darknet19_448.conv.23``). ResNets: True for
+            torchvision's DEFAULT ImageNet weights, or a path to a local state dict.
+    Returns:
+        A module mapping ``[N, 3, H, W]`` RGB in [0, 1] to ``[N, A*(5+C), H/32, W/32]``, with
+        attributes ``num_classes``, ``num_anchors`` and ``backbone_name``.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if num_classes < 1 or num_anchors < 1:
+        raise ValueError(
+            f"need num_classes >= 1 and num_anchors >= 1, got {num_classes}, {num_anchors}"
+        )
+    if name in RESNETS:
+        model = YOLOv2ResNet(name, build_resnet(name, pretrained), num_classes, num_anchors)
+        for block in model.new_blocks():
+            init_kaiming_conv(block.conv, LEAKY_SLOPE)
+        init_detection_head(model.head.conv, num_anchors, num_classes)
+        return model
+    if pretrained is True:
+        raise ValueError(
+            f"{name} takes a darknet .weights file as pretrained (a path, e.g. "
+            "darknet19_448.conv.23 or yolov2-voc.weights); there is no torchvision copy"
+        )
+    model_class = YOLOv2Darknet19 if name == "darknet19" else YOLOv2Tiny
+    model = model_class(num_classes, num_anchors)
+    init_darknet_model(model)
+    if pretrained not in (False, None):
+        load_darknet_weights(model, pretrained)
+    return model
