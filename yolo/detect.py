@@ -1,0 +1,531 @@
+"""Detection on image files, folders, video files and webcams: the engine of ``detect.py``.
+
+Images are resized to a square ``img_size`` (a plain resize, as in evaluation), detected in small
+batches, and the normalised boxes are mapped back to each original image's pixels. Outputs in
+``out``: an annotated copy of every image (same stem) or an annotated mp4 for a video or webcam,
+and ``detections.json``. OpenCV is imported only for video, webcam and ``--show``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
+
+from utils.visualize import draw_detections
+from yolo.build import load_trained_model, resolve_classes
+from yolo.config import MODELS
+from yolo.nms import postprocess
+from yolo.runtime import select_amp_dtype, select_device
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+JSON_NAME = "detections.json"
+DEFAULT_FPS = 30.0
+QUIT_KEYS = (ord("q"), 27)  # q, Esc
+DOCUMENTED_SETTINGS = ("weights", "img_size", "conf_threshold", "nms_threshold")
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _flag(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Detection on images, a folder, a video file or a webcam."""
+
+    weights: str | None = _flag(None, "checkpoint .pt of this project, or darknet .weights")
+    source: tuple[str, ...] = _flag(
+        (), "image files and/or folders, one video file, or a webcam index such as 0"
+    )
+    model: str = _flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
+    classes: str | None = _flag(None, "classes file for .weights (a checkpoint has its own)")
+    anchors: str | None = _flag(None, "anchors JSON for .weights (a checkpoint has its own)")
+    img_size: int = _flag(416, "network input size (a multiple of 32)")
+    conf_threshold: float = _flag(
+        0.25,
+        "display threshold: detections scoring below it are neither drawn nor saved "
+        "(mAP evaluation uses 0.005)",
+    )
+    nms_threshold: float = _flag(0.45, "NMS IoU threshold")
+    device: str = _flag("auto", "auto | cpu | cuda | cuda:N")
+    amp: bool = _flag(True, "half precision on CUDA")
+    batch_size: int = _flag(8, "images (or video frames) per forward pass")
+    out: str = _flag("model/detect", "output folder for annotated images/video and detections.json")
+    show: bool = _flag(False, "show results in a window (needs a display); q or Esc stops")
+    max_frames: int | None = _flag(None, "stop a video or webcam after this many frames")
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}"),
+            (self.img_size > 0 and self.img_size % 32 == 0, "--img-size: use a multiple of 32"),
+            (0.0 <= self.conf_threshold <= 1.0, "--conf-threshold: a score in [0, 1]"),
+            (0.0 < self.nms_threshold <= 1.0, "--nms-threshold: an IoU in (0, 1]"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.max_frames is None or self.max_frames >= 1, "--max-frames must be >= 1"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What ``--source`` names: ``kind`` is "images", "video" or "webcam"."""
+
+    kind: str
+    paths: tuple[Path, ...] = ()
+    webcam: int | None = None
+
+
+def resolve_source(items: Sequence[str]) -> Source:
+    """Classify ``--source``: a webcam index, one video file, or image files and folders.
+
+    A folder contributes its files with an image suffix (sorted, not recursive).
+    """
+    if len(items) == 1 and items[0].isdigit():
+        return Source("webcam", webcam=int(items[0]))
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ValueError(f"--source {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f"--source {path}: no such file or folder")
+    videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
+    if videos and len(paths) > 1:
+        raise ValueError(f"--source: give one video file on its own, got {len(paths)} inputs")
+    return Source("video", paths=tuple(paths)) if videos else Source("images", paths=tuple(paths))
+
+
+def load_image(path: Path) -> Image.Image:
+    """An RGB image, decoded now (so a broken file fails here), upright per its EXIF tag."""
+    with Image.open(path) as image:
+        image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def preprocess(images: Sequence[Image.Image], img_size: int) -> torch.Tensor:
+    """PIL RGB images -> ``[N, 3, img_size, img_size]`` float RGB in [0, 1] (plain resize)."""
+    resized = [F.resize(image, [img_size, img_size], antialias=True) for image in images]
+    return torch.stack([F.pil_to_tensor(image) for image in resized]).float().div_(255)
+
+
+def boxes_to_pixels(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """``[K, 4]`` normalised xyxy -> ``[K, 4]`` xyxy in pixels of a ``width`` x ``height`` image."""
+    scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+    return boxes * scale
+
+
+def detections_to_dicts(
+    detections: torch.Tensor, width: int, height: int, class_names: Sequence[str]
+) -> list[dict]:
+    """``[K, 6]`` (x1, y1, x2, y2, score, class), normalised -> JSON-ready dicts, in order."""
+    detections = detections.detach().float().cpu()
+    pixels = boxes_to_pixels(detections[:, :4], width, height)
+    result = []
+    for det, box_px in zip(detections.tolist(), pixels.tolist(), strict=True):
+        class_id = int(det[5])
+        box_px, box = [round(v, 2) for v in box_px], [round(v, 6) for v in det[:4]]
+        entry = {"class": class_names[class_id], "class_id": class_id, "score": round(det[4], 5)}
+        result.append({**entry, "box_px": box_px, "box": box})
+    return result
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A model in eval mode with what inference needs; call it on a list of PIL images."""
+
+    model: nn.Module
+    anchors: torch.Tensor
+    class_names: tuple[str, ...]
+    img_size: int
+    conf_threshold: float
+    nms_threshold: float
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """One ``[K, 6]`` normalised detection tensor (on the CPU) per image."""
+        batch = preprocess(images, self.img_size).to(self.device)
+        dtype, enabled = self.amp_dtype or torch.float32, self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
+            raw = self.model(batch).float()  # [N, A*(5+C), S, S]
+        anchors = self.anchors.to(self.device)
+        thresholds = {"conf_threshold": self.conf_threshold, "nms_threshold": self.nms_threshold}
+        return [dets.cpu() for dets in postprocess(raw, anchors, **thresholds)]
+
+    def draw(self, image: Image.Image, detections: torch.Tensor) -> Image.Image:
+        return draw_detections(
+            image, detections, self.class_names, score_threshold=self.conf_threshold
+        )
+
+
+def output_paths(paths: Sequence[Path], out_dir: Path) -> list[Path]:
+    """Annotated-image names: the input's stem in ``out_dir``, PNG for PNG inputs, else JPEG.
+
+    Repeated stems get ``_1``, ``_2``...; writing over an input is refused.
+    """
+    taken: set[str] = set()
+    result = []
+    for path in paths:
+        suffix = ".png" if path.suffix.lower() == ".png" else ".jpg"
+        name, count = path.stem + suffix, 0
+        while name in taken:
+            count += 1
+            name = f"{path.stem}_{count}{suffix}"
+        taken.add(name)
+        target = out_dir / name
+        if target.exists() and target.resolve() == path.resolve():
+            raise ValueError(f"--out {out_dir} would overwrite the input {path}: choose another")
+        result.append(target)
+    return result
+
+
+def detect_images(
+    detector: Detector,
+    paths: Sequence[Path],
+    *,
+    batch_size: int = 8,
+    out_dir: Path | None = None,
+    show: bool = False,
+) -> list[dict]:
+    """Detect in image files, a few at a time; one result dict per path, in order.
+
+    A file that cannot be read gives ``{"image", "error"}``, is logged, and the run goes on.
+    With ``out_dir``, each image is drawn with its detections and saved there.
+    """
+    targets = output_paths(paths, out_dir) if out_dir is not None else [None] * len(paths)
+    viewer = Viewer(show, wait_ms=0)
+    results: list[dict] = []
+    progress = tqdm(total=len(paths), desc="detect", unit="image", disable=len(paths) < 2)
+    for start in range(0, len(paths), batch_size):
+        chunk = slice(start, start + batch_size)
+        read = [_read_image(path) for path in paths[chunk]]
+        images = [image for image, _ in read if image is not None]
+        dets = iter(detector(images) if images else ())
+        for path, target, (image, error) in zip(paths[chunk], targets[chunk], read, strict=True):
+            if image is None:
+                results.append({"image": str(path), "error": error})
+            else:
+                results.append(_finish_image(detector, path, target, image, next(dets), viewer))
+        progress.update(len(read))
+        if viewer.stop_requested:
+            break
+    progress.close()
+    viewer.close()
+    return results
+
+
+def _read_image(path: Path) -> tuple[Image.Image | None, str | None]:
+    try:
+        return load_image(path), None
+    except READ_ERRORS as error:
+        log.warning("skipped %s: cannot read it as an image (%s)", path, error)
+        return None, str(error)
+
+
+def _finish_image(
+    detector: Detector, path: Path, target: Path | None, image, dets: torch.Tensor, viewer
+) -> dict:
+    """The JSON entry of one image; draws, saves and shows it as asked."""
+    width, height = image.size
+    found = detections_to_dicts(dets, width, height, detector.class_names)
+    log.debug("%s: %d detections", path, len(found))
+    if target is not None or viewer.enabled:
+        drawn = detector.draw(image, dets)
+        if target is not None:
+            drawn.save(target, **({"quality": 95} if target.suffix == ".jpg" else {}))
+        viewer.show(drawn)
+    return {"image": str(path), "width": width, "height": height, "detections": found}
+
+
+def import_cv2():
+    """OpenCV, needed only for video, webcam and ``--show``."""
+    try:
+        import cv2
+    except ImportError as error:
+        raise ImportError(
+            "video files, webcams and --show need OpenCV: pip install opencv-python-headless "
+            "(or opencv-python for --show windows)"
+        ) from error
+    return cv2
+
+
+def bgr_to_pil(frame: np.ndarray) -> Image.Image:
+    """OpenCV's ``[H, W, 3]`` uint8 BGR -> PIL RGB."""
+    return Image.fromarray(np.ascontiguousarray(frame[:, :, ::-1]))  # [H, W, 3] BGR -> RGB
+
+
+def pil_to_bgr(image: Image.Image) -> np.ndarray:
+    """PIL RGB -> OpenCV's ``[H, W, 3]`` uint8 BGR."""
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])  # RGB -> BGR
+
+
+class Viewer:
+    """An optional OpenCV window; q or Esc asks to stop. Without a display it turns itself off.
+
+    ``wait_ms`` 0 waits for a key after each image; video uses 1.
+    """
+
+    def __init__(self, enabled: bool, *, wait_ms: int) -> None:
+        # GUI builds of OpenCV can abort the process when no display is reachable, so check first.
+        headless = sys.platform.startswith("linux") and not (
+            os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+        )
+        if enabled and headless:
+            log.warning("--show: no display (DISPLAY is not set); writing files only")
+            enabled = False
+        self.cv2 = import_cv2() if enabled else None
+        self.enabled = enabled
+        self.wait_ms = wait_ms
+        self.stop_requested = False
+
+    def show(self, image: Image.Image) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.cv2.imshow("detect", pil_to_bgr(image))
+            key = self.cv2.waitKey(self.wait_ms)
+        except self.cv2.error as error:
+            log.warning("--show: cannot open a window (%s); going on without one", error)
+            self.enabled = False
+            return
+        if key & 0xFF in QUIT_KEYS:
+            log.info("stop key pressed")
+            self.stop_requested = True
+
+    def close(self) -> None:
+        if self.enabled:
+            self.cv2.destroyAllWindows()
+
+
+class VideoSink:
+    """An mp4 (``mp4v``) at ``fps``, opened at the first frame's size."""
+
+    def __init__(self, cv2, path: Path, fps: float) -> None:
+        self.cv2, self.path, self.fps = cv2, path, fps
+        self.writer = None
+
+    def write(self, image: Image.Image) -> None:
+        if self.writer is None:
+            fourcc = self.cv2.VideoWriter_fourcc(*"mp4v")
+            self.writer = self.cv2.VideoWriter(str(self.path), fourcc, self.fps, image.size)
+            if not self.writer.isOpened():
+                raise ValueError(
+                    f"cannot write {self.path}: this OpenCV build has no mp4v encoder; "
+                    "reinstall opencv-python-headless"
+                )
+        self.writer.write(pil_to_bgr(image))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+
+
+def open_capture(cv2, source: Source):
+    """A ``cv2.VideoCapture`` on the webcam index or video file of ``source``, checked open."""
+    target = source.webcam if source.kind == "webcam" else str(source.paths[0])
+    capture = cv2.VideoCapture(target)
+    if not capture.isOpened():
+        capture.release()
+        if source.kind == "webcam":
+            raise ValueError(
+                f"--source {target}: cannot open webcam {target}; is it connected and free? "
+                "Try another index (0, 1, ...)"
+            )
+        raise ValueError(f"--source {target}: OpenCV cannot open this video (codec or file?)")
+    return capture
+
+
+def capture_fps(cv2, capture) -> float:
+    """The source's frame rate; webcams often report 0, which means ``DEFAULT_FPS``."""
+    fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
+    return fps if math.isfinite(fps) and 0 < fps <= 1000 else DEFAULT_FPS
+
+
+def read_frames(capture, chunk: int, max_frames: int | None) -> Iterator[list[np.ndarray]]:
+    """Lists of up to ``chunk`` BGR frames until the stream ends or ``max_frames`` are read."""
+    count = 0
+    while max_frames is None or count < max_frames:
+        size = chunk if max_frames is None else min(chunk, max_frames - count)
+        frames = []
+        for _ in range(size):
+            ok, frame = capture.read()
+            if not ok:
+                break
+            frames.append(frame)
+        if frames:
+            yield frames
+        count += len(frames)
+        if len(frames) < size:
+            return
+
+
+def detect_stream(
+    detector: Detector,
+    source: Source,
+    *,
+    out_path: Path,
+    batch_size: int = 8,
+    max_frames: int | None = None,
+    show: bool = False,
+) -> tuple[list[dict], bool]:
+    """Detect in a video file or webcam, writing an annotated mp4 at the source's fps and size.
+
+    Stops at the end of the stream, after ``max_frames``, on q/Esc in the ``show`` window, or
+    on Ctrl-C; the capture and the writer are released in every case. Returns one result per
+    frame and whether Ctrl-C stopped it.
+    """
+    cv2 = import_cv2()
+    capture = open_capture(cv2, source)
+    fps = capture_fps(cv2, capture)
+    chunk = 1 if source.kind == "webcam" else batch_size
+    sink, viewer = VideoSink(cv2, out_path, fps), Viewer(show, wait_ms=1)
+    results: list[dict] = []
+    interrupted = False
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if source.kind == "video" else 0
+    progress = tqdm(total=min(total, max_frames or total) or None, desc="detect", unit="frame")
+    try:
+        for frames in read_frames(capture, chunk, max_frames):
+            _detect_frames(detector, frames, fps, results, sink, viewer)
+            progress.update(len(frames))
+            if viewer.stop_requested:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: stopping after %d frames", len(results))
+    finally:
+        progress.close()
+        capture.release()
+        sink.close()
+        viewer.close()
+    return results, interrupted
+
+
+def _detect_frames(
+    detector: Detector, frames: list, fps: float, results: list, sink: VideoSink, viewer: Viewer
+) -> None:
+    images = [bgr_to_pil(frame) for frame in frames]
+    for image, dets in zip(images, detector(images), strict=True):
+        index, (width, height) = len(results), image.size
+        found = detections_to_dicts(dets, width, height, detector.class_names)
+        frame = {"frame": index, "time_s": round(index / fps, 4), "width": width, "height": height}
+        results.append({**frame, "detections": found})
+        drawn = detector.draw(image, dets)
+        sink.write(drawn)
+        viewer.show(drawn)
+
+
+def build_detector(config: DetectConfig) -> Detector:
+    """Load the weights (checkpoint or darknet) onto the configured device."""
+    device = select_device(config.device)
+    if Path(config.weights).suffix != ".weights" and (config.classes or config.anchors):
+        log.warning("--classes/--anchors ignored: checkpoint %s holds its own", config.weights)
+    model, class_names, anchors = load_trained_model(
+        config.weights,
+        model_name=config.model,
+        classes=resolve_classes(config.classes) if config.classes else None,
+        anchors_file=config.anchors,
+    )
+    log.info(
+        "%s: %d classes, %d anchors, on %s", config.weights, len(class_names), len(anchors), device
+    )
+    return Detector(
+        model.to(device),
+        anchors.to(device),
+        tuple(class_names),
+        img_size=config.img_size,
+        conf_threshold=config.conf_threshold,
+        nms_threshold=config.nms_threshold,
+        device=device,
+        amp_dtype=select_amp_dtype(device, config.amp),
+    )
+
+
+def write_json(document: dict, path: Path) -> None:
+    """Write ``document`` atomically (temp file in the same folder, then ``os.replace``)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(document, handle, indent=1)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def video_output_path(source: Source, out_dir: Path) -> Path:
+    if source.kind == "webcam":
+        return out_dir / f"webcam{source.webcam}.mp4"
+    path = out_dir / f"{source.paths[0].stem}.mp4"
+    if path.exists() and path.resolve() == source.paths[0].resolve():
+        raise ValueError(f"--out {out_dir} would overwrite the input {path}: choose another")
+    return path
+
+
+def run_detect(config: DetectConfig) -> dict:
+    """Detect on ``config.source``; write annotated outputs and ``detections.json`` to ``out``.
+
+    Returns the JSON document. Unreadable images are skipped and counted; Ctrl-C on a video or
+    webcam stops it cleanly with everything so far written.
+    """
+    if not config.weights:
+        raise ValueError(
+            "--weights is required: a checkpoint of this project (model/<run>/best.pt) or "
+            "darknet's yolov2-voc.weights"
+        )
+    if not config.source:
+        raise ValueError(
+            "--source is required: image files, folders, a video file or a webcam index"
+        )
+    source = resolve_source(config.source)
+    detector = build_detector(config)
+    out_dir = Path(config.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    interrupted = False
+    if source.kind == "images":
+        results = detect_images(
+            detector, source.paths, batch_size=config.batch_size, out_dir=out_dir, show=config.show
+        )
+    else:
+        results, interrupted = detect_stream(
+            detector,
+            source,
+            out_path=video_output_path(source, out_dir),
+            batch_size=config.batch_size,
+            max_frames=config.max_frames,
+            show=config.show,
+        )
+    skipped = sum("error" in result for result in results)
+    settings = {name: getattr(config, name) for name in DOCUMENTED_SETTINGS}
+    document = {**settings, "source": list(config.source), "classes": list(detector.class_names)}
+    document.update(skipped=skipped, interrupted=interrupted, results=results)
+    write_json(document, out_dir / JSON_NAME)
+    found = sum(len(result.get("detections", ())) for result in results)
+    done = f"{len(results) - skipped} {'images' if source.kind == 'images' else 'frames'}"
+    log.info("%s, %d detections, %d skipped: results in %s", done, found, skipped, out_dir)
+    return document
