@@ -13,6 +13,7 @@ import detect
 import yolo.detect as engine
 from utils.anchors import default_anchors
 from utils.data import VOC_CLASSES
+from utils.transforms import build_eval_transform
 from yolo.darknet import save_darknet_weights
 from yolo.model import build_model
 
@@ -204,6 +205,9 @@ def test_preprocess_is_a_plain_resize_to_rgb_in_unit_range():
     batch = engine.preprocess([image, image.convert("L").convert("RGB")], 64)
     assert batch.shape == (2, 3, 64, 64) and batch.dtype == torch.float32
     torch.testing.assert_close(batch[0, :, 10, 10], torch.tensor([1.0, 0.0, 0.2]))
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), np.uint8))
+    expected, _ = build_eval_transform(64)(photo, {})
+    torch.testing.assert_close(engine.preprocess([photo], 64)[0], expected, rtol=0, atol=0)
 
 
 def test_resolve_source(tmp_path):

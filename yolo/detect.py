@@ -1,9 +1,10 @@
 """Detection on image files, folders, video files and webcams: the engine of ``detect.py``.
 
-Images are resized to a square ``img_size`` (a plain resize, as in evaluation), detected in small
-batches, and the normalised boxes are mapped back to each original image's pixels. Outputs in
-``out``: an annotated copy of every image (same stem) or an annotated mp4 for a video or webcam,
-and ``detections.json``. OpenCV is imported only for video, webcam and ``--show``.
+Images are resized to a square ``img_size`` by the evaluation transform (a plain resize),
+detected in small batches, and the normalised boxes are mapped back to each original image's
+pixels. Outputs in ``out``: an annotated copy of every image (same stem) or an annotated mp4 for
+a video or webcam, and ``detections.json``. OpenCV is imported only for video, webcam and
+``--show``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import nn
-from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+from utils.transforms import build_eval_transform
 from utils.visualize import draw_detections
 from yolo.build import load_trained_model, resolve_classes
 from yolo.config import MODELS
@@ -127,9 +128,10 @@ def load_image(path: Path) -> Image.Image:
 
 
 def preprocess(images: Sequence[Image.Image], img_size: int) -> torch.Tensor:
-    """PIL RGB images -> ``[N, 3, img_size, img_size]`` float RGB in [0, 1] (plain resize)."""
-    resized = [F.resize(image, [img_size, img_size], antialias=True) for image in images]
-    return torch.stack([F.pil_to_tensor(image) for image in resized]).float().div_(255)
+    """PIL RGB images -> ``[N, 3, img_size, img_size]`` float RGB in [0, 1], resized exactly as
+    the evaluation transform does (a plain resize, no letterbox)."""
+    transform = build_eval_transform(img_size)
+    return torch.stack([transform(image, {})[0] for image in images])  # N x [3, S, S]
 
 
 def boxes_to_pixels(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
