@@ -1,0 +1,146 @@
+"""Detections from the raw head for a whole batch in one pass: threshold, per-class NMS, top-k.
+
+Every (box, class) pair whose score ``objectness * class_prob`` exceeds ``conf_threshold`` is
+a candidate; boxes are clipped to [0, 1]; NMS runs per image and class, a box being suppressed
+by a higher-scored kept box of its image and class with IoU ``> nms_threshold``, exactly as
+``torchvision.ops.batched_nms`` with the group ``image * C + class``; each image keeps its
+``max_detections`` highest scores.
+
+Since a class probability is at most 1, only predictions whose objectness exceeds the
+threshold are decoded at all. The NMS is greedy NMS computed for all groups at once:
+candidates sorted by (group, score), the IoU of every pair within a group, then the greedy
+keep set as the fixed point of "kept unless a kept, higher-scored box of the group overlaps
+it", reached in as many rounds as the longest suppression chain. ``torchvision.ops.nms`` walks
+every later box for every kept one, so one call on offset boxes costs O(K^2) for K candidates,
+and ``batched_nms`` above 1000 boxes on CPU loops over the groups in Python; both are slow for
+a batch's few hundred small groups. Above ``MAX_NMS_PAIRS`` same-group pairs (an untrained
+model, where almost everything passes the threshold) it hands over to ``batched_nms`` to bound
+memory. Equal scores keep the order (image, row, col, anchor, class).
+"""
+
+import torch
+from torchvision.ops import batched_nms
+
+from utils.boxes import box_iou_elementwise
+from yolo.converter import cell_boxes
+
+__all__ = ["MAX_NMS_PAIRS", "grouped_nms", "postprocess"]
+
+MAX_NMS_PAIRS = 1 << 20
+
+
+def postprocess(
+    raw: torch.Tensor,
+    anchors: torch.Tensor,
+    conf_threshold: float = 0.005,
+    nms_threshold: float = 0.45,
+    max_detections: int = 100,
+) -> list[torch.Tensor]:
+    """Raw head ``[N, A*(5+C), H, W]`` and ``anchors`` ``[A, 2]`` -> N detection tensors
+    ``[K, 6]`` = (x1, y1, x2, y2, score, class), normalised xyxy clipped to [0, 1], sorted by
+    score, highest first, ``K <= max_detections``; float32 (float64 for a float64 input)."""
+    _check_arguments(raw, anchors, conf_threshold, nms_threshold, max_detections)
+    batch_size = raw.shape[0]
+    dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    with torch.no_grad(), torch.autocast(raw.device.type, enabled=False):
+        boxes, scores, image, label = _candidates(raw.to(dtype), anchors, conf_threshold)
+        num_classes = raw.shape[1] // anchors.shape[0] - 5
+        kept = grouped_nms(boxes, scores, image * num_classes + label, nms_threshold)
+        kept = _top_per_image(kept, scores, image, batch_size, max_detections)
+        detections = torch.cat(
+            [boxes[kept], scores[kept, None], label[kept, None].to(dtype)], dim=1
+        )  # [sum K, 6]
+        counts = torch.bincount(image[kept], minlength=batch_size)
+        return list(detections.split(counts.tolist()))
+
+
+def _candidates(
+    raw: torch.Tensor, anchors: torch.Tensor, conf_threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (box, class) pair above the threshold: boxes ``[K, 4]`` clipped xyxy, scores
+    ``[K]``, image ``[K]`` and class ``[K]`` int64, ordered by (image, row, col, anchor,
+    class)."""
+    batch_size, channels, grid_h, grid_w = raw.shape
+    num_anchors = anchors.shape[0]
+    preds = raw.view(batch_size, num_anchors, channels // num_anchors, grid_h, grid_w)
+    preds = preds.permute(0, 3, 4, 1, 2)  # [N, H, W, A, 5+C], a view
+    objectness = preds[..., 4].sigmoid()  # [N, H, W, A]
+    image, row, col, anchor = (objectness > conf_threshold).nonzero(as_tuple=True)  # [M] each
+    selected = preds[image, row, col, anchor]  # [M, 5+C]
+    scores = objectness[image, row, col, anchor][:, None] * selected[:, 5:].softmax(dim=1)  # [M, C]
+    anchor_wh = anchors.to(raw.device, raw.dtype)[anchor]  # [M, 2]
+    boxes = cell_boxes(selected[:, 0:4], col, row, anchor_wh, grid_h, grid_w).clamp(0.0, 1.0)
+    pred, label = (scores > conf_threshold).nonzero(as_tuple=True)  # [K], [K]
+    return boxes[pred], scores[pred, label], image[pred], label
+
+
+def grouped_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """Greedy NMS within each group: boxes ``[K, 4]`` xyxy, scores ``[K]``, groups ``[K]``
+    int64 -> int64 indices of the kept boxes, in the input order. Same result as
+    ``torchvision.ops.batched_nms`` (which returns them by decreasing score)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]  # [K] by group, then score
+    _, count = torch.unique_consecutive(groups[order], return_counts=True)  # [num groups]
+    start = (torch.cumsum(count, 0) - count).repeat_interleave(count)  # [K] group's start
+    position = torch.arange(order.numel(), device=order.device)
+    num_later = start + count.repeat_interleave(count) - position - 1  # [K] later in group
+    if int(num_later.sum()) > MAX_NMS_PAIRS:
+        return batched_nms(boxes, scores, groups, iou_threshold).sort().values
+    first = position.repeat_interleave(num_later)  # [E] the higher-scored box of each pair
+    pair = torch.arange(first.numel(), device=order.device)
+    second = first + 1 + pair - (torch.cumsum(num_later, 0) - num_later)[first]  # [E]
+    sorted_boxes = boxes[order]
+    overlap = box_iou_elementwise(sorted_boxes[first], sorted_boxes[second]) > iou_threshold
+    first, second = first[overlap], second[overlap]
+    keep = torch.ones_like(position, dtype=torch.bool)
+    while True:
+        suppressed = torch.zeros_like(keep)
+        suppressed[second[keep[first]]] = True
+        if torch.equal(~suppressed, keep):
+            return order[keep].sort().values
+        keep = ~suppressed
+
+
+def _top_per_image(
+    kept: torch.Tensor,
+    scores: torch.Tensor,
+    image: torch.Tensor,
+    batch_size: int,
+    max_detections: int,
+) -> torch.Tensor:
+    """``kept`` ``[K']`` candidate indices -> those among each image's ``max_detections``
+    highest scores, ordered by image, then score (highest first; ties keep their order)."""
+    kept = kept[torch.argsort(scores[kept], descending=True, stable=True)]
+    kept = kept[torch.argsort(image[kept], stable=True)]  # [K'] by image, then score
+    count = torch.bincount(image[kept], minlength=batch_size)  # [N]
+    start = (torch.cumsum(count, 0) - count).repeat_interleave(count)  # [K']
+    rank = torch.arange(kept.numel(), device=kept.device) - start
+    return kept[rank < max_detections]
+
+
+def _check_arguments(
+    raw: torch.Tensor,
+    anchors: torch.Tensor,
+    conf_threshold: float,
+    nms_threshold: float,
+    max_detections: int,
+) -> None:
+    num_anchors = anchors.shape[0] if anchors.ndim == 2 and anchors.shape[1] == 2 else 0
+    if (
+        num_anchors == 0
+        or raw.ndim != 4
+        or raw.shape[1] % num_anchors
+        or raw.shape[1] // num_anchors < 6
+    ):
+        raise ValueError(
+            f"raw output of shape {tuple(raw.shape)} and anchors of shape "
+            f"{tuple(anchors.shape)}: expected [N, A*(5+C), H, W] and [A, 2]"
+        )
+    if not 0.0 <= conf_threshold < 1.0:
+        raise ValueError(f"conf_threshold={conf_threshold}: must be in [0, 1)")
+    if not 0.0 <= nms_threshold <= 1.0:
+        raise ValueError(f"nms_threshold={nms_threshold}: must be in [0, 1]")
+    if max_detections < 1:
+        raise ValueError(f"max_detections={max_detections}: must be at least 1")
