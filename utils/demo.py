@@ -5,7 +5,8 @@
 hold 0-6 filled shapes of ``DEMO_CLASSES`` with varied sizes (a tenth to half of the image),
 aspect ratios, colours, partial overlaps and backgrounds (solid, gradient, smooth noise), so
 that anchors and the loss matter while a small model still learns it in minutes on a CPU.
-Objects that are very small or mostly hidden are marked difficult, as VOC does.
+Objects that are very small, mostly hidden or faint (a colour close to their background; about
+6% of them) are marked difficult, as VOC does.
 
 Deterministic: each image comes from ``numpy.random.default_rng([seed, index])``, so the files
 are byte-identical for the same parameters (and the same Pillow/libjpeg). Idempotent: a
@@ -38,6 +39,7 @@ _FORMAT_VERSION = 1
 _MAX_OVERLAP = 0.4  # intersection over the smaller box's area allowed between two objects
 _DIFFICULT_SIDE_PX = 12  # objects narrower or lower than this are difficult
 _DIFFICULT_VISIBLE = 0.4  # objects with less of their area visible are difficult
+_FAINT_P = 0.06  # share of objects drawn in a colour close to their background (difficult)
 
 
 def _hsv_colour(rng: np.random.Generator, saturation: tuple[float, float]) -> np.ndarray:
@@ -140,17 +142,20 @@ def _render(rng: np.random.Generator, width: int, height: int):
             if np.abs(colour - local).sum() >= 120:
                 break
             colour = _hsv_colour(rng, (0.55, 1.0))
+        faint = rng.random() < _FAINT_P
+        if faint:  # hard to see: most of the way to its background
+            colour = local + (colour - local) * 0.25
         fill = Image.new("RGB", mask.size, tuple(round(float(c)) for c in colour))
         canvas.paste(fill, (x0, y0), mask)
         pixels = np.asarray(mask) > 0  # [h, w]
         owner[y0:y1, x0:x1][pixels] = index
         areas.append((index, int(pixels.sum())))
-        objects.append({"label": label, "box": box, "index": index})
+        objects.append({"label": label, "box": box, "index": index, "faint": faint})
     for obj, (index, area) in zip(objects, areas, strict=True):
         visible = int((owner == index).sum()) / max(area, 1)
         x0, y0, x1, y1 = obj["box"]
         small = min(x1 - x0, y1 - y0) < _DIFFICULT_SIDE_PX
-        obj["difficult"] = bool(small or visible < _DIFFICULT_VISIBLE)
+        obj["difficult"] = bool(small or obj["faint"] or visible < _DIFFICULT_VISIBLE)
     return canvas, objects
 
 
