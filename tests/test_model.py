@@ -124,7 +124,7 @@ def test_darknet_conv_init_is_darknets_uniform():
 def test_channels_last_and_autocast():
     torch.manual_seed(0)
     model = build_model("darknet19").eval()
-    x = torch.rand(1, 3, 64, 64)
+    x = torch.rand(1, 3, 32, 64)
     with torch.no_grad():
         expected = model(x)
         model = model.to(memory_format=torch.channels_last)
@@ -187,6 +187,9 @@ def test_resnet_pretrained_local_file(tmp_path, resnet18_state):
     assert torch.equal(model.stage16[6][1].conv2.weight, resnet18_state["layer3.1.conv2.weight"])
     with pytest.raises(ValueError, match="not a torchvision resnet50 state dict"):
         build_model("resnet50", pretrained=path)
+    torch.save({"model": resnet18_state, "epoch": 3}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="not a state dict of tensors"):
+        build_model("resnet18", pretrained=tmp_path / "checkpoint.pt")
     with pytest.raises(FileNotFoundError, match="--no-pretrained"):
         build_model("resnet18", pretrained=tmp_path / "nope.pth")
 

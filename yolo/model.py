@@ -84,8 +84,9 @@ def darknet_reorg(x: torch.Tensor, stride: int = 2) -> torch.Tensor:
         is read as ``[N, C/s^2, H*s, W*s]`` and output element ``(k, j, i)`` of an
         ``[N, C, H, W]`` buffer is input ``(k % (C/s^2), j*s + (k // (C/s^2)) // s,
         i*s + (k // (C/s^2)) % s)``; that buffer is then read as the layer's reported shape.
-        This is neither ``pixel_unshuffle`` nor a channel permutation of it: rows of
-        different output positions mix. Reshape/permute only, so it exports to ONNX.
+        This is neither ``pixel_unshuffle`` nor a channel permutation of it: because darknet
+        indexes the ``[C, H, W]`` input as ``[C/s^2, sH, sW]``, one output position gathers
+        values from unrelated places of the input. Reshape/permute only (exports to ONNX).
     """
     n, c, h, w = x.shape
     s = stride
@@ -94,7 +95,7 @@ def darknet_reorg(x: torch.Tensor, stride: int = 2) -> torch.Tensor:
             f"darknet_reorg needs C divisible by {s * s} and H, W divisible by {s}; "
             f"got shape {tuple(x.shape)}"
         )
-    x = x.reshape(n, c // (s * s), h, s, w, s)  # [N, C/s², H, dy, W, dx] (read as [N,C/s²,sH,sW])
+    x = x.reshape(n, c // (s * s), h, s, w, s)  # [N, C/s², H, dy, W, dx]: buffer as [C/s², sH, sW]
     x = x.permute(0, 3, 5, 1, 2, 4)  # [N, dy, dx, C/s², H, W]: k = (dy*s + dx)*C/s² + c2
     return x.reshape(n, c * s * s, h // s, w // s)  # buffer [N, C, H, W] read as reported shape
 
@@ -300,8 +301,11 @@ def read_resnet_state(path: str | os.PathLike, name: str) -> dict:
             f"torchvision {name} state dict (.pth), or use --no-pretrained"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{os.fspath(path)!r} holds a {type(state).__name__}, not a state dict")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a state dict of tensors (a training checkpoint?): "
+            f"pass a torchvision {name} state dict, e.g. torch.save(resnet.state_dict(), path)"
+        )
     return state
 
 
