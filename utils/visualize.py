@@ -1,0 +1,199 @@
+"""Pictures and tables of evaluation results: PR curves, an AP table, detections drawn on images.
+
+Figures are built with ``matplotlib.figure.Figure`` on the Agg canvas (no pyplot, no display,
+no global figure registry), so they can go to ``SummaryWriter.add_figure`` or ``savefig``.
+Boxes are normalised xyxy, as everywhere in the project.
+"""
+
+import colorsys
+import math
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["class_colour", "draw_detections", "format_ap_table", "plot_pr_curves"]
+
+MAX_PLOTTED_POINTS = 2000
+GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+
+
+def _names(res: dict, class_names) -> list[str]:
+    """Class names from the argument, else from the result, else the indices."""
+    num_classes = len(res["per_class"]["voc07"])
+    names = list(class_names if class_names is not None else res.get("class_names") or [])
+    if names and len(names) != num_classes:
+        raise ValueError(
+            f"utils.visualize: {len(names)} class names for a result with {num_classes} "
+            f"classes; pass the class names the evaluator was built with"
+        )
+    return names or [str(c) for c in range(num_classes)]
+
+
+def _thin(values: np.ndarray, max_points: int) -> np.ndarray:
+    """At most ``max_points`` evenly spaced entries of ``[n]`` values, the last one kept."""
+    if len(values) <= max_points:
+        return values
+    return values[np.unique(np.linspace(0, len(values) - 1, max_points).round().astype(int))]
+
+
+def plot_pr_curves(res: dict, class_names=None, *, ncols: int = 5) -> Figure:
+    """A grid of per-class precision/recall curves at IoU 0.5 with VOC07/VOC12 AP in the titles.
+
+    ``res`` is ``DetectionEvaluator.compute()``'s result; each panel shows the raw curve and its
+    monotone envelope (whose area is the VOC12 AP). Classes without objects get an empty panel.
+    """
+    names = _names(res, class_names)
+    nrows = max(1, math.ceil(len(names) / ncols))
+    fig = Figure(figsize=(3 * ncols, 2.6 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True)).ravel()
+    for c, ax in enumerate(axes):
+        if c >= len(names):
+            ax.set_axis_off()
+            continue
+        ap07, ap12 = res["per_class"]["voc07"][c], res["per_class"]["voc12"][c]
+        precision, recall = (np.asarray(v, dtype=np.float64) for v in res["curves"][c])
+        if math.isnan(ap07):
+            ax.set_title(f"{names[c]}: no objects", fontsize=9)
+        else:
+            envelope = np.maximum.accumulate(precision[::-1])[::-1]
+            ax.plot(_thin(recall, MAX_PLOTTED_POINTS), _thin(precision, MAX_PLOTTED_POINTS), lw=0.8)
+            ax.plot(_thin(recall, MAX_PLOTTED_POINTS), _thin(envelope, MAX_PLOTTED_POINTS), lw=1.2)
+            ax.set_title(f"{names[c]}: AP07 {ap07:.3f}  AP12 {ap12:.3f}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[(nrows - 1) * ncols :]:
+        ax.set_xlabel("recall")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("precision")
+    return fig
+
+
+def _cell(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def format_ap_table(res: dict, class_names=None) -> str:
+    """Per-class AP (in %) for VOC07, VOC12, COCO .5:.95, COCO .5 and COCO .75, then the means.
+
+    ``-`` marks a class without objects (left out of the means); GT counts non-difficult objects.
+    """
+    names = _names(res, class_names)
+    width = max(len("mean"), *(len(n) for n in names))
+    columns = ("voc07", "voc12", "coco", "ap50_coco", "ap75_coco")
+    counts = res.get("num_ground_truths_per_class") or [None] * len(names)
+    header = f"{'class':<{width}} {'GT':>6} " + " ".join(
+        f"{h:>7}" for h in ("VOC07", "VOC12", "COCO", "AP50", "AP75")
+    )
+    lines = [header, "-" * len(header)]
+    for c, name in enumerate(names):
+        cells = " ".join(f"{_cell(res['per_class'][k][c]):>7}" for k in columns)
+        count = "-" if counts[c] is None else str(counts[c])
+        lines.append(f"{name:<{width}} {count:>6} {cells}")
+    means = (res["map_voc07"], res["map_voc12"], res["map_coco"])
+    means += (res["ap50_coco"], res["ap75_coco"])
+    lines.append("-" * len(header))
+    total = str(res.get("num_ground_truths", "-"))
+    lines.append(f"{'mean':<{width}} {total:>6} " + " ".join(f"{_cell(m):>7}" for m in means))
+    return "\n".join(lines)
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """A bright RGB colour per class index, hues spread by the golden ratio."""
+    red, green, blue = colorsys.hsv_to_rgb((label * GOLDEN_RATIO_CONJUGATE) % 1.0, 0.85, 0.95)
+    return round(255 * red), round(255 * green), round(255 * blue)
+
+
+def _to_pil(image) -> Image.Image:
+    """A PIL image (copied, RGB) from PIL or a ``[3, H, W]`` tensor (float in [0, 1] or uint8)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
+        pixels = image.detach().cpu()
+        if pixels.is_floating_point():
+            pixels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+        return Image.fromarray(pixels.permute(1, 2, 0).numpy())  # [3, H, W] -> [H, W, 3]
+    shape = getattr(image, "shape", None)
+    raise TypeError(
+        f"utils.visualize.draw_detections: image of type {type(image).__name__} with shape "
+        f"{shape}; pass a PIL image or a [3, H, W] tensor"
+    )
+
+
+def _rows(boxes, name: str, min_columns: int) -> np.ndarray:
+    """``[K, >= min_columns]`` tensor or array -> float64 numpy rows (empty -> ``[0, 6]``)."""
+    rows = np.asarray(torch.as_tensor(boxes).detach().cpu(), dtype=np.float64)
+    if rows.size == 0:
+        return np.zeros((0, 6))
+    if rows.ndim != 2 or rows.shape[1] < min_columns:
+        raise ValueError(
+            f"utils.visualize.draw_detections: {name} has shape {list(rows.shape)}; expected "
+            f"[K, {min_columns}+] normalised xyxy rows (see DESIGN.md 'Conventions')"
+        )
+    return rows
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has a single bitmap size
+        return ImageFont.load_default()
+
+
+def _put_label(draw: ImageDraw.ImageDraw, box, text: str, colour, font, line: int) -> None:
+    """``text`` on a ``colour`` tag above the pixel ``box`` (inside its top edge at the border)."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x, y = box[0], box[1] - (bottom - top) - 2 * line
+    if y < 0:
+        x, y = box[0] + line, box[1] + line
+    draw.rectangle((x, y, x + right - left + 2 * line, y + bottom - top + 2 * line), fill=colour)
+    luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+    ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+    draw.text((x + line - left, y + line - top), text, fill=ink, font=font)
+
+
+def draw_detections(
+    image,
+    detections,
+    class_names,
+    *,
+    ground_truths=None,
+    score_threshold: float = 0.3,
+) -> Image.Image:
+    """A copy of ``image`` with detections (class colour, name and score) and ground truths.
+
+    ``image``: PIL image or ``[3, H, W]`` tensor (float in [0, 1] or uint8). ``detections``:
+    ``[K, 6]`` (x1, y1, x2, y2, score, class), normalised xyxy, tensor or array; those scoring
+    below ``score_threshold`` are left out, the best are drawn last (on top). ``ground_truths``:
+    ``[G, 4+]`` normalised xyxy rows, (class, difficult) after them; drawn as thin white boxes,
+    difficult ones grey.
+    """
+    canvas = _to_pil(image)
+    width, height = canvas.size
+    draw = ImageDraw.Draw(canvas)
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    line = max(1, round(min(width, height) / 250))
+    font = _font(max(9, round(min(width, height) / 40)))
+
+    def pixel_box(row: np.ndarray) -> tuple[float, ...]:
+        x1, y1, x2, y2 = row[:4] * scale
+        return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
+
+    if ground_truths is not None:
+        for row in _rows(ground_truths, "ground_truths", 4):
+            grey = len(row) > 5 and row[5] != 0
+            outline = (150, 150, 150) if grey else (255, 255, 255)
+            draw.rectangle(pixel_box(row), outline=outline, width=max(1, line // 2))
+    rows = _rows(detections, "detections", 6)
+    rows = rows[rows[:, 4] >= score_threshold]
+    for row in rows[np.argsort(rows[:, 4], kind="stable")]:
+        label = int(row[5])
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        box = pixel_box(row)
+        draw.rectangle(box, outline=class_colour(label), width=line)
+        _put_label(draw, box, f"{name} {row[4]:.2f}", class_colour(label), font, line)
+    return canvas
