@@ -472,8 +472,7 @@ def write_json(document: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(document, handle, indent=1)
-            handle.write("\n")
+            json.dump(document, handle)  # compact: a long video holds many thousand frames
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -528,6 +527,7 @@ def run_detect(config: DetectConfig) -> dict:
     document.update(skipped=skipped, interrupted=interrupted, results=results)
     write_json(document, out_dir / JSON_NAME)
     found = sum(len(result.get("detections", ())) for result in results)
-    done = f"{len(results) - skipped} {'images' if source.kind == 'images' else 'frames'}"
-    log.info("%s, %d detections, %d skipped: results in %s", done, found, skipped, out_dir)
+    unit = "images" if source.kind == "images" else "frames"
+    done = f"{unit}: {len(results) - skipped}, detections: {found}, skipped: {skipped}"
+    log.info("%s; results in %s", done, out_dir)
     return document
