@@ -66,13 +66,15 @@ def test_postprocess_matches_per_class_reference(
         torch.testing.assert_close(by_score(got), by_score(want))
 
 
-def clustered_boxes(seed: int, count: int, num_groups: int):
+def clustered_boxes(seed: int, count: int, num_groups: int, signed_scores: bool = False):
     gen = torch.Generator().manual_seed(seed)
     centres = torch.rand(count // 8, 2, generator=gen).repeat_interleave(8, 0)
     centres = centres + 0.03 * torch.randn(count, 2, generator=gen)
     sizes = 0.05 + 0.2 * torch.rand(count, 2, generator=gen)
     boxes = torch.cat([centres - sizes / 2, centres + sizes / 2], dim=1)
-    scores = torch.rand(count, generator=gen)
+    scores = torch.randn(count, generator=gen)
+    if not signed_scores:
+        scores = scores.sigmoid()
     groups = torch.randint(0, num_groups, (count,), generator=gen)
     return boxes, scores, groups
 
@@ -86,6 +88,12 @@ def test_grouped_nms_equals_batched_nms(monkeypatch, pair_budget, count, num_gro
     expected = batched_nms(boxes, scores, groups, 0.45).sort().values
     assert torch.equal(kept, expected)
     assert kept.numel() < count
+
+
+def test_grouped_nms_with_negative_scores():
+    boxes, scores, groups = clustered_boxes(9, 600, 5, signed_scores=True)
+    kept = grouped_nms(boxes, scores, groups, 0.5)
+    assert torch.equal(kept, batched_nms(boxes, scores, groups, 0.5).sort().values)
 
 
 def test_grouped_nms_of_nothing():

@@ -21,7 +21,6 @@ memory. Equal scores keep the order (image, row, col, anchor, class).
 import torch
 from torchvision.ops import batched_nms
 
-from utils.boxes import box_iou_elementwise
 from yolo.converter import cell_boxes
 
 __all__ = ["MAX_NMS_PAIRS", "grouped_nms", "postprocess"]
@@ -80,27 +79,43 @@ def grouped_nms(
     """Greedy NMS within each group: boxes ``[K, 4]`` xyxy, scores ``[K]``, groups ``[K]``
     int64 -> int64 indices of the kept boxes, in the input order. Same result as
     ``torchvision.ops.batched_nms`` (which returns them by decreasing score)."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(groups[order], stable=True)]  # [K] by group, then score
+    order = _sort_by(groups, scores)  # [K] by group, then score (highest first)
     _, count = torch.unique_consecutive(groups[order], return_counts=True)  # [num groups]
-    start = (torch.cumsum(count, 0) - count).repeat_interleave(count)  # [K] group's start
+    group_end = torch.cumsum(count, 0).repeat_interleave(count)  # [K]
     position = torch.arange(order.numel(), device=order.device)
-    num_later = start + count.repeat_interleave(count) - position - 1  # [K] later in group
+    num_later = group_end - position - 1  # [K] lower-scored boxes of the same group
     if int(num_later.sum()) > MAX_NMS_PAIRS:
         return batched_nms(boxes, scores, groups, iou_threshold).sort().values
     first = position.repeat_interleave(num_later)  # [E] the higher-scored box of each pair
-    pair = torch.arange(first.numel(), device=order.device)
-    second = first + 1 + pair - (torch.cumsum(num_later, 0) - num_later)[first]  # [E]
-    sorted_boxes = boxes[order]
-    overlap = box_iou_elementwise(sorted_boxes[first], sorted_boxes[second]) > iou_threshold
+    pair_start = (torch.cumsum(num_later, 0) - num_later).index_select(0, first)  # [E]
+    second = torch.arange(first.numel(), device=order.device) - pair_start + first + 1
+    overlap = _pair_iou(boxes.index_select(0, order), first, second) > iou_threshold
     first, second = first[overlap], second[overlap]
     keep = torch.ones_like(position, dtype=torch.bool)
     while True:
         suppressed = torch.zeros_like(keep)
         suppressed[second[keep[first]]] = True
         if torch.equal(~suppressed, keep):
-            return order[keep].sort().values
+            kept = torch.zeros_like(keep)
+            kept[order[keep]] = True
+            return kept.nonzero().squeeze(1)
         keep = ~suppressed
+
+
+def _pair_iou(boxes: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """IoU of the pairs (``boxes[first]``, ``boxes[second]``): boxes ``[K, 4]`` xyxy with
+    ``x2 >= x1``, ``y2 >= y1``; ``first``/``second`` ``[E]`` -> ``[E]``. torchvision's nms
+    formula, ``inter / (area1 + area2 - inter)`` (NaN for an empty union, never > threshold),
+    so that every comparison comes out as torchvision's."""
+    coords = boxes.t().contiguous()  # [4, K]: 1-D gathers of contiguous rows are fastest
+    one = [row.index_select(0, first) for row in coords]  # 4 x [E]
+    two = [row.index_select(0, second) for row in coords]  # 4 x [E]
+    width = torch.minimum(one[2], two[2]).sub_(torch.maximum(one[0], two[0])).clamp_(min=0)
+    height = torch.minimum(one[3], two[3]).sub_(torch.maximum(one[1], two[1])).clamp_(min=0)
+    inter = width.mul_(height)  # [E]
+    area = (coords[2] - coords[0]).mul_(coords[3] - coords[1])  # [K]
+    union = area.index_select(0, first).add_(area.index_select(0, second)).sub_(inter)
+    return inter.div_(union)
 
 
 def _top_per_image(
@@ -112,12 +127,20 @@ def _top_per_image(
 ) -> torch.Tensor:
     """``kept`` ``[K']`` candidate indices -> those among each image's ``max_detections``
     highest scores, ordered by image, then score (highest first; ties keep their order)."""
-    kept = kept[torch.argsort(scores[kept], descending=True, stable=True)]
-    kept = kept[torch.argsort(image[kept], stable=True)]  # [K'] by image, then score
+    kept = kept[_sort_by(image[kept], scores[kept])]  # [K'] by image, then score
     count = torch.bincount(image[kept], minlength=batch_size)  # [N]
     start = (torch.cumsum(count, 0) - count).repeat_interleave(count)  # [K']
     rank = torch.arange(kept.numel(), device=kept.device) - start
     return kept[rank < max_detections]
+
+
+def _sort_by(major: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Permutation ``[K]`` ordering by ``major`` ``[K]`` (int64, >= 0) ascending, then
+    ``scores`` ``[K]`` descending (compared at float32 precision), then position: one stable
+    sort of an int64 key instead of two sorts."""
+    bits = scores.float().view(torch.int32).long()  # [K] float32 bit patterns
+    monotone = torch.where(bits >= 0, bits, -(2**31) - 1 - bits)  # [K] ascending with score
+    return torch.argsort(major * 2**32 + (2**31 - 1 - monotone), stable=True)
 
 
 def _check_arguments(
