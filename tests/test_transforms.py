@@ -14,6 +14,8 @@ from torchvision.transforms.v2 import functional as TF
 from utils.transforms import (
     MULTISCALE_SIZES,
     DarknetParams,
+    _distort_hsv_uint8,
+    _replicate_edges,
     build_eval_transform,
     build_train_transform,
     distort_hsv,
@@ -105,6 +107,28 @@ def test_distort_hsv_matches_colorsys(hue, sat, val):
     out = distort_hsv(image, hue, sat, val).permute(1, 2, 0).numpy()
     np.testing.assert_allclose(out, _distort_reference(rgb, hue, sat, val), atol=2e-6)
     assert torch.equal(image, before)
+
+
+def test_uint8_path_matches_the_float_path():
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    pixels[:4] = 77  # grey
+    image_u8 = torch.from_numpy(pixels).permute(2, 0, 1)  # [3, H, W], channels-last strides
+    out = torch.full((3, 30, 30), -1.0)
+    region = out[:, 3:23, 5:29]
+    _distort_hsv_uint8(image_u8, 0.07, 1.4, 1 / 1.3, out=region)
+    expected = distort_hsv(image_u8.float() / 255, 0.07, 1.4, 1 / 1.3)
+    torch.testing.assert_close(region, expected, atol=1e-6, rtol=0)
+    assert (out[:, :3] == -1).all() and (out[:, :, :5] == -1).all()  # nothing outside
+
+
+def test_replicate_edges_matches_replicate_padding():
+    inner = torch.rand(3, 5, 7)
+    out = torch.zeros(3, 12, 16)
+    out[:, 2:7, 4:11] = inner
+    _replicate_edges(out, 2, 7, 4, 11)
+    expected = torch.nn.functional.pad(inner[None], (4, 5, 2, 5), mode="replicate")[0]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_distort_hsv_identity():

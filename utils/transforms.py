@@ -200,32 +200,69 @@ def distort_hsv(
     """darknet's ``distort_image`` on ``[3, H, W]`` float RGB in [0, 1] -> same, clamped.
 
     In HSV (hue in [0, 1) of the full circle): ``h += hue_shift`` modulo 1, ``s *= sat_scale``,
-    ``v *= val_scale``, back to RGB, clamp. Computed without leaving RGB: with ``v = max``,
-    ``delta = max - min`` and each channel's ``w_c = (v - c) / delta``, the hue in sixths is
-    ``1 + w_r - w_g`` where blue is the minimum, ``3 + w_g - w_b`` where red is, ``5 + w_b - w_r``
-    where green is; each output channel is ``v' - chroma' * T(k_c)`` with ``chroma' = s' v'``,
-    ``k_c = h + (5, 3, 1)_c`` and ``T`` darknet's hsv_to_rgb profile (0 on [4, 6), rising on
-    [0, 1], 1 on [1, 3], falling on [3, 4]), written as ``clamp(2 - |k - 2 mod 6|, 0, 1)``.
-    Only arithmetic ops: several times faster than an HSV round trip, and exact to float32.
+    ``v *= val_scale``, back to RGB, clamp. Computed without leaving RGB, with arithmetic ops
+    only (several times faster than an HSV round trip, exact to float32): with ``v = max``,
+    ``delta = max - min`` and ``w_c = (v - c) / delta`` per channel, the hue in sixths is
+    ``1 + w_r - w_g`` where blue is the minimum, ``3 + w_g - w_b`` where red is and
+    ``5 + w_b - w_r`` where green is; after the shift, darknet's hsv_to_rgb gives each channel
+    ``v' - chroma' * w'_c`` with ``chroma' = s' v'`` and, for the shifted hue ``u`` in [0, 6),
+    ``w'_r = clamp(2 - |u - 3|)``, ``w'_g = clamp(|u - 2| - 1)``, ``w'_b = clamp(|u - 4| - 1)``
+    (clamped to [0, 1]). Saturation above 1 is not clamped before that, as in darknet.
     The input is not modified.
     """
     value = image.amax(0)  # [H, W]
     delta = value - image.amin(0)  # [H, W]
-    # 1.0 exactly on the minimum channel, 0.0 on the maximum; 0 everywhere on grey pixels
     weight = torch.sub(value, image).div_(delta.clamp(min=_TINY))  # [3, H, W]
+    out = torch.empty_like(image, memory_format=torch.contiguous_format)
+    return _hsv_to_rgb(value, delta, weight, (hue_shift, sat_scale, val_scale), out)
+
+
+def _distort_hsv_uint8(
+    image_u8: torch.Tensor, hue_shift: float, sat_scale: float, val_scale: float, out: torch.Tensor
+) -> torch.Tensor:
+    """``distort_hsv`` of ``[3, H, W]`` uint8 (any strides) written into float ``out`` [0, 1].
+
+    Never materialises the float image: only max, min and the per-channel weights are needed.
+    """
+    image_u8 = image_u8.contiguous()  # uint8 ops on channels-last strides are slow
+    value_u8 = image_u8.amax(0)  # [H, W]
+    delta = (value_u8 - image_u8.amin(0)).to(torch.float32)  # [H, W], no underflow: max >= min
+    weight = (value_u8 - image_u8).to(torch.float32).div_(delta.clamp(min=_TINY))  # [3, H, W]
+    value = value_u8.to(torch.float32)
+    return _hsv_to_rgb(value, delta, weight, (hue_shift, sat_scale, val_scale / 255.0), out)
+
+
+def _hsv_to_rgb(value, delta, weight, scales, out: torch.Tensor) -> torch.Tensor:
+    """The shared core of ``distort_hsv``: ``value``, ``delta`` ``[H, W]``, ``weight``
+    ``[3, H, W]`` (``(v - c) / delta``; reused as scratch) -> ``out`` ``[3, H, W]``."""
+    hue_shift, sat_scale, val_scale = scales
     w_r, w_g, w_b = weight.unbind(0)
+    # 1.0 exactly on the minimum channel, 0.0 elsewhere; ties go to blue, then red, then green
     min_b = w_b.floor()
-    min_r = w_r.floor().mul_(1.0 - min_b)  # ties go to blue, then red, then green
+    min_r = w_r.floor().mul_(1.0 - min_b)
     min_g = (1.0 - min_b).sub_(min_r)
-    sixths = (w_r - w_g).add_(1.0).mul_(min_b)
-    sixths += (w_g - w_b).add_(3.0).mul_(min_r)
-    sixths += (w_b - w_r).add_(5.0).mul_(min_g)
-    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=image.dtype).view(3, 1, 1)  # [3, 1, 1]
-    k = sixths + offsets.add_(6.0 * hue_shift - 2.0)  # [3, H, W], k_c - 2
-    k -= torch.round(k * (1.0 / 6.0)).mul_(6.0)  # into [-3, 3]
-    profile = k.abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
+    # hue in sixths, shifted: the sector start (1, 3 or 5) plus the in-sector offset
+    hue = min_b.mul(-4.0).add_(5.0 + 6.0 * hue_shift).sub_(min_r, alpha=2.0)  # [H, W]
+    hue.addcmul_(w_r - w_g, min_b)
+    hue.addcmul_(w_g - w_b, min_r)
+    hue.addcmul_(w_b - w_r, min_g)
+    hue -= torch.mul(hue, 1.0 / 6.0).floor_().mul_(6.0)  # into [0, 6)
+    torch.sub(hue, 3.0, out=w_r).abs_().neg_().add_(2.0)  # the new weights, in place
+    torch.sub(hue, 2.0, out=w_g).abs_().sub_(1.0)
+    torch.sub(hue, 4.0, out=w_b).abs_().sub_(1.0)
+    weight.clamp_(0.0, 1.0)
     chroma = delta.mul_(val_scale * sat_scale)
-    return profile.mul_(chroma).neg_().add_(value.mul_(val_scale)).clamp_(0.0, 1.0)
+    torch.addcmul(value.mul_(val_scale), weight, chroma, value=-1.0, out=out)
+    return out.clamp_(0.0, 1.0)
+
+
+def _replicate_edges(image: torch.Tensor, top: int, bottom: int, left: int, right: int) -> None:
+    """Fill ``[3, S, S]`` outside rows ``[top, bottom)`` x cols ``[left, right)`` with the
+    nearest pixel of that region, in place (as ``F.pad(mode="replicate")``)."""
+    image[:, :top, left:right] = image[:, top : top + 1, left:right]
+    image[:, bottom:, left:right] = image[:, bottom - 1 : bottom, left:right]
+    image[:, :, :left] = image[:, :, left : left + 1]
+    image[:, :, right:] = image[:, :, right - 1 : right]
 
 
 class DarknetTrainTransform:
@@ -279,15 +316,15 @@ class DarknetTrainTransform:
         y_axis = _layout_axis(height, params.ptop, params.pbot, size)
         window = _pil_to_hwc(image)[y_axis.src0 : y_axis.src1, x_axis.src0 : x_axis.src1]
         inner = _resize_hwc(window, y_axis.out1 - y_axis.out0, x_axis.out1 - x_axis.out0)
-        inner = distort_hsv(_to_float(inner), params.hue, params.saturation, params.exposure)
-        pad_left, pad_right = x_axis.out0, size - x_axis.out1
+        left, right = x_axis.out0, x_axis.out1
         if params.flip:
             inner = inner.flip(-1)
-            pad_left, pad_right = pad_right, pad_left
-        pads = (pad_left, pad_right, y_axis.out0, size - y_axis.out1)
-        if any(pads):
-            inner = F.pad(inner.unsqueeze(0), pads, mode="replicate").squeeze(0)  # [3, S, S]
-        return inner, self._map_target(target, x_axis, y_axis, width, height, params.flip)
+            left, right = size - right, size - left
+        out = torch.empty(3, size, size)
+        region = out[:, y_axis.out0 : y_axis.out1, left:right]
+        _distort_hsv_uint8(inner, params.hue, params.saturation, params.exposure, out=region)
+        _replicate_edges(out, y_axis.out0, y_axis.out1, left, right)
+        return out, self._map_target(target, x_axis, y_axis, width, height, params.flip)
 
     def _map_target(
         self, target: dict, x_axis: _Axis, y_axis: _Axis, width: int, height: int, flip: bool
