@@ -11,7 +11,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.metrics import DetectionEvaluator, to_json
+from utils.boxes import box_iou_elementwise
+from utils.metrics import DetectionEvaluator, _overlaps, to_json
 
 NUM_CLASSES = 4
 
@@ -331,7 +332,6 @@ def test_float32_tensors_and_empty_shapes_are_accepted():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_give_the_cpu_result():
     detections, ground_truths = random_set(12, num_images=10)
     expected = evaluate(detections, ground_truths)
@@ -369,3 +369,21 @@ def test_to_json_is_plain_and_thins_curves():
     assert len(curve["recall"]) == 10 and curve["recall"][-1] == res["curves"][0][1][-1]
     full = to_json(res, max_curve_points=None)["curves"][0]["precision"]
     assert full == res["curves"][0][0].tolist()
+
+
+def test_pair_overlaps_are_box_iou_elementwise_bit_for_bit():
+    rng = np.random.default_rng(14)
+    corners = rng.uniform(0, 0.7, (2000, 2))
+    sizes = rng.choice([0.0, 0.1, 0.3], (2000, 2)) * rng.random((2000, 1))  # some empty boxes
+    det_boxes = np.concatenate([corners, corners + sizes], 1)
+    gt_boxes = det_boxes + rng.normal(0, 0.05, (2000, 4))
+    gt_boxes[:, 2:] = np.maximum(gt_boxes[:, 2:], gt_boxes[:, :2])
+    iou, crowd = _overlaps(det_boxes, gt_boxes)
+    expected = box_iou_elementwise(torch.from_numpy(det_boxes), torch.from_numpy(gt_boxes))
+    np.testing.assert_array_equal(iou, expected.numpy())
+    assert 0.1 < (iou > 0).mean() < 0.9
+    want_crowd = np.zeros(len(iou))  # intersection / detection area, from the definition
+    for i, (d, g) in enumerate(zip(det_boxes.tolist(), gt_boxes.tolist(), strict=True)):
+        w, h = min(d[2], g[2]) - max(d[0], g[0]), min(d[3], g[3]) - max(d[1], g[1])
+        want_crowd[i] = w * h / ((d[2] - d[0]) * (d[3] - d[1])) if w > 0 and h > 0 else 0.0
+    np.testing.assert_allclose(crowd, want_crowd, rtol=1e-12)

@@ -30,8 +30,6 @@ import math
 import numpy as np
 import torch
 
-from utils.boxes import box_iou_elementwise
-
 __all__ = ["DetectionEvaluator", "evaluate_detections", "to_json"]
 
 VOC_IOU_THRESHOLD = 0.5
@@ -185,15 +183,23 @@ def _pairs(det_key: np.ndarray, gt_key: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def _overlaps(det_boxes: np.ndarray, gt_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Paired ``[P, 4]`` xyxy boxes -> (IoU ``[P]``, intersection / detection area ``[P]``)."""
-    det = torch.from_numpy(det_boxes)
-    gt = torch.from_numpy(gt_boxes)
-    iou = box_iou_elementwise(det, gt)
-    wh = (torch.minimum(det[:, 2:], gt[:, 2:]) - torch.maximum(det[:, :2], gt[:, :2])).clamp(min=0)
-    det_area = (det[:, 2:] - det[:, :2]).clamp(min=0).prod(-1)
-    inter = wh.prod(-1)
-    crowd = torch.where(inter > 0, inter / det_area.clamp(min=torch.finfo(det.dtype).tiny), 0.0)
-    return iou.numpy(), crowd.numpy()
+    """Paired ``[P, 4]`` xyxy boxes -> (IoU ``[P]``, intersection / detection area ``[P]``).
+
+    The IoU is ``utils.boxes.box_iou_elementwise``'s arithmetic, step for step (a test holds the
+    two equal bit for bit), in numpy: on a busy 2-core CPU, torch's thread pool turned this
+    0.35 s evaluation into 0.6-1.0 s, while numpy runs on the calling thread only.
+    """
+    wh = np.minimum(det_boxes[:, 2:], gt_boxes[:, 2:]) - np.maximum(
+        det_boxes[:, :2], gt_boxes[:, :2]
+    )
+    inter = np.prod(np.clip(wh, 0, None), axis=-1)  # [P]
+    det_area = np.prod(np.clip(det_boxes[:, 2:] - det_boxes[:, :2], 0, None), axis=-1)
+    gt_area = np.prod(np.clip(gt_boxes[:, 2:] - gt_boxes[:, :2], 0, None), axis=-1)
+    union = det_area + gt_area - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / union, 0.0)
+        crowd = np.where(inter > 0, inter / det_area, 0.0)
+    return iou, crowd
 
 
 def _first_per_detection(sorted_ids: np.ndarray) -> np.ndarray:
