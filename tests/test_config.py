@@ -54,6 +54,11 @@ def test_optional_value_flags():
     assert parse_config(TrainConfig(), []).resume is None
 
 
+def test_run_name_alias_for_torchrun():
+    assert parse_config(TrainConfig(), ["--run-name", "r"]).run == "r"
+    assert parse_config(TrainConfig(), ["--run", "r"]).run == "r"
+
+
 def test_unknown_flag_is_an_error(capsys):
     with pytest.raises(SystemExit) as info:
         parse_config(TrainConfig(), ["--epoch", "3"])

@@ -27,7 +27,8 @@ class TrainConfig:
     """Everything a training run depends on; stored in every checkpoint."""
 
     model: str = _flag("darknet19", f"backbone, one of {', '.join(MODELS)}")
-    run: str = _flag("yolov2", "run name: logs/<run>/ and model/<run>/")
+    # --run-name too: torchrun's parser reads a bare --run as an abbreviation of its --run-path
+    run: str = _flag("yolov2", "run name: logs/<run>/ and model/<run>/", alias="--run-name")
     data_root: str = _flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
     train_sets: tuple[str, ...] = _flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ...")
     val_set: str = _flag("2007:test", "NAME:SPLIT evaluated every --eval-every epochs")
@@ -161,7 +162,8 @@ def build_parser(preset, description: str | None = None) -> argparse.ArgumentPar
                 )
         else:
             elem = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            parser.add_argument(flag, type=elem, **kwargs)
+            names = (flag, item.metadata["alias"]) if "alias" in item.metadata else (flag,)
+            parser.add_argument(*names, type=elem, **kwargs)
     return parser
 
 
