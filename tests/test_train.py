@@ -1,0 +1,241 @@
+"""The training engine end to end on the small demo set: files, resume, signals, NaN, DDP."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import yolo.train
+from yolo.checkpoint import load_checkpoint
+from yolo.config import TrainConfig
+from yolo.train import fit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Payload:
+    """An object whose unpickling would call a function: what weights_only=True refuses."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def make_config(tmp_path: Path, demo_root: Path, **overrides) -> TrainConfig:
+    values = {
+        "model": "tiny",
+        "run": "t",
+        "data_root": str(demo_root),
+        "train_sets": ("demo:train",),
+        "val_set": "demo:val",
+        "classes": str(demo_root / "demo_classes.txt"),
+        "epochs": 2,
+        "batch_size": 8,
+        "accum": 1,
+        "img_size": 96,
+        "eval_img_size": 96,
+        "min_size": 64,
+        "max_size": 128,
+        "multi_scale_every": 2,
+        "workers": 0,
+        "burn_in": 2,
+        "lr": 1e-3,
+        "device": "cpu",
+        "num_vis_images": 1,
+        "log_dir": str(tmp_path / "logs"),
+        "model_dir": str(tmp_path / "model"),
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def logged(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def weights_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, demo_root):
+    """Two epochs without interruption: the reference for the resume tests."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    config = make_config(tmp_path, demo_root)
+    summary = fit(config)
+    return config, summary
+
+
+def test_two_epochs_write_logs_checkpoints_and_metrics(straight_run):
+    config, summary = straight_run
+    run_dir = Path(config.model_dir) / config.run
+    assert summary["finished"] and not summary["interrupted"]
+    assert {p.name for p in run_dir.iterdir()} >= {"last.pt", "best.pt", "config.json"}
+    assert json.loads((run_dir / "config.json").read_text())["model"] == "tiny"
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["state"]["epoch"] == 2 and ckpt["finished"]
+    assert ckpt["state"]["iteration"] == 6  # 24 images / batch 8, two epochs
+    assert ckpt["classes"] == Path(config.classes).read_text().split()
+    assert 0.0 <= ckpt["state"]["best_map"] <= 1.0
+    log_dir = Path(config.log_dir) / config.run
+    losses = logged(log_dir, "train/loss_total")
+    assert [step for step, _ in losses] == list(range(6))
+    for tag in ("val/map_voc07", "val/map_voc12", "val/map_coco", "train/lr", "time/epoch_s"):
+        assert logged(log_dir, tag), tag
+    sizes = {value for _, value in logged(log_dir, "train/img_size")}
+    assert sizes <= {64.0, 96.0, 128.0}
+
+
+def test_loss_goes_down_on_a_fixed_batch(tmp_path, demo_root):
+    # the 8 val images as the only batch, without augmentation: the same batch every step
+    config = make_config(
+        tmp_path, demo_root, train_sets=("demo:val",), epochs=10, burn_in=1, eval_every=10,
+        multi_scale=False, jitter=0.0, hue=0.0, saturation=1.0, exposure=1.0, flip=0.0,
+    )  # fmt: skip
+    fit(config)
+    losses = [value for _, value in logged(Path(config.log_dir) / "t", "train/loss_total")]
+    assert len(losses) == 10 and losses[-1] < 0.6 * losses[0], losses
+
+
+def test_resume_is_exact(tmp_path, demo_root, straight_run):
+    reference, _ = straight_run
+    config = make_config(tmp_path, demo_root, epochs=1)
+    fit(config)
+    summary = fit(dataclasses.replace(config, epochs=2, resume="last"))
+    assert summary["finished"]
+    assert_same_weights(
+        weights_of(tmp_path / "model/t/last.pt"),
+        weights_of(Path(reference.model_dir) / "t/last.pt"),
+    )
+    ours = logged(tmp_path / "logs/t", "train/loss_total")
+    theirs = logged(Path(reference.log_dir) / "t", "train/loss_total")
+    assert ours == theirs  # same values, each step once
+
+
+def _signal_at_batch(monkeypatch, batch: int, signum: int) -> None:
+    """Deliver ``signum`` from inside the training forward pass number ``batch``."""
+    build = yolo.train.build_train_model
+    calls = {"n": 0}
+
+    def hook(module, args, output):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == batch:
+                signal.raise_signal(signum)
+
+    def patched(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(yolo.train, "build_train_model", patched)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_resume_mid_epoch_is_exact(
+    tmp_path, demo_root, straight_run, monkeypatch, signum, capsys
+):
+    reference, _ = straight_run
+    config = make_config(tmp_path, demo_root)
+    _signal_at_batch(monkeypatch, batch=5, signum=signum)
+    summary = fit(config)
+    assert summary["interrupted"]
+    state = load_checkpoint(tmp_path / "model/t/last.pt")["state"]
+    assert (state["epoch"], state["batch"], state["iteration"]) == (1, 2, 5)
+    monkeypatch.undo()
+    fit(dataclasses.replace(config, resume="last"))
+    assert_same_weights(
+        weights_of(tmp_path / "model/t/last.pt"),
+        weights_of(Path(reference.model_dir) / "t/last.pt"),
+    )
+    assert logged(tmp_path / "logs/t", "train/loss_total") == logged(
+        Path(reference.log_dir) / "t", "train/loss_total"
+    )
+
+
+def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path, demo_root, monkeypatch):
+    config = make_config(tmp_path, demo_root)
+    build = yolo.train.build_train_model
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                return output * float("nan")
+        return output
+
+    def patched(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(yolo.train, "build_train_model", patched)
+    with pytest.raises(FloatingPointError, match=r"iteration 4 .*epoch 1") as info:
+        fit(config)
+    assert "nan" in str(info.value).lower()
+    assert load_checkpoint(tmp_path / "model/t/last.pt")["state"]["epoch"] == 1
+
+
+def test_resume_refuses_other_classes_and_reports_finished_runs(
+    tmp_path, demo_root, straight_run, caplog
+):
+    reference, _ = straight_run
+    other = tmp_path / "classes.txt"
+    other.write_text("a\nb\nc\nd\ne\n")
+    with pytest.raises(ValueError, match=r"cannot resume .* classes"):
+        fit(dataclasses.replace(reference, resume="last", classes=str(other)))
+    with caplog.at_level("INFO"):
+        summary = fit(dataclasses.replace(reference, resume="last"))
+    assert summary["finished"] and "already finished 2 epochs" in caplog.text
+
+
+def test_weights_flag_refuses_unsafe_checkpoints(tmp_path, demo_root):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "x": _Payload()}, evil)
+    with pytest.raises(ValueError, match="refusing to load"):
+        fit(make_config(tmp_path, demo_root, weights=str(evil)))
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes(tmp_path, demo_root):
+    config = make_config(tmp_path, demo_root, epochs=1)
+    args = [
+        f"--{name.replace('_', '-') if name != 'run' else 'run-name'}={value}"
+        for name, value in dataclasses.asdict(config).items()
+        if name not in ("train_sets", "multi_scale", "demo", "amp", "keep_difficult", "lr_steps")
+        and value is not None
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train_yolov2.py"),
+        *args,
+        "--train-sets",
+        "demo:train",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "model/t/last.pt")["state"]
+    # 24 images over 2 ranks: 12 each, batch 8 -> 2 batches per rank, 24 images seen in all
+    assert (state["epoch"], state["iteration"], state["seen"]) == (1, 2, 24)
+    assert logged(tmp_path / "logs/t", "val/map_voc07")
