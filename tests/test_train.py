@@ -203,6 +203,15 @@ def test_resume_refuses_other_classes_and_reports_finished_runs(
     assert summary["finished"] and "already finished 2 epochs" in caplog.text
 
 
+def test_a_new_run_never_overwrites_an_existing_one(straight_run):
+    reference, _ = straight_run
+    last = Path(reference.model_dir) / reference.run / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(FileExistsError, match=r"--resume.*--run NAME"):
+        fit(reference)
+    assert last.read_bytes() == before
+
+
 def test_weights_flag_refuses_unsafe_checkpoints(tmp_path, demo_root):
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": {}, "x": _Payload()}, evil)

@@ -9,7 +9,7 @@ import os
 from yolo.config import parse_config
 
 # Errors whose message already says what to do; anything else keeps its traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, FloatingPointError)
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, FloatingPointError)
 EXIT_INTERRUPTED = 130
 
 

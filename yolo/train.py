@@ -245,6 +245,36 @@ def _resume_command() -> str:
     return shlex.join(["python", sys.argv[0], *args, "--resume"])
 
 
+def lr_schedule(config):
+    """``lr_at(iteration, epoch)``: the learning rate of the config's schedule (burn-in, steps)."""
+
+    def lr_at(iteration: int, epoch: int) -> float:
+        return learning_rate(
+            config.lr,
+            iteration=iteration,
+            epoch=epoch,
+            burn_in=config.burn_in,
+            lr_steps=config.lr_steps,
+            gamma=config.lr_gamma,
+        )
+
+    return lr_at
+
+
+def build_training(config, num_classes: int, anchors: torch.Tensor, runtime: Runtime):
+    """Model (on the device; channels_last on CUDA), loss, optimizer and AMP scaler of a run."""
+    device = runtime.device
+    model = build_train_model(config, num_classes, len(anchors)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    criterion = YOLOv2Loss(anchors, num_classes, assignment=config.assignment).to(device)
+    optimizer = build_optimizer(
+        model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype is torch.float16)
+    return model, criterion, optimizer, scaler
+
+
 def fit(config) -> dict:
     """Train as ``config`` says; returns a summary (best map, last metrics, paths)."""
     config = resolve_demo(config)
@@ -261,6 +291,11 @@ def _fit(config, runtime: Runtime) -> dict:
     run_dir = Path(config.model_dir) / config.run
     summary = {"run_dir": str(run_dir), "log_dir": str(Path(config.log_dir) / config.run)}
     ckpt = None
+    if not config.resume and (run_dir / "last.pt").exists():
+        raise FileExistsError(
+            f"run {config.run!r} already has checkpoints in {run_dir}: continue it with "
+            f"--resume, start another with --run NAME, or delete {run_dir} to start over"
+        )
     if config.resume:
         path = run_dir / "last.pt" if config.resume == "last" else Path(config.resume)
         ckpt = load_checkpoint(path)
@@ -278,14 +313,7 @@ def _fit(config, runtime: Runtime) -> dict:
         log.info("config:\n%s", json.dumps(config_to_dict(config), indent=2))
     train_loader, val_loader = build_loaders(config, classes, runtime)
     device = runtime.device
-    model = build_train_model(config, len(classes), len(anchors)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    criterion = YOLOv2Loss(anchors, len(classes), assignment=config.assignment).to(device)
-    optimizer = build_optimizer(
-        model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype is torch.float16)
+    model, criterion, optimizer, scaler = build_training(config, len(classes), anchors, runtime)
     state = TrainState()
     if ckpt is not None:
         state = TrainState(**restore_training(ckpt, model, optimizer, scaler))
@@ -340,16 +368,7 @@ def _loop(
     anchors,
     writer,
 ) -> dict:
-    def lr_at(iteration: int, epoch: int) -> float:
-        return learning_rate(
-            config.lr,
-            iteration=iteration,
-            epoch=epoch,
-            burn_in=config.burn_in,
-            lr_steps=config.lr_steps,
-            gamma=config.lr_gamma,
-        )
-
+    lr_at = lr_schedule(config)
     run_dir, res = Path(config.model_dir) / config.run, None
     with StopRequest() as stop:
         while state.epoch < config.epochs:
