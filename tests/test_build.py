@@ -24,3 +24,13 @@ def test_weight_decay_only_on_weights():
     assert {p.ndim for p in plain["params"]} == {1}
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
     assert all(torch.is_tensor(p) for p in plain["params"])
+
+
+def test_adamw_keeps_the_decay_groups_and_unknown_names_fail():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+    optimizer = build_optimizer(model, lr=0.01, momentum=0.8, weight_decay=5e-4, name="adamw")
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
+    assert optimizer.defaults["betas"][0] == 0.8
+    with pytest.raises(ValueError, match="sgd or adamw"):
+        build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=0.0, name="lamb")

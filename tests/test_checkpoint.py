@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from yolo.checkpoint import load_checkpoint, save_checkpoint
+from yolo.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from yolo.config import TrainConfig, config_to_dict
 
 
 class _Exploit:
@@ -71,3 +72,15 @@ def test_foreign_or_missing_files(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_resume_check_names_every_mismatch():
+    anchors = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+    saved = TrainConfig(model="tiny")
+    ckpt = {"config": config_to_dict(saved), "classes": ["a", "b"], "anchors": anchors.tolist()}
+    check_resumable(ckpt, saved, ("a", "b"), anchors, "x.pt")  # the same run: no error
+    other = TrainConfig(model="darknet19", optimizer="adamw")
+    with pytest.raises(ValueError, match=r"x\.pt.*model tiny.*optimizer sgd.*classes.*anchors"):
+        check_resumable(ckpt, other, ("a", "c"), anchors * 2, "x.pt")
+    del ckpt["config"]["optimizer"]  # written before --optimizer existed: SGD
+    check_resumable(ckpt, saved, ("a", "b"), anchors, "x.pt")

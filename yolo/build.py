@@ -46,9 +46,15 @@ def resolve_anchors(anchors_file: str | None) -> torch.Tensor:
 
 
 def build_optimizer(
-    model: nn.Module, *, lr: float, momentum: float, weight_decay: float
-) -> torch.optim.SGD:
-    """SGD with darknet's decay: on conv/linear weights only, never on biases or BatchNorm."""
+    model: nn.Module,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    name: str = "sgd",
+) -> torch.optim.Optimizer:
+    """SGD (darknet's) or AdamW, with darknet's decay: on conv/linear weights only, never on
+    biases or BatchNorm. ``momentum`` is SGD's momentum or AdamW's beta1."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -57,6 +63,10 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    if name != "sgd":
+        raise ValueError(f"optimizer {name!r}: choose sgd or adamw")
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 

@@ -111,6 +111,10 @@ def check_resumable(ckpt: dict, config, classes, anchors: torch.Tensor, path) ->
     problems = []
     if saved["model"] != config.model:
         problems.append(f"model {saved['model']} vs --model {config.model}")
+    if saved.get("optimizer", "sgd") != config.optimizer:
+        problems.append(
+            f"optimizer {saved.get('optimizer', 'sgd')} vs --optimizer {config.optimizer}"
+        )
     if list(ckpt["classes"]) != list(classes):
         problems.append(f"classes {list(ckpt['classes'])[:5]}... vs {list(classes)[:5]}...")
     if not torch.allclose(torch.tensor(ckpt["anchors"]), anchors.cpu()):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODELS = ("darknet19", "tiny", "resnet18", "resnet50", "resnet101")
+OPTIMIZERS = ("sgd", "adamw")
 DEMO_ROOT = "data/demo"
 
 
@@ -44,8 +45,9 @@ class TrainConfig:
     multi_scale_every: int = _flag(10, "batches between multi-scale size changes")
     min_size: int = _flag(320, "smallest multi-scale size")
     max_size: int = _flag(608, "largest multi-scale size")
+    optimizer: str = _flag("sgd", "sgd (darknet's) | adamw (converges in fewer steps)")
     lr: float = _flag(1e-3, "peak learning rate")
-    momentum: float = _flag(0.9, "SGD momentum")
+    momentum: float = _flag(0.9, "SGD momentum; AdamW's beta1")
     weight_decay: float = _flag(5e-4, "weight decay on conv/linear weights (not biases or BN)")
     burn_in: int = _flag(1000, "optimizer steps of darknet's burn-in, lr * (i / burn_in) ** 4")
     lr_steps: tuple[int, ...] = _flag((60, 90), "epochs at which lr is multiplied by --lr-gamma")
@@ -77,6 +79,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
         _check(self.assignment in ("global", "darknet"), "--assignment: global or darknet")
+        _check(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: one of {OPTIMIZERS}")
         for name in ("img_size", "eval_img_size", "min_size", "max_size"):
             value = getattr(self, name)
             _check(value > 0 and value % 32 == 0, f"--{_kebab(name)} {value}: use a multiple of 32")

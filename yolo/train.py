@@ -269,7 +269,11 @@ def build_training(config, num_classes: int, anchors: torch.Tensor, runtime: Run
         model = model.to(memory_format=torch.channels_last)
     criterion = YOLOv2Loss(anchors, num_classes, assignment=config.assignment).to(device)
     optimizer = build_optimizer(
-        model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        model,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        name=config.optimizer,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype is torch.float16)
     return model, criterion, optimizer, scaler
