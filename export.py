@@ -1,0 +1,37 @@
+"""Export a checkpoint of this project or darknet's yolov2-voc.weights to ONNX.
+
+With --decode (the default) the graph outputs boxes [N, P, 4] (xyxy normalised to [0, 1], not
+clipped) and scores [N, P, C] (objectness * class probability); with --no-decode the raw head
+[N, A*(5+C), H/32, W/32]. Input: images [N, 3, H, W] float32 RGB in [0, 1]. Class names and
+anchors are stored in the model's metadata_props. With --check (the default) onnxruntime's
+outputs are compared with PyTorch's before the file is written. Needs: pip install onnx
+onnxruntime (and onnxscript for --exporter dynamo).
+
+Examples: python export.py --weights model/yolov2/best.pt ;
+python export.py --weights yolov2-voc.weights --out model/export/yolov2-voc.onnx --dynamic-size ;
+python export.py --weights model/yolov2/best.pt --no-decode --img-size 608
+"""
+
+import logging
+import sys
+
+from yolo.cli import USER_ERRORS, setup_logging
+from yolo.config import parse_config
+from yolo.export import ExportConfig, ParityError, run_export
+
+PRESET = ExportConfig(model="darknet19", img_size=416, out="model/export/yolov2.onnx")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(PRESET, argv, __doc__)
+    setup_logging()
+    try:
+        run_export(config)
+    except (*USER_ERRORS, ImportError, ParityError) as error:
+        logging.getLogger("export").error("%s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

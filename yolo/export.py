@@ -1,0 +1,380 @@
+"""ONNX export of a trained detector: the engine of ``export.py``.
+
+The exported graph takes ``images`` ``[N, 3, H, W]`` float32 RGB in [0, 1], H and W multiples
+of 32 (the graph does not check this), and outputs either
+
+- with ``decode``: ``boxes`` ``[N, P, 4]`` normalised xyxy (not clipped) and ``scores``
+  ``[N, P, C]`` = objectness * class probability, the per-class scores :func:`yolo.nms.
+  postprocess` thresholds; P = (H/32)*(W/32)*A, prediction ``(row*W/32 + col)*A + a``. A
+  consumer only has to threshold, clip and run NMS per class;
+- without: ``raw`` ``[N, A*(5+C), H/32, W/32]``, the head before any activation (see
+  :mod:`yolo.converter` for its layout), to decode with the anchors in the metadata.
+
+The model's metadata_props hold ``classes`` and ``anchors`` (JSON; anchors ``[A, 2]`` (w, h)
+as fractions of the image) and a description of the outputs. Darknet's reorg exports as plain
+Reshape/Transpose. The file is written atomically and, with ``check``, only after onnxruntime
+has reproduced PyTorch's outputs on random images (at a second batch size and image size where
+those axes are dynamic).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from yolo.build import load_trained_model, resolve_classes
+from yolo.config import MODELS
+from yolo.converter import decode
+
+__all__ = ["EXPORTERS", "DecodedYOLO", "ExportConfig", "ParityError", "run_export"]
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("torchscript", "dynamo")
+# Opsets each exporter of torch 2.x writes natively; dynamo converts anything older than 18.
+OPSET_RANGES = {"torchscript": (13, 20), "dynamo": (18, 23)}
+INPUT_NAME = "images"
+INSTALL_HINT = "pip install onnx onnxruntime"
+# Known warnings of the TorchScript exporter: its deprecation notice and a constant-folding
+# note. Its TracerWarnings (silenced too) say that the models' input-shape checks become
+# constants of the graph; the parity check runs the graph at a second size where the size is
+# dynamic, so a wrongly frozen value would fail there.
+QUIET_WARNINGS = (
+    "You are using the legacy TorchScript-based ONNX export",
+    "The feature will be removed",
+    "Constant folding - Only steps=1",
+)
+
+
+def _flag(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export of a checkpoint of this project or of darknet .weights."""
+
+    weights: str | None = _flag(None, "checkpoint .pt of this project, or darknet .weights")
+    model: str = _flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
+    classes: str | None = _flag(None, "classes file for .weights (a checkpoint has its own)")
+    anchors: str | None = _flag(None, "anchors JSON for .weights (a checkpoint has its own)")
+    img_size: int = _flag(416, "input height and width of the example (a multiple of 32)")
+    batch_size: int = _flag(1, "batch size of the example input (the fixed one without --dynamic)")
+    dynamic: bool = _flag(True, "dynamic batch axis")
+    dynamic_size: bool = _flag(False, "dynamic height and width too (multiples of 32)")
+    decode: bool = _flag(True, "output boxes [N,P,4] and scores [N,P,C]; else the raw head")
+    opset: int = _flag(18, "ONNX opset (torchscript: 13-20, dynamo: 18-23)")
+    exporter: str = _flag("torchscript", "torchscript | dynamo (needs onnxscript)")
+    out: str = _flag("model/export/yolov2.onnx", "output .onnx file")
+    check: bool = _flag(True, "compare onnxruntime with PyTorch on random images")
+    tolerance: float = _flag(1e-3, "check: largest |onnx - torch| / (1 + max |torch|) accepted")
+
+    def __post_init__(self) -> None:
+        low, high = OPSET_RANGES.get(self.exporter, (0, 0))
+        checks = (
+            (self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}"),
+            (self.img_size > 0 and self.img_size % 32 == 0, "--img-size: use a multiple of 32"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.exporter in EXPORTERS, f"--exporter {self.exporter!r}: one of {EXPORTERS}"),
+            (
+                low <= self.opset <= high,
+                f"--opset {self.opset}: {self.exporter} writes {low}-{high}",
+            ),
+            (self.tolerance > 0, "--tolerance must be positive"),
+            (
+                not (self.exporter == "dynamo" and self.decode and self.dynamic_size),
+                "--exporter dynamo cannot export --decode with --dynamic-size (torch.onnx fails "
+                "on the grid arithmetic with symbolic sizes): use --exporter torchscript, "
+                "--no-decode or --no-dynamic-size",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class ParityError(RuntimeError):
+    """onnxruntime's outputs differ from PyTorch's by more than the tolerance."""
+
+
+class DecodedYOLO(nn.Module):
+    """A detector followed by :func:`yolo.converter.decode`, as one exportable module.
+
+    ``images`` ``[N, 3, H, W]`` RGB in [0, 1] -> ``boxes`` ``[N, P, 4]`` normalised xyxy (not
+    clipped) and ``scores`` ``[N, P, C]`` = objectness * class probability.
+    """
+
+    def __init__(self, model: nn.Module, anchors: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("anchors", anchors.detach().clone().float())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        boxes, objectness, class_probs = decode(self.model(images), self.anchors)
+        return boxes, objectness.unsqueeze(-1) * class_probs  # [N, P, 1] * [N, P, C]
+
+
+def import_onnx():
+    try:
+        import onnx
+    except ImportError as error:
+        raise ImportError(f"export needs the onnx package: {INSTALL_HINT}") from error
+    return onnx
+
+
+def output_names(decoded: bool) -> tuple[str, ...]:
+    return ("boxes", "scores") if decoded else ("raw",)
+
+
+def dynamic_axes(config: ExportConfig) -> dict[str, dict[int, str]]:
+    """Names of the dynamic axes of the input and every output (the TorchScript exporter's
+    ``dynamic_axes``; also the names :func:`annotate` declares on the outputs)."""
+    batch = {0: "batch"} if config.dynamic else {}
+    if not config.dynamic_size:
+        return {name: batch for name in (INPUT_NAME, *output_names(config.decode)) if batch}
+    axes = {INPUT_NAME: {**batch, 2: "height", 3: "width"}}
+    if config.decode:
+        return {**axes, "boxes": {**batch, 1: "predictions"}, "scores": {**batch, 1: "predictions"}}
+    return {**axes, "raw": {**batch, 2: "grid_h", 3: "grid_w"}}
+
+
+def _export_torchscript(module: nn.Module, example: torch.Tensor, config: ExportConfig):
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        torch.onnx.export(
+            module,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=config.opset,
+            input_names=[INPUT_NAME],
+            output_names=list(output_names(config.decode)),
+            dynamic_axes=dynamic_axes(config) or None,
+            do_constant_folding=True,
+        )
+    return import_onnx().load_from_string(buffer.getvalue())
+
+
+def _export_dynamo(module: nn.Module, example: torch.Tensor, config: ExportConfig):
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
+    except ImportError as error:
+        raise ImportError("--exporter dynamo needs onnxscript: pip install onnxscript") from error
+    dims: dict[int, torch.export.Dim] = {0: torch.export.Dim("batch")} if config.dynamic else {}
+    if config.dynamic_size:
+        dims.update({2: torch.export.Dim("height"), 3: torch.export.Dim("width")})
+    program = torch.onnx.export(
+        module,
+        (example,),
+        None,
+        dynamo=True,
+        opset_version=config.opset,
+        input_names=[INPUT_NAME],
+        output_names=list(output_names(config.decode)),
+        dynamic_shapes=(dims,) if dims else None,
+        external_data=False,
+        verbose=False,
+    )
+    return program.model_proto
+
+
+def build_metadata(model: nn.Module, classes, anchors: torch.Tensor, config: ExportConfig):
+    """The metadata_props a consumer needs to decode and label the outputs (all strings)."""
+    if config.decode:
+        outputs = (
+            "boxes [N, P, 4] xyxy normalised to [0, 1] (not clipped); scores [N, P, C] = "
+            "objectness * class probability; P = (H/32)*(W/32)*A, index (row*W/32 + col)*A + a"
+        )
+    else:
+        outputs = (
+            "raw [N, A*(5+C), H/32, W/32], channel a*(5+C)+k, k = tx, ty, tw, th, to, then C "
+            "class logits: sigmoid(tx, ty, to), exp(tw, th) * anchor, softmax over classes"
+        )
+    return {
+        "model": str(getattr(model, "backbone_name", config.model)),
+        "classes": json.dumps(list(classes)),
+        "anchors": json.dumps(anchors.tolist()),
+        "anchors_format": "[A, 2] (width, height) as fractions of the image",
+        "input": f"{INPUT_NAME} [N, 3, H, W] float32 RGB in [0, 1], H and W multiples of 32",
+        "outputs": outputs,
+        "img_size": str(config.img_size),
+    }
+
+
+def check_shapes(config: ExportConfig) -> list[tuple[int, int, int, int]]:
+    """Input shapes the parity check runs: the example's, plus one exercising dynamic axes."""
+    size, batch = config.img_size, config.batch_size
+    shapes = [(batch, 3, size, size)]
+    if config.dynamic or config.dynamic_size:
+        other_batch = batch + 1 if config.dynamic else batch
+        other_size = (size + 32, size + 64) if config.dynamic_size else (size, size)
+        shapes.append((other_batch, 3, *other_size))
+    return shapes
+
+
+def check_parity(
+    path: Path, module: nn.Module, shapes, names: tuple[str, ...], tolerance: float
+) -> dict[str, float] | None:
+    """Run the ONNX file with onnxruntime and ``module`` with PyTorch on seeded random images.
+
+    Returns the largest absolute difference per output (None when onnxruntime is missing);
+    raises :class:`ParityError` when ``max |onnx - torch| > tolerance * (1 + max |torch|)`` for
+    an output: float32 rounding grows with the size of the activations, so the bound scales with
+    the output's largest value (untrained ResNet-101s reach 1e5), while an export bug (a wrong
+    reorg order, a size frozen into the graph) is off by the whole scale.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        log.warning("onnxruntime is not installed: parity check skipped (%s)", INSTALL_HINT)
+        return None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    worst = dict.fromkeys(names, 0.0)
+    for shape in shapes:
+        images = torch.rand(shape, generator=generator)
+        with torch.no_grad():
+            expected = module(images)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = session.run(list(names), {INPUT_NAME: images.numpy()})
+        for name, want, have in zip(names, expected, got, strict=True):
+            diff = compare_output(name, have, want.numpy(), tolerance, shape)
+            worst[name] = max(worst[name], diff)
+    return worst
+
+
+def compare_output(name: str, have: np.ndarray, want: np.ndarray, tolerance: float, shape) -> float:
+    """Max ``|have - want|`` (onnxruntime vs PyTorch) of one output; :class:`ParityError` on
+    another shape, on inf/NaN in other places, or past the tolerance (see :func:`check_parity`)."""
+    if have.shape != want.shape:
+        raise ParityError(f"{name} has shape {have.shape} in onnxruntime, {want.shape} in PyTorch")
+    finite = np.isfinite(want)
+    if not np.array_equal(np.isfinite(have), finite):
+        raise ParityError(f"{name}: onnxruntime and PyTorch have inf/NaN in different places")
+    diff = float(np.abs(have - want)[finite].max(initial=0.0))
+    scale = 1.0 + float(np.abs(want[finite]).max(initial=0.0))
+    if diff > tolerance * scale:
+        raise ParityError(
+            f"onnxruntime's {name} differs from PyTorch's by up to {diff:.3g} on input {shape}, "
+            f"more than --tolerance {tolerance:g} x {scale:.3g} (1 + the largest |value|): try "
+            "another --opset or --exporter, or raise --tolerance"
+        )
+    return diff
+
+
+def load_for_export(config: ExportConfig):
+    """``(module to export, model, classes, anchors)`` from the configured weights."""
+    if not config.weights:
+        raise ValueError(
+            "--weights is required: a checkpoint of this project (model/<run>/best.pt) or "
+            "darknet's yolov2-voc.weights"
+        )
+    if Path(config.weights).suffix != ".weights" and (config.classes or config.anchors):
+        log.warning("--classes/--anchors ignored: checkpoint %s holds its own", config.weights)
+    model, classes, anchors = load_trained_model(
+        config.weights,
+        model_name=config.model,
+        classes=resolve_classes(config.classes) if config.classes else None,
+        anchors_file=config.anchors,
+    )
+    model = model.cpu().eval()
+    module = DecodedYOLO(model, anchors).eval() if config.decode else model
+    return module, model, classes, anchors
+
+
+def output_shapes(config: ExportConfig, num_anchors: int, num_classes: int) -> dict:
+    """Shape of every output for the example input ``[B, 3, S, S]``."""
+    batch, grid = config.batch_size, config.img_size // 32
+    if not config.decode:
+        return {"raw": (batch, num_anchors * (5 + num_classes), grid, grid)}
+    predictions = grid * grid * num_anchors
+    return {"boxes": (batch, predictions, 4), "scores": (batch, predictions, num_classes)}
+
+
+def annotate(proto, model: nn.Module, classes, anchors: torch.Tensor, config: ExportConfig):
+    """Add the metadata and declare the outputs' shapes: sizes where static, the names of
+    :func:`dynamic_axes` where dynamic (the TorchScript exporter leaves decode's outputs with
+    made-up names even where the size is fixed)."""
+    props = {prop.key: prop.value for prop in proto.metadata_props}
+    props.update(build_metadata(model, classes, anchors, config))
+    import_onnx().helper.set_model_props(proto, props)
+    shapes = output_shapes(config, len(anchors), len(classes))
+    axes = dynamic_axes(config)
+    for output in proto.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        for axis, size in enumerate(shapes[output.name]):
+            name = axes.get(output.name, {}).get(axis)
+            if name:
+                dims.add().dim_param = name
+            else:
+                dims.add().dim_value = size
+
+
+def save_checked(proto, module: nn.Module, config: ExportConfig) -> dict[str, float] | None:
+    """Write ``proto`` to ``config.out`` through a temp file in the same folder that is checked
+    (ONNX checker, then parity with onnxruntime when ``config.check``) before ``os.replace``;
+    a failure leaves no file. Returns :func:`check_parity`'s differences (None: unchecked)."""
+    onnx = import_onnx()
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    worst = None
+    try:
+        onnx.save(proto, tmp)
+        onnx.checker.check_model(tmp)
+        if config.check:
+            names = output_names(config.decode)
+            worst = check_parity(Path(tmp), module, check_shapes(config), names, config.tolerance)
+        os.replace(tmp, out)
+    except ParityError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise ParityError(f"{out} not written: {error}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return worst
+
+
+def run_export(config: ExportConfig) -> dict:
+    """Export ``config.weights`` to ``config.out`` (ONNX); returns a summary dict with ``out``,
+    ``bytes``, ``outputs``, ``export_s`` and ``max_abs_diff`` (per output, or None)."""
+    import_onnx()
+    module, model, classes, anchors = load_for_export(config)
+    example = torch.rand(config.batch_size, 3, config.img_size, config.img_size)
+    exporter = _export_dynamo if config.exporter == "dynamo" else _export_torchscript
+    log.info("%s exporter, opset %d", config.exporter, config.opset)
+    start = time.perf_counter()
+    with torch.no_grad():
+        proto = exporter(module, example, config)
+    export_s = time.perf_counter() - start
+    annotate(proto, model, classes, anchors, config)
+    worst = save_checked(proto, module, config)
+    if worst is not None:
+        diffs = ", ".join(f"{name} {value:.2e}" for name, value in worst.items())
+        log.info("onnxruntime vs PyTorch, max abs diff: %s", diffs)
+    out, names = Path(config.out), output_names(config.decode)
+    size = out.stat().st_size
+    log.info("%s: %.1f MB, outputs %s, exported in %.1f s", out, size / 1e6, names, export_s)
+    return {
+        "out": str(out),
+        "bytes": size,
+        "outputs": names,
+        "export_s": export_s,
+        "max_abs_diff": worst,
+    }
