@@ -1,4 +1,4 @@
-"""PR-curve figure, AP table and detection drawing."""
+"""PR-curve figure, AP table, detection drawing and the k-means anchor plots."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,17 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
+from utils.boxes import wh_iou
 from utils.metrics import DetectionEvaluator
-from utils.visualize import class_colour, draw_detections, format_ap_table, plot_pr_curves
+from utils.visualize import (
+    PAPER_CLUSTER_IOU,
+    class_colour,
+    draw_detections,
+    format_ap_table,
+    plot_anchor_clusters,
+    plot_iou_vs_k,
+    plot_pr_curves,
+)
 
 NAMES = ["cat", "dog", "horse"]
 
@@ -115,3 +124,45 @@ def test_draw_detections_refuses_bad_input():
 def test_class_colours_are_distinct():
     colours = {class_colour(c) for c in range(20)}
     assert len(colours) == 20
+
+
+ANCHORS = torch.tensor([[0.1, 0.15], [0.3, 0.5], [0.7, 0.6]])
+
+
+def test_plot_anchor_clusters_colours_boxes_by_their_anchor(tmp_path):
+    wh = torch.rand(300, 2, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+    fig = plot_anchor_clusters(wh, ANCHORS, grid_size=13)
+    (ax,) = fig.axes
+    boxes, centres = ax.collections
+    np.testing.assert_allclose(boxes.get_offsets(), wh.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(centres.get_offsets(), ANCHORS.numpy(), rtol=1e-6)
+    best_iou, cluster = wh_iou(wh[:, None], ANCHORS[None]).max(dim=1)
+    expected = np.array([class_colour(c) for c in cluster.tolist()]) / 255
+    np.testing.assert_allclose(boxes.get_facecolors()[:, :3], expected, atol=1e-6)
+    assert [text.get_text() for text in ax.texts] == ["1.30x1.95", "3.90x6.50", "9.10x7.80"]
+    assert f"mean IoU {100 * best_iou.mean().item():.2f}%" in ax.get_title()
+    fig.savefig(tmp_path / "clusters.png")
+    assert Image.open(tmp_path / "clusters.png").size[0] > 300
+
+
+def test_plot_anchor_clusters_subsamples_many_boxes():
+    wh = np.random.default_rng(0).uniform(0.01, 1, size=(40_000, 2))
+    fig = plot_anchor_clusters(wh, ANCHORS.numpy(), max_points=1000)
+    (ax,) = fig.axes
+    assert len(ax.collections[0].get_offsets()) == 1000
+    assert "over 40000 boxes" in ax.get_title() and ax.texts[0].get_text() == "0.10x0.15"
+    with pytest.raises(ValueError, match="must both be \\[N, 2\\]"):
+        plot_anchor_clusters(wh[:, :1], ANCHORS)
+
+
+def test_plot_iou_vs_k_marks_the_papers_points():
+    fig = plot_iou_vs_k({3: 0.55, 1: 0.3, 5: 0.62})
+    (ax,) = fig.axes
+    (line,) = ax.lines
+    np.testing.assert_allclose(line.get_xdata(), [1, 3, 5])
+    np.testing.assert_allclose(line.get_ydata(), [30.0, 55.0, 62.0])
+    (paper,) = ax.collections
+    np.testing.assert_allclose(paper.get_offsets(), [[5, 61.0], [9, 67.2]])
+    assert PAPER_CLUSTER_IOU == {5: 61.0, 9: 67.2}
+    with pytest.raises(ValueError, match="no results"):
+        plot_iou_vs_k({})

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from defusedxml import ElementTree
 
@@ -210,22 +211,6 @@ class KMeansResult:
     restart_ious: torch.Tensor
 
 
-@dataclass
-class _LloydState:
-    """Lloyd's iteration for ``R`` restarts over ``M`` boxes, with Hamerly's bounds.
-
-    Flat tensors are indexed ``r*M + m``. ``upper`` bounds from above the distance of a box to
-    its assigned centre, ``lower`` from below its distance to every other centre.
-    """
-
-    centres: torch.Tensor  # [R, k, 2] float32
-    assign: torch.Tensor  # [R*M] int64, centre index in 0..k-1
-    upper: torch.Tensor  # [R*M] float32
-    lower: torch.Tensor  # [R*M] float32
-    sums: torch.Tensor  # [R, k, 2] float64, sum of the assigned boxes' (w, h)
-    counts: torch.Tensor  # [R, k] int64, number of assigned boxes
-
-
 def run_kmeans(
     wh: torch.Tensor, k: int, *, restarts: int = 10, max_iter: int = 300, seed: int = 0
 ) -> KMeansResult:
@@ -238,22 +223,10 @@ def run_kmeans(
     nearest centre may have changed, with the same assignments as a full recomputation. All
     restarts run as one batch. Deterministic for a ``seed``.
     """
-    wh = _check_box_sizes(wh, k, restarts, max_iter)
-    centres = _kmeanspp_init(wh, k, restarts, torch.Generator().manual_seed(seed))  # [R, k, 2]
-    state = _start_lloyd(wh, centres)
-    final = centres.clone()  # [R, k, 2]
-    iterations = torch.zeros(restarts, dtype=torch.long)
-    running = torch.arange(restarts)  # the restarts in ``state``
-    for iteration in range(1, max_iter + 1):
-        changed = _lloyd_step(wh, state)  # [R']
-        iterations[running] = iteration
-        if not bool(changed.all()):
-            final[running[~changed]] = state.centres[~changed]
-            running, state = running[changed], _select_restarts(state, changed)
-            if running.numel() == 0:
-                break
-    final[running] = state.centres
-    restart_ious = 1 - _nearest_two(wh, final)[0].mean(dim=1)  # [R]
+    boxes = _check_box_sizes(wh, k, restarts, max_iter)  # [3, M]
+    centres = _kmeanspp_init(boxes, k, restarts, torch.Generator().manual_seed(seed))
+    final, iterations = _lloyd(boxes, centres, max_iter)  # [R, k, 2], [R]
+    restart_ious = 1 - _nearest_two(boxes, final)[0].mean(dim=1)  # [R]
     best = int(torch.argmax(restart_ious))
     anchors = final[best][torch.argsort(final[best].prod(dim=1), stable=True)]  # [k, 2]
     return KMeansResult(anchors, float(restart_ious[best]), iterations, restart_ious)
@@ -275,12 +248,14 @@ def kmeans_sweep(
 
 
 def _check_box_sizes(wh: torch.Tensor, k: int, restarts: int, max_iter: int) -> torch.Tensor:
+    """Validated box sizes ``[M, 2]`` -> float32 ``[3, M]``, rows w, h and area w*h."""
     if k < 1 or restarts < 1 or max_iter < 1:
         raise ValueError(f"k, restarts and max_iter must be >= 1, got {k}, {restarts}, {max_iter}")
     if wh.ndim != 2 or wh.shape[1] != 2:
         raise ValueError(f"box sizes must have shape [M, 2], got {tuple(wh.shape)}")
     wh = wh.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    if not bool(torch.isfinite(wh).all()) or not bool((wh > 0).all()):
+    area = wh[:, 0] * wh[:, 1]  # [M]; positive also rules out sizes whose product underflows
+    if not bool(torch.isfinite(wh).all() & (wh > 0).all() & (area > 0).all()):
         raise ValueError("box sizes must be finite and positive; drop degenerate boxes first")
     num_unique = torch.unique(wh.view(torch.int64)).numel()  # one 64-bit key per (w, h) pair
     if num_unique < k:
@@ -288,88 +263,143 @@ def _check_box_sizes(wh: torch.Tensor, k: int, restarts: int, max_iter: int) -> 
             f"cannot make k={k} clusters from {num_unique} distinct box sizes "
             f"({wh.shape[0]} boxes): lower k or use more data"
         )
-    # column-major [M, 2]: w and h each contiguous, so the IoU arithmetic vectorises
-    return wh.t().contiguous().t()
+    return torch.stack([wh[:, 0], wh[:, 1], area])  # [3, M]
+
+
+def _iou(boxes: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """IoU of centred boxes ``[3, P]`` (w, h, area rows) with ``centres`` ``[..., 2]`` ->
+    ``[..., P]``. The arithmetic of ``utils.boxes.wh_iou`` (bitwise equal for positive sizes)
+    with the boxes' areas computed once, in place, as the k-means hot path needs."""
+    centre_w, centre_h = centres[..., 0:1], centres[..., 1:2]  # [..., 1] each
+    inter = torch.minimum(boxes[0], centre_w).mul_(torch.minimum(boxes[1], centre_h))
+    union = (boxes[2] + centre_w * centre_h).sub_(inter)  # [..., P]
+    return inter.div_(union)
 
 
 def _kmeanspp_init(
-    wh: torch.Tensor, k: int, restarts: int, generator: torch.Generator
+    boxes: torch.Tensor, k: int, restarts: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """k-means++ centres ``[R, k, 2]``: each pick drawn with probability ∝ (1 - IoU)²."""
-    num_boxes = wh.shape[0]
+    """k-means++ centres ``[R, k, 2]`` from boxes ``[3, M]``: each pick drawn with probability
+    ∝ (1 - IoU)² to the nearest centre picked so far (inverse-CDF sampling)."""
+    num_boxes = boxes.shape[1]
+    wh = boxes[:2].t()  # [M, 2]
     picks = [torch.randint(num_boxes, (restarts,), generator=generator)]  # [R]
-    nearest = 1 - wh_iou(wh[None, :, :], wh[picks[0]][:, None, :])  # [R, M]
+    nearest = 1 - _iou(boxes, wh[picks[0]])  # [R, M]
     for _ in range(1, k):
-        weights = nearest.clamp(min=0) ** 2  # [R, M]
-        # float rounding can zero every weight when boxes differ by ~1e-7; fall back to uniform
-        weights[weights.sum(dim=1) == 0] = 1.0
-        pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)  # [R]
-        picks.append(pick)
-        nearest = torch.minimum(nearest, 1 - wh_iou(wh[None, :, :], wh[pick][:, None, :]))
+        cdf = nearest.clamp(min=0).double().square_().cumsum_(dim=1)  # [R, M]
+        total = cdf[:, -1:]  # [R, 1]
+        uniform = torch.rand(restarts, 1, generator=generator, dtype=torch.float64)  # [R, 1]
+        pick = torch.searchsorted(cdf, uniform * total, right=True)  # [R, 1]
+        # float rounding can zero every weight when boxes differ by ~1e-7: pick uniformly
+        pick = torch.where(total > 0, pick, (uniform * num_boxes).long()).clamp_(max=num_boxes - 1)
+        picks.append(pick.squeeze(1))
+        nearest = torch.minimum(nearest, 1 - _iou(boxes, wh[picks[-1]]))
     return wh[torch.stack(picks, dim=1)]  # [R, k, 2]
 
 
+@dataclass
+class _LloydState:
+    """Lloyd's iteration for ``R`` restarts over ``M`` boxes, with Hamerly's bounds.
+
+    ``upper`` bounds from above the distance of a box to its assigned centre, ``lower`` from
+    below its distance to every other centre. Flat views of the ``[R, M]`` tensors are
+    indexed ``r*M + m``.
+    """
+
+    centres: torch.Tensor  # [R, k, 2] float32
+    assign: torch.Tensor  # [R, M] int64, centre index in 0..k-1
+    upper: torch.Tensor  # [R, M] float32
+    lower: torch.Tensor  # [R, M] float32
+    sums: torch.Tensor  # [R, k, 2] float64, sum of the assigned boxes' (w, h)
+    counts: torch.Tensor  # [R, k] int64, number of assigned boxes
+
+
 def _nearest_two(
-    wh: torch.Tensor, centres: torch.Tensor, chunk_size: int = 2048
+    boxes: torch.Tensor, centres: torch.Tensor, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distances (1 - IoU) to the nearest and second-nearest centre and the nearest's index.
 
-    ``wh`` ``[M, 2]``, ``centres`` ``[R, k, 2]`` -> ``[R, M]`` float, ``[R, M]`` float (1 when
-    k = 1, an upper bound on any distance), ``[R, M]`` int64. Chunks of boxes keep the
+    ``boxes`` ``[3, M]``, ``centres`` ``[R, k, 2]`` -> ``[R, M]`` float, ``[R, M]`` float (1
+    when k = 1, an upper bound on any distance), ``[R, M]`` int64. Chunks of boxes keep the
     ``[R, k, chunk]`` intermediates in cache.
     """
     parts = [
-        _nearest_two_of(wh_iou(wh[None, None, start : start + chunk_size], centres[:, :, None]))
-        for start in range(0, wh.shape[0], chunk_size)
-    ]  # wh_iou: [1, 1, chunk, 2] with [R, k, 1, 2] -> [R, k, chunk]
+        _nearest_two_of(_iou(boxes[:, start : start + chunk_size], centres))  # [R, k, chunk]
+        for start in range(0, boxes.shape[1], chunk_size)
+    ]
     return tuple(torch.cat(tensors, dim=-1) for tensors in zip(*parts, strict=True))
 
 
 def _nearest_two_of(iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``iou`` ``[..., k, P]`` of P boxes with k centres (overwritten) -> nearest distance,
     second-nearest distance (1 when k = 1) and nearest index, ``[..., P]`` each. Ties go to
-    the lowest centre index."""
+    the lowest centre index.
+
+    Only float arithmetic and ``amax``: ``max`` with indices and comparisons to bool do not
+    vectorise on the CPU and took most of the time."""
     k = iou.shape[-2]
-    best_iou = iou.amax(dim=-2)  # [..., P]
-    # amax and a masked amin beat max(dim) with indices, which does not vectorise here
-    index = torch.arange(k, dtype=iou.dtype)[:, None]  # [k, 1]
-    best = torch.where(iou == best_iou.unsqueeze(-2), index, k).amin(dim=-2)  # [..., P]
-    iou.masked_fill_(index == best.unsqueeze(-2), -1.0)
-    second_iou = iou.amax(dim=-2).clamp(min=0)  # [..., P]
-    return 1 - best_iou, 1 - second_iou, best.long()
+    best_iou = iou.amax(dim=-2, keepdim=True)  # [..., 1, P]
+    # sign(iou - best) is -1 or 0, exactly: the difference of unequal floats is never 0
+    is_best = torch.sign(iou - best_iou).add_(1)  # [..., k, P] 1.0 at every maximum
+    rank = torch.arange(k, 0, -1, dtype=iou.dtype)[:, None]  # [k, 1]: k for centre 0
+    best = k - (is_best * rank).amax(dim=-2).long()  # [..., P] lowest index of a maximum
+    ties = is_best.sum(dim=-2) > 1  # [..., P]
+    second_iou = iou.sub_(is_best.mul_(2)).amax(dim=-2)  # [..., P] best among the others
+    best_iou = best_iou.squeeze(-2)  # [..., P]
+    second_iou = torch.where(ties, best_iou, second_iou).clamp_(min=0)
+    return 1 - best_iou, 1 - second_iou, best
 
 
-def _take_boxes(wh: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``wh[index]`` ``[P, 2]``, column-major like ``wh``."""
-    return wh.t()[:, index].t()  # [2, P] -> [P, 2]
+def _lloyd(
+    boxes: torch.Tensor, centres: torch.Tensor, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's iterations from ``centres`` ``[R, k, 2]`` for boxes ``[3, M]``.
+
+    Returns the final centres ``[R, k, 2]`` (the means of the final clusters) and the number
+    of centre updates of each restart, int64 ``[R]``.
+    """
+    restarts = centres.shape[0]
+    tiled = boxes.repeat(1, restarts)  # [3, R*M]: column r*M + m holds box m
+    state = _start_lloyd(boxes, centres)
+    final = centres.clone()  # [R, k, 2]
+    iterations = torch.zeros(restarts, dtype=torch.long)
+    running = torch.arange(restarts)  # the restarts in ``state``
+    for iteration in range(1, max_iter + 1):
+        changed = _lloyd_step(boxes, tiled, state)  # [R']
+        iterations[running] = iteration
+        if not bool(changed.all()):
+            final[running[~changed]] = state.centres[~changed]
+            running, state = running[changed], _select_restarts(state, changed)
+            if running.numel() == 0:
+                break
+    final[running] = state.centres
+    return final, iterations
 
 
-def _start_lloyd(wh: torch.Tensor, centres: torch.Tensor) -> _LloydState:
+def _start_lloyd(boxes: torch.Tensor, centres: torch.Tensor) -> _LloydState:
     """Exact assignment of every box for ``centres`` ``[R, k, 2]``, and the cluster sums."""
     restarts, k, _ = centres.shape
-    upper, lower, assign = _nearest_two(wh, centres)  # [R, M] each
+    upper, lower, assign = _nearest_two(boxes, centres)  # [R, M] each
     flat = (assign + k * torch.arange(restarts)[:, None]).flatten()  # [R*M] cluster ids
     counts = torch.bincount(flat, minlength=restarts * k).view(restarts, k)
-    wh64 = wh.double().repeat(restarts, 1)  # [R*M, 2]
+    wh64 = boxes[:2].t().double().repeat(restarts, 1)  # [R*M, 2]
     sums = torch.zeros(restarts * k, 2, dtype=torch.float64).index_add_(0, flat, wh64)
-    flat_view = (upper.flatten(), lower.flatten(), assign.flatten())  # [R*M] each
-    return _LloydState(
-        centres, flat_view[2], flat_view[0], flat_view[1], sums.view(-1, k, 2), counts
-    )
+    return _LloydState(centres, assign, upper, lower, sums.view(restarts, k, 2), counts)
 
 
-def _lloyd_step(wh: torch.Tensor, state: _LloydState) -> torch.Tensor:
+def _lloyd_step(boxes: torch.Tensor, tiled: torch.Tensor, state: _LloydState) -> torch.Tensor:
     """Move the centres to their clusters' means, then reassign (in place) the boxes whose
     bounds allow a change. Returns ``[R]`` bool: whether any box of that restart moved."""
     restarts, k, _ = state.centres.shape
-    new_centres = _cluster_means(wh, state)  # [R, k, 2]
+    new_centres = _cluster_means(boxes, state)  # [R, k, 2]
     shift = 1 - wh_iou(state.centres, new_centres)  # [R, k] how far each centre moved
     state.centres = new_centres
-    state.upper.view(restarts, -1).add_(shift.gather(1, state.assign.view(restarts, -1)))
-    state.lower.view(restarts, -1).sub_(shift.amax(dim=1, keepdim=True))
-    rows, cols, old, new = _reassign(wh, state)  # [Q] each: the boxes that moved
+    state.upper.add_(shift.gather(1, state.assign))  # [R, M]
+    state.lower.sub_(shift.amax(dim=1, keepdim=True))  # [R, M]
+    flat, old, new = _reassign(tiled, state)  # [Q] each: the boxes that moved
+    rows = flat // boxes.shape[1]  # [Q] their restarts
+    wh64 = tiled[:2].index_select(1, flat).t().double()  # [Q, 2]
     flat_old, flat_new = rows * k + old, rows * k + new  # [Q] cluster ids
-    wh64 = _take_boxes(wh, cols).double()  # [Q, 2]
     state.sums.view(-1, 2).index_add_(0, flat_new, wh64).index_add_(0, flat_old, -wh64)
     ones = torch.ones_like(flat_new)
     state.counts.view(-1).index_add_(0, flat_new, ones).index_add_(0, flat_old, -ones)
@@ -378,59 +408,70 @@ def _lloyd_step(wh: torch.Tensor, state: _LloydState) -> torch.Tensor:
     return changed
 
 
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Sorted flat indices of the true entries of ``mask``: int64 ``[P]``."""
+    # numpy's flatnonzero is about 10x faster than torch.nonzero on the CPU
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
+
+
 def _reassign(
-    wh: torch.Tensor, state: _LloydState
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tiled: torch.Tensor, state: _LloydState
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hamerly's test, in place: a box whose upper bound is below its lower bound keeps its
-    centre; the others get their bounds tightened and, if still in doubt, an exact nearest
-    centre. Returns restart, box, old and new centre index of the boxes that moved, ``[Q]``."""
-    margin = 1e-5  # float32 rounding of the bounds
-    num_boxes, k = wh.shape[0], state.centres.shape[1]
-    flat = torch.nonzero(state.upper + margin >= state.lower).squeeze(1)  # [P]
-    old = state.assign[flat]  # [P]
-    centre_of_box = state.centres.view(-1, 2)[flat // num_boxes * k + old]  # [P, 2]
-    exact = 1 - wh_iou(_take_boxes(wh, flat % num_boxes), centre_of_box)  # [P]
-    state.upper[flat] = exact
-    doubt = exact + margin >= state.lower[flat]  # [P]
-    flat, old = flat[doubt], old[doubt]  # [P']
-    rows, cols = flat // num_boxes, flat % num_boxes
-    nearest, second, new = _nearest_two_of(_iou_by_restart(wh, state.centres, rows, cols))
-    state.assign[flat], state.upper[flat], state.lower[flat] = new, nearest, second
-    moved = new != old
-    return rows[moved], cols[moved], old[moved], new[moved]
+    centre; the others get an exact nearest centre and new bounds. Returns the flat index, old
+    and new centre of the boxes that moved, ``[Q]`` each."""
+    margin = 1e-4  # float32 rounding: about 3e-7 per update of a bound, over hundreds of updates
+    flat = _flat_nonzero(state.upper + margin >= state.lower)  # [P]
+    nearest, second, new = _nearest_two_by_restart(
+        tiled, state.centres, flat, state.assign.shape[1]
+    )
+    old = state.assign.view(-1).index_select(0, flat)  # [P]
+    state.assign.view(-1).index_copy_(0, flat, new)
+    state.upper.view(-1).index_copy_(0, flat, nearest)
+    state.lower.view(-1).index_copy_(0, flat, second)
+    moved = _flat_nonzero(new != old)  # [Q]
+    return flat[moved], old[moved], new[moved]
 
 
-def _iou_by_restart(
-    wh: torch.Tensor, centres: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> torch.Tensor:
-    """IoU of boxes ``wh[cols]`` with the ``k`` centres of their restart ``rows`` (``[P]``,
-    sorted): ``[k, P]``. A loop over the restarts avoids gathering ``[P, k]`` centres."""
-    ends = torch.searchsorted(rows, torch.arange(1, centres.shape[0] + 1)).tolist()
-    boxes = _take_boxes(wh, cols)  # [P, 2]
-    iou = torch.empty(centres.shape[1], rows.numel())  # [k, P]
-    for restart, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
-        if end > start:
-            iou[:, start:end] = wh_iou(boxes[None, start:end], centres[restart, :, None])
-    return iou
+def _nearest_two_by_restart(
+    tiled: torch.Tensor,
+    centres: torch.Tensor,
+    flat: torch.Tensor,
+    num_boxes: int,
+    chunk_size: int = 16384,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_nearest_two_of` for the boxes at sorted flat indices ``flat`` ``[P]`` with the
+    ``k`` centres of their own restart: ``[P]`` each. A loop over the restarts avoids
+    gathering ``[P, k]`` centres."""
+    restarts = centres.shape[0]
+    boxes = tiled.index_select(1, flat)  # [3, P]
+    ends = torch.searchsorted(flat, torch.arange(1, restarts + 1) * num_boxes).tolist()
+    parts = [
+        _nearest_two_of(_iou(boxes[:, low : min(low + chunk_size, end)], centres[restart]))
+        for restart, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True))
+        for low in range(start, end, chunk_size)
+    ]  # [k, chunk] each
+    if not parts:
+        empty = torch.empty(0)
+        return empty, empty, empty.long()
+    return tuple(torch.cat(tensors) for tensors in zip(*parts, strict=True))
 
 
-def _cluster_means(wh: torch.Tensor, state: _LloydState) -> torch.Tensor:
+def _cluster_means(boxes: torch.Tensor, state: _LloydState) -> torch.Tensor:
     """Mean (w, h) of each cluster -> float32 ``[R, k, 2]``; an empty cluster takes the box
     farthest from its own centre (ties to the lowest index), so the result is deterministic."""
-    restarts = state.centres.shape[0]
     means = (state.sums / state.counts.clamp(min=1)[..., None]).float()  # [R, k, 2]
     empty = state.counts == 0  # [R, k]
     for restart in torch.nonzero(empty.any(dim=1)).flatten().tolist():
         clusters = torch.nonzero(empty[restart]).flatten()
-        assign = state.assign.view(restarts, -1)[restart]  # [M]
-        distance = 1 - wh_iou(wh, state.centres[restart, assign])  # [M]
+        own_centres = state.centres[restart, state.assign[restart]]  # [M, 2]
+        distance = 1 - wh_iou(boxes[:2].t(), own_centres)  # [M]
         farthest = torch.argsort(distance, descending=True, stable=True)[: clusters.numel()]
-        means[restart, clusters] = wh[farthest]
+        means[restart, clusters] = boxes[:2, farthest].t()
     return means
 
 
 def _select_restarts(state: _LloydState, keep: torch.Tensor) -> _LloydState:
     """The restarts where ``keep`` ``[R]`` is true, as a new state."""
-    restarts = state.centres.shape[0]
-    flat = [t.view(restarts, -1)[keep].flatten() for t in (state.assign, state.upper, state.lower)]
-    return _LloydState(state.centres[keep], *flat, state.sums[keep], state.counts[keep])
+    tensors = (state.centres, state.assign, state.upper, state.lower, state.sums, state.counts)
+    return _LloydState(*(tensor[keep] for tensor in tensors))

@@ -14,7 +14,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["class_colour", "draw_detections", "format_ap_table", "plot_pr_curves"]
+from utils.boxes import wh_iou
+
+__all__ = [
+    "PAPER_CLUSTER_IOU",
+    "class_colour",
+    "draw_detections",
+    "format_ap_table",
+    "plot_anchor_clusters",
+    "plot_iou_vs_k",
+    "plot_pr_curves",
+]
 
 MAX_PLOTTED_POINTS = 2000
 GOLDEN_RATIO_CONJUGATE = 0.618033988749895
@@ -197,3 +207,86 @@ def draw_detections(
         draw.rectangle(box, outline=class_colour(label), width=line)
         _put_label(draw, box, f"{name} {row[4]:.2f}", class_colour(label), font, line)
     return canvas
+
+
+MAX_SCATTER_POINTS = 5000
+# YOLOv2 paper (arXiv 1612.08242), Table 1, "Cluster IOU" Avg IOU on VOC 2007+2012 (percent)
+PAPER_CLUSTER_IOU = {5: 61.0, 9: 67.2}
+
+
+def _subsample(num_points: int, max_points: int) -> np.ndarray:
+    """Indices of at most ``max_points`` of ``num_points``, a fixed random choice (sorted)."""
+    if num_points <= max_points:
+        return np.arange(num_points)
+    return np.sort(np.random.default_rng(0).choice(num_points, max_points, replace=False))
+
+
+def plot_anchor_clusters(
+    wh,
+    anchors,
+    *,
+    grid_size: int | None = None,
+    max_points: int = MAX_SCATTER_POINTS,
+) -> Figure:
+    """Box shapes coloured by their anchor (highest IoU of centred boxes), anchors marked.
+
+    ``wh`` ``[M, 2]`` box (width, height) and ``anchors`` ``[K, 2]``, both fractions of the
+    image, tensors or arrays. At most ``max_points`` boxes are drawn (a fixed random subset);
+    the mean IoU in the title is over all of them. Anchor labels are in grid units when
+    ``grid_size`` is given (darknet's cfg convention), else fractions of the image.
+    """
+    sizes = torch.as_tensor(wh, dtype=torch.float32).detach().cpu()  # [M, 2]
+    centres = torch.as_tensor(anchors, dtype=torch.float32).detach().cpu()  # [K, 2]
+    if sizes.ndim != 2 or sizes.shape[-1] != 2 or centres.ndim != 2 or centres.shape[-1] != 2:
+        raise ValueError(
+            f"utils.visualize.plot_anchor_clusters: wh {list(sizes.shape)} and anchors "
+            f"{list(centres.shape)} must both be [N, 2] (width, height) fractions of the image"
+        )
+    best_iou, cluster = wh_iou(sizes[:, None], centres[None]).max(dim=1)  # [M] each
+    shown = _subsample(len(sizes), max_points)
+    colours = np.array([class_colour(c) for c in range(len(centres))]) / 255.0  # [K, 3]
+    fig = Figure(figsize=(6.5, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    points = sizes[shown].numpy()  # [S, 2]
+    point_colours = colours[cluster[shown].numpy()]  # [S, 3]
+    ax.scatter(*points.T, s=3, c=point_colours, alpha=0.35, linewidths=0, rasterized=True)
+    ax.scatter(*centres.numpy().T, s=140, c=colours, marker="X", edgecolors="black", zorder=3)
+    scale, unit = (grid_size, "cells") if grid_size else (1, "of the image")
+    for width, height in centres.tolist():
+        label = f"{width * scale:.2f}x{height * scale:.2f}"
+        ax.annotate(label, (width, height), xytext=(6, 6), textcoords="offset points", fontsize=8)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel("box width (fraction of the image)")
+    ax.set_ylabel("box height (fraction of the image)")
+    ax.set_title(
+        f"k = {len(centres)}: mean IoU {100 * best_iou.mean().item():.2f}% over {len(sizes)} "
+        f"boxes (anchors in {unit})",
+        fontsize=9,
+    )
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def plot_iou_vs_k(ious: dict[int, float]) -> Figure:
+    """Mean IoU (``{k: fraction in [0, 1]}``) against the number of anchors k, in percent,
+    with the YOLOv2 paper's "Cluster IOU" points (61.0 at k = 5, 67.2 at k = 9) for reference."""
+    if not ious:
+        raise ValueError("utils.visualize.plot_iou_vs_k: no results to plot; pass {k: mean IoU}")
+    ks = sorted(ious)
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(ks, [100 * ious[k] for k in ks], marker="o", lw=1.2, label="k-means (this run)")
+    paper_ks = sorted(PAPER_CLUSTER_IOU)
+    paper_ious = [PAPER_CLUSTER_IOU[k] for k in paper_ks]
+    label = "YOLOv2 paper, VOC 07+12 (Table 1)"
+    ax.scatter(paper_ks, paper_ious, marker="*", s=160, c="tab:red", zorder=3, label=label)
+    ax.set_xlabel("number of anchors k")
+    ax.set_ylabel("mean IoU with the nearest anchor (%)")
+    ax.set_xticks(sorted(set(ks) | set(paper_ks)))
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig

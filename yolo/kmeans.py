@@ -1,0 +1,200 @@
+"""Anchor search by k-means on the training boxes' shapes: the engine of ``kmeans.py``.
+
+Reads every box's (width, height) from a VOC-format dataset's XML (as darknet's
+``voc_label.py``: difficult boxes left out unless asked), runs :func:`utils.anchors.run_kmeans`
+(distance 1 - IoU, k-means++ restarts) for each requested k and writes into ``out_dir``:
+
+- ``anchors-K.json`` for every k: the seed's anchor format (a list of ``{"width": w,
+  "height": h}``, fractions of the image) that ``--anchors`` of the other scripts reads;
+- ``clusters-K.png`` for every k: the boxes coloured by their anchor;
+- ``iou_vs_k.png`` when there is more than one k: mean IoU against k, with the paper's points;
+- ``kmeans.json``: per k the mean IoU, the anchors as fractions and in grid units, and
+  darknet's cfg line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from utils.anchors import KMeansResult, read_voc_box_sizes, run_kmeans, save_anchors
+from utils.data import VOC_CLASSES, load_classes, parse_sets
+from utils.demo import DEMO_CLASSES, generate_demo_dataset
+from utils.visualize import PAPER_CLUSTER_IOU, plot_anchor_clusters, plot_iou_vs_k
+from yolo.config import DEMO_ROOT, config_to_dict
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "kmeans.json"
+MAX_K = 64
+
+
+def _flag(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+def parse_k(spec: str) -> list[int]:
+    """``"5"`` -> ``[5]``; ``"1-15"`` -> ``[1, ..., 15]``. Raises ValueError naming the flag."""
+    low, dash, high = spec.strip().partition("-")
+    try:
+        ks = range(int(low), int(high if dash else low) + 1)
+    except ValueError:
+        ks = range(0)
+    if not ks or ks[0] < 1 or ks[-1] > MAX_K:
+        raise ValueError(
+            f"--k {spec!r}: give a number of anchors such as 5, or a range such as 1-15 "
+            f"(from 1 to {MAX_K})"
+        )
+    return list(ks)
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """k-means anchor search on a VOC-format dataset."""
+
+    data_root: str = _flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
+    sets: tuple[str, ...] = _flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ... to read")
+    classes: str | None = _flag(None, "classes file, one name per line (default: VOC's 20)")
+    demo: bool = _flag(False, "generate the demo dataset if missing and use its train split")
+    k: str = _flag("5", "number of anchors, or a range such as 1-15")
+    restarts: int = _flag(10, "k-means++ restarts per k; the highest mean IoU wins")
+    max_iter: int = _flag(300, "most Lloyd iterations per restart")
+    seed: int = _flag(0, "seed of the k-means++ draws")
+    keep_difficult: bool = _flag(False, "cluster difficult boxes too (darknet leaves them out)")
+    out_dir: str = _flag("model/anchors", "folder for anchors-K.json, *.png and kmeans.json")
+    grid_size: int = _flag(13, "output grid for the grid-unit anchors (13 at 416, as darknet)")
+    threads: int = _flag(1, "torch CPU threads (k-means runs many small ops: 1 is fastest)")
+
+    def __post_init__(self) -> None:
+        parse_k(self.k)
+        parse_sets(self.sets)
+        for name in ("restarts", "max_iter", "grid_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def resolve_dataset(config: KMeansConfig) -> tuple[Path, list[tuple[str, str]], tuple[str, ...]]:
+    """``(root, sets, classes)`` to read; with ``--demo`` the demo dataset's train split."""
+    if config.demo:
+        root = generate_demo_dataset(DEMO_ROOT)
+        log.info("--demo: clustering the boxes of %s, set demo:train", root)
+        return Path(root), [("demo", "train")], DEMO_CLASSES
+    classes = load_classes(config.classes) if config.classes else VOC_CLASSES
+    return Path(config.data_root), parse_sets(config.sets), classes
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run the block with ``num_threads`` torch CPU threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def darknet_anchor_line(anchors: torch.Tensor, grid_size: int) -> str:
+    """darknet's cfg ``anchors =`` line for ``[A, 2]`` anchors (fractions) at ``grid_size``."""
+    return "anchors = " + ", ".join(f"{w:.4f},{h:.4f}" for w, h in (anchors * grid_size).tolist())
+
+
+def summarise(result: KMeansResult, k: int, grid_size: int) -> dict:
+    """One k's entry of ``kmeans.json``: plain JSON-able data."""
+    return {
+        "k": k,
+        "mean_iou": result.mean_iou,
+        "anchors": result.anchors.tolist(),
+        "anchors_grid": (result.anchors * grid_size).tolist(),
+        "darknet_cfg": darknet_anchor_line(result.anchors, grid_size),
+        "anchors_file": f"anchors-{k}.json",
+        "restart_ious": [round(iou, 6) for iou in result.restart_ious.tolist()],
+        "iterations": result.iterations.tolist(),
+    }
+
+
+def format_kmeans_table(entries: list[dict], grid_size: int) -> str:
+    """The log's table: k, mean IoU in %, the paper's value where it has one, and the anchors
+    as ``w x h`` in units of a ``grid_size`` grid."""
+    lines = [f"{'k':>3} {'IoU %':>7} {'paper':>6}  anchors (w x h, {grid_size}x{grid_size} grid)"]
+    for entry in entries:
+        paper = PAPER_CLUSTER_IOU.get(entry["k"])
+        paper_cell = "-" if paper is None else f"{paper:.1f}"
+        anchors = "  ".join(f"{w:.2f}x{h:.2f}" for w, h in entry["anchors_grid"])
+        lines.append(f"{entry['k']:>3} {100 * entry['mean_iou']:>7.2f} {paper_cell:>6}  {anchors}")
+    return "\n".join(lines)
+
+
+def write_json(document: dict, path: Path) -> None:
+    """``document`` as indented JSON at ``path``, atomically; each innermost list of numbers
+    (an anchor, a list of IoUs) on one line."""
+    text = re.sub(
+        r"\[\s*([^\[\]{}\"]*?)\s*\]",  # a list holding no list, object or string
+        lambda match: "[" + " ".join(match.group(1).split()) + "]",
+        json.dumps(document, indent=2),
+    )
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as tmp_file:
+            tmp_file.write(text + "\n")
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_plots(
+    wh: torch.Tensor, results: dict[int, KMeansResult], out_dir: Path, grid_size: int
+) -> None:
+    """``clusters-K.png`` for every k, and ``iou_vs_k.png`` when there are several."""
+    for k, result in results.items():
+        figure = plot_anchor_clusters(wh, result.anchors, grid_size=grid_size)
+        figure.savefig(out_dir / f"clusters-{k}.png", dpi=100)
+    if len(results) > 1:
+        ious = {k: result.mean_iou for k, result in results.items()}
+        plot_iou_vs_k(ious).savefig(out_dir / "iou_vs_k.png", dpi=100)
+
+
+def find_anchors(config: KMeansConfig) -> dict:
+    """Read the boxes, run k-means for every k of ``config.k``, write the files; returns the
+    summary written to ``kmeans.json``."""
+    log.info("config: %s", json.dumps(config_to_dict(config)))
+    ks = parse_k(config.k)
+    root, sets, classes = resolve_dataset(config)
+    wh = read_voc_box_sizes(root, sets, classes, keep_difficult=config.keep_difficult)  # [M, 2]
+    log.info("%d boxes from %s, sets %s", len(wh), root, ", ".join(":".join(s) for s in sets))
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[int, KMeansResult] = {}
+    with torch_threads(config.threads):
+        for k in tqdm(ks, desc="k-means", unit="k", disable=len(ks) == 1):
+            results[k] = run_kmeans(
+                wh, k, restarts=config.restarts, max_iter=config.max_iter, seed=config.seed
+            )
+            save_anchors(results[k].anchors, out_dir / f"anchors-{k}.json")
+    write_plots(wh, results, out_dir, config.grid_size)
+    entries = [summarise(result, k, config.grid_size) for k, result in results.items()]
+    summary = {
+        "num_boxes": len(wh),
+        "data_root": str(root),
+        "sets": [":".join(s) for s in sets],
+        "config": config_to_dict(config),
+        "results": entries,
+    }
+    write_json(summary, out_dir / SUMMARY_NAME)
+    log.info(
+        "mean IoU of each box with its nearest anchor:\n%s",
+        format_kmeans_table(entries, config.grid_size),
+    )
+    log.info("wrote anchors-K.json, clusters-K.png and %s into %s", SUMMARY_NAME, out_dir)
+    return summary
