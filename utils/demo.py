@@ -2,11 +2,11 @@
 
 ``generate_demo_dataset(root)`` writes ``root/VOCdemo/{JPEGImages,Annotations,ImageSets/Main}``
 (sets ``demo:train``, ``demo:val``, ``demo:trainval``) and ``root/demo_classes.txt``. Images
-hold 0-6 filled shapes of ``DEMO_CLASSES`` with varied sizes (a tenth to half of the image),
-aspect ratios, colours, partial overlaps and backgrounds (solid, gradient, smooth noise), so
-that anchors and the loss matter while a small model still learns it in minutes on a CPU.
-Objects that are very small, mostly hidden or faint (a colour close to their background; about
-6% of them) are marked difficult, as VOC does.
+hold 0-5 filled shapes of ``DEMO_CLASSES`` with varied sizes (0.15 to 0.55 of the image's short
+side), aspect ratios, colours, partial overlaps and backgrounds (solid, gradient, smooth
+noise), so that anchors and the loss matter while a small model still learns it in minutes on
+a CPU. Objects that are very small, mostly hidden or faint (a colour close to their background;
+about 6% of them) are marked difficult, as VOC does.
 
 Deterministic: each image comes from ``numpy.random.default_rng([seed, index])``, so the files
 are byte-identical for the same parameters (and the same Pillow/libjpeg). Idempotent: a
@@ -35,7 +35,9 @@ __all__ = ["DEMO_CLASSES", "generate_demo_dataset", "main"]
 log = logging.getLogger(__name__)
 
 DEMO_CLASSES = ("circle", "square", "triangle", "cross", "ring")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_MIN_SIDE, _MAX_SIDE = 0.15, 0.55  # object side, log-uniform, as a fraction of the short side
+_MAX_OBJECTS = 5
 _MAX_OVERLAP = 0.4  # intersection over the smaller box's area allowed between two objects
 _DIFFICULT_SIDE_PX = 12  # objects narrower or lower than this are difficult
 _DIFFICULT_VISIBLE = 0.4  # objects with less of their area visible are difficult
@@ -102,7 +104,7 @@ def _place(rng, width: int, height: int, boxes: list) -> tuple[int, int, int, in
     """A box ``(x0, y0, x1, y1)`` (pixels, exclusive end) overlapping others at most a little."""
     short = min(width, height)
     for _ in range(20):
-        side = short * math.exp(rng.uniform(math.log(0.1), math.log(0.5)))
+        side = short * math.exp(rng.uniform(math.log(_MIN_SIDE), math.log(_MAX_SIDE)))
         aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.7)))
         box_w = int(np.clip(side * math.sqrt(aspect), 6, 0.6 * width))
         box_h = int(np.clip(side / math.sqrt(aspect), 6, 0.6 * height))
@@ -127,7 +129,7 @@ def _render(rng: np.random.Generator, width: int, height: int):
     background = _background(rng, width, height)
     canvas = Image.fromarray(np.uint8(np.rint(background)))
     owner = np.full((height, width), -1, dtype=np.int16)  # [H, W] object on top of each pixel
-    count = 0 if rng.random() < 0.06 else int(rng.integers(1, 7))
+    count = 0 if rng.random() < 0.06 else int(rng.integers(1, _MAX_OBJECTS + 1))
     objects, areas = [], []
     for index in range(count):
         box = _place(rng, width, height, [obj["box"] for obj in objects])
