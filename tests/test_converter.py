@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from yolo.converter import assign_targets, decode, flatten_predictions, match_max_total_iou
+from utils.boxes import cxcywh_to_xyxy
+from yolo.converter import (
+    assign_targets,
+    cell_boxes,
+    decode,
+    flatten_predictions,
+    match_max_total_iou,
+)
 
 ANCHORS = torch.tensor([[0.1, 0.13], [0.25, 0.3], [0.4, 0.6]])
 
@@ -33,6 +40,20 @@ def test_decode_matches_a_loop_over_cells_on_a_non_square_grid():
         assert objectness[b, index].item() == pytest.approx(1 / (1 + math.exp(-to)), rel=1e-5)
         logits = raw[b, a * per_anchor + 5 : (a + 1) * per_anchor, row, col]
         torch.testing.assert_close(class_probs[b, index], logits.softmax(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_cell_boxes_is_cxcywh_to_xyxy_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(3)
+    offsets = (3 * torch.randn(2, 500, 4, generator=gen)).to(dtype)  # broadcast over images
+    col = torch.randint(0, 13, (500,), generator=gen).to(dtype)
+    row = torch.randint(0, 11, (500,), generator=gen).to(dtype)
+    anchor_wh = torch.rand(500, 2, generator=gen).to(dtype)
+    centre_x = (col + offsets[..., 0].sigmoid()) / 13
+    centre_y = (row + offsets[..., 1].sigmoid()) / 11
+    size = offsets[..., 2:4].exp() * anchor_wh
+    expected = cxcywh_to_xyxy(torch.cat([centre_x[..., None], centre_y[..., None], size], -1))
+    assert torch.equal(cell_boxes(offsets, col, row, anchor_wh, 11, 13), expected)
 
 
 def test_flatten_rejects_a_channel_count_that_does_not_fit_the_anchors():

@@ -90,6 +90,26 @@ def test_grouped_nms_equals_batched_nms(monkeypatch, pair_budget, count, num_gro
     assert kept.numel() < count
 
 
+@pytest.mark.parametrize("max_detections", [3, 5, 40])
+def test_nms_of_the_best_candidates_first_changes_nothing(max_detections):
+    """Image 0 is one tight cluster of 60 boxes plus a few lone ones: its best candidates keep
+    too few, so it takes the full NMS; image 1 has many lone boxes and is cut short."""
+    gen = torch.Generator().manual_seed(11)
+    cluster = torch.tensor([0.4, 0.4, 0.6, 0.6]) + 0.002 * torch.rand(60, 4, generator=gen)
+    corners = torch.rand(40, 2, generator=gen) * 0.9
+    lone = torch.cat([corners, corners + 0.02], dim=1)  # small, mostly apart
+    boxes = torch.cat([cluster, lone[:10], lone])  # [110, 4]
+    scores = torch.cat([0.5 + 0.5 * torch.rand(60, generator=gen), torch.rand(50, generator=gen)])
+    image = torch.tensor([0] * 70 + [1] * 40)
+    groups = image * 2  # one class
+    expected = yolo.nms._top_per_image(
+        grouped_nms(boxes, scores, groups, 0.45), scores, image, 2, max_detections
+    )
+    kept = yolo.nms._nms_best_first(boxes, scores, image, groups, 0.45, 2, max_detections)
+    assert torch.equal(yolo.nms._top_per_image(kept, scores, image, 2, max_detections), expected)
+    assert kept.numel() < grouped_nms(boxes, scores, groups, 0.45).numel() or max_detections == 40
+
+
 def test_grouped_nms_with_negative_scores():
     boxes, scores, groups = clustered_boxes(9, 600, 5, signed_scores=True)
     kept = grouped_nms(boxes, scores, groups, 0.5)

@@ -15,7 +15,10 @@ every later box for every kept one, so one call on offset boxes costs O(K^2) for
 and ``batched_nms`` above 1000 boxes on CPU loops over the groups in Python; both are slow for
 a batch's few hundred small groups. Above ``MAX_NMS_PAIRS`` same-group pairs (an untrained
 model, where almost everything passes the threshold) it hands over to ``batched_nms`` to bound
-memory. Equal scores keep the order (image, row, col, anchor, class).
+memory. Equal scores keep the order (image, row, col, anchor, class). Since only each image's
+``max_detections`` best kept boxes are returned, NMS runs first over each image's best
+``PRUNE_FACTOR * max_detections`` candidates, and over all of them only for an image where
+that kept too few (exact either way: see :func:`_nms_best_first`).
 """
 
 import torch
@@ -23,9 +26,10 @@ from torchvision.ops import batched_nms
 
 from yolo.converter import cell_boxes
 
-__all__ = ["MAX_NMS_PAIRS", "grouped_nms", "postprocess"]
+__all__ = ["MAX_NMS_PAIRS", "PRUNE_FACTOR", "grouped_nms", "postprocess"]
 
 MAX_NMS_PAIRS = 1 << 20
+PRUNE_FACTOR = 2  # NMS first over each image's 2 * max_detections best candidates
 
 
 def postprocess(
@@ -44,7 +48,10 @@ def postprocess(
     with torch.no_grad(), torch.autocast(raw.device.type, enabled=False):
         boxes, scores, image, label = _candidates(raw.to(dtype), anchors, conf_threshold)
         num_classes = raw.shape[1] // anchors.shape[0] - 5
-        kept = grouped_nms(boxes, scores, image * num_classes + label, nms_threshold)
+        groups = image * num_classes + label  # [K]
+        kept = _nms_best_first(
+            boxes, scores, image, groups, nms_threshold, batch_size, max_detections
+        )
         kept = _top_per_image(kept, scores, image, batch_size, max_detections)
         detections = torch.cat(
             [boxes[kept], scores[kept, None], label[kept, None].to(dtype)], dim=1
@@ -58,19 +65,90 @@ def _candidates(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every (box, class) pair above the threshold: boxes ``[K, 4]`` clipped xyxy, scores
     ``[K]``, image ``[K]`` and class ``[K]`` int64, ordered by (image, row, col, anchor,
-    class)."""
+    class). Gathers are 1-D ``index_select`` calls: on the CPU they cost a fraction of
+    multi-dimensional advanced indexing."""
     batch_size, channels, grid_h, grid_w = raw.shape
-    num_anchors = anchors.shape[0]
-    preds = raw.view(batch_size, num_anchors, channels // num_anchors, grid_h, grid_w)
-    preds = preds.permute(0, 3, 4, 1, 2)  # [N, H, W, A, 5+C], a view
-    objectness = preds[..., 4].sigmoid()  # [N, H, W, A]
-    image, row, col, anchor = (objectness > conf_threshold).nonzero(as_tuple=True)  # [M] each
-    selected = preds[image, row, col, anchor]  # [M, 5+C]
-    scores = objectness[image, row, col, anchor][:, None] * selected[:, 5:].softmax(dim=1)  # [M, C]
-    anchor_wh = anchors.to(raw.device, raw.dtype)[anchor]  # [M, 2]
+    num_anchors, cells = anchors.shape[0], grid_h * grid_w
+    width = channels // num_anchors  # 5 + C
+    head = raw.reshape(batch_size, num_anchors, width, cells)  # [N, A, 5+C, H*W]
+    objectness = head[:, :, 4].sigmoid().transpose(1, 2).reshape(-1)  # [N*H*W*A]
+    index = (objectness > conf_threshold).nonzero().squeeze(1)  # [M] (image, cell, anchor)
+    image, cell, anchor = index // (cells * num_anchors), index // num_anchors % cells, index
+    anchor = anchor % num_anchors
+    channel_0 = (image * num_anchors + anchor) * (width * cells) + cell  # [M] flat offsets
+    flat_index = channel_0[:, None] + torch.arange(width, device=raw.device) * cells  # [M, 5+C]
+    selected = head.reshape(-1).index_select(0, flat_index.reshape(-1)).view(-1, width)
+    scores = objectness.index_select(0, index)[:, None] * selected[:, 5:].softmax(dim=1)
+    anchor_wh = anchors.to(raw.device, raw.dtype).index_select(0, anchor)  # [M, 2]
+    row, col = cell // grid_w, cell % grid_w
     boxes = cell_boxes(selected[:, 0:4], col, row, anchor_wh, grid_h, grid_w).clamp(0.0, 1.0)
-    pred, label = (scores > conf_threshold).nonzero(as_tuple=True)  # [K], [K]
-    return boxes[pred], scores[pred, label], image[pred], label
+    num_classes = width - 5
+    pair = (scores.reshape(-1) > conf_threshold).nonzero().squeeze(1)  # [K] pred * C + class
+    pred = pair // num_classes
+    return (
+        boxes.index_select(0, pred),
+        scores.reshape(-1).index_select(0, pair),
+        image.index_select(0, pred),
+        pair % num_classes,
+    )
+
+
+def _nms_best_first(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    image: torch.Tensor,
+    groups: torch.Tensor,
+    iou_threshold: float,
+    batch_size: int,
+    max_detections: int,
+) -> torch.Tensor:
+    """:func:`grouped_nms` of the candidates, enough of it for each image's ``max_detections``
+    best kept boxes: int64 indices ``[K']``, ascending within each image.
+
+    Greedy NMS decides a box from the higher-scored boxes of its group alone, so NMS of an
+    image's ``PRUNE_FACTOR * max_detections`` best candidates decides those exactly as NMS of
+    all of them would; when it keeps at least ``max_detections`` of them, nothing below can
+    reach the image's top. Only the other images get NMS over all their candidates.
+    """
+    limit = PRUNE_FACTOR * max_detections
+    count = torch.bincount(image, minlength=batch_size)  # [N] candidates per image
+    if count.numel() == 0 or int(count.max()) <= limit:
+        return grouped_nms(boxes, scores, groups, iou_threshold)
+    order = _sort_by(image, scores)  # [K] by image, then score: the NMS order within groups
+    start = (torch.cumsum(count, 0) - count).repeat_interleave(count)  # [K]
+    rank = torch.empty_like(order).index_copy_(
+        0, order, torch.arange(order.numel(), device=order.device) - start
+    )  # [K] rank within its image
+    kept = _grouped_nms_of(
+        (rank < limit).nonzero().squeeze(1), boxes, scores, groups, iou_threshold
+    )
+    short = (torch.bincount(image.index_select(0, kept), minlength=batch_size) < max_detections) & (
+        count > limit
+    )  # [N] images whose best candidates kept too few
+    if not bool(short.any()):
+        return kept
+    in_short = short.index_select(0, image)  # [K]
+    redone = _grouped_nms_of(in_short.nonzero().squeeze(1), boxes, scores, groups, iou_threshold)
+    done = (~in_short.index_select(0, kept)).nonzero().squeeze(1)
+    return torch.cat([kept.index_select(0, done), redone])
+
+
+def _grouped_nms_of(
+    subset: torch.Tensor,
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    iou_threshold: float,
+) -> torch.Tensor:
+    """:func:`grouped_nms` of the candidates ``subset`` ``[S]`` (ascending indices) -> the
+    kept ones among them, ascending."""
+    kept = grouped_nms(
+        boxes.index_select(0, subset),
+        scores.index_select(0, subset),
+        groups.index_select(0, subset),
+        iou_threshold,
+    )
+    return subset.index_select(0, kept)
 
 
 def grouped_nms(
@@ -80,7 +158,7 @@ def grouped_nms(
     int64 -> int64 indices of the kept boxes, in the input order. Same result as
     ``torchvision.ops.batched_nms`` (which returns them by decreasing score)."""
     order = _sort_by(groups, scores)  # [K] by group, then score (highest first)
-    _, count = torch.unique_consecutive(groups[order], return_counts=True)  # [num groups]
+    _, count = torch.unique_consecutive(groups.index_select(0, order), return_counts=True)
     group_end = torch.cumsum(count, 0).repeat_interleave(count)  # [K]
     position = torch.arange(order.numel(), device=order.device)
     num_later = group_end - position - 1  # [K] lower-scored boxes of the same group
@@ -90,16 +168,16 @@ def grouped_nms(
     pair_start = (torch.cumsum(num_later, 0) - num_later).index_select(0, first)  # [E]
     second = torch.arange(first.numel(), device=order.device) - pair_start + first + 1
     overlap = _pair_iou(boxes.index_select(0, order), first, second) > iou_threshold
-    first, second = first[overlap], second[overlap]
-    keep = torch.ones_like(position, dtype=torch.bool)
+    overlapping = overlap.nonzero().squeeze(1)  # [E']
+    first, second = first.index_select(0, overlapping), second.index_select(0, overlapping)
+    keep = torch.ones_like(position, dtype=torch.bool)  # [K] in sorted order
     while True:
-        suppressed = torch.zeros_like(keep)
-        suppressed[second[keep[first]]] = True
-        if torch.equal(~suppressed, keep):
-            kept = torch.zeros_like(keep)
-            kept[order[keep]] = True
+        # a box is suppressed when any kept box of its group overlaps it from above
+        hits = torch.zeros_like(position).index_add_(0, second, keep.index_select(0, first).long())
+        if torch.equal(hits == 0, keep):
+            kept = torch.zeros_like(keep).index_fill_(0, order.masked_select(keep), True)
             return kept.nonzero().squeeze(1)
-        keep = ~suppressed
+        keep = hits == 0
 
 
 def _pair_iou(boxes: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -127,11 +205,13 @@ def _top_per_image(
 ) -> torch.Tensor:
     """``kept`` ``[K']`` candidate indices -> those among each image's ``max_detections``
     highest scores, ordered by image, then score (highest first; ties keep their order)."""
-    kept = kept[_sort_by(image[kept], scores[kept])]  # [K'] by image, then score
-    count = torch.bincount(image[kept], minlength=batch_size)  # [N]
+    kept_image = image.index_select(0, kept)  # [K']
+    order = _sort_by(kept_image, scores.index_select(0, kept))  # [K'] by image, then score
+    kept, kept_image = kept.index_select(0, order), kept_image.index_select(0, order)
+    count = torch.bincount(kept_image, minlength=batch_size)  # [N]
     start = (torch.cumsum(count, 0) - count).repeat_interleave(count)  # [K']
     rank = torch.arange(kept.numel(), device=kept.device) - start
-    return kept[rank < max_detections]
+    return kept.index_select(0, (rank < max_detections).nonzero().squeeze(1))
 
 
 def _sort_by(major: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
