@@ -37,10 +37,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from utils.demo import generate_demo_dataset  # noqa: E402
-from yolo.build import build_loaders, resolve_anchors, resolve_classes  # noqa: E402
+from yolo.build import (  # noqa: E402
+    build_loaders,
+    build_training,
+    lr_schedule,
+    resolve_anchors,
+    resolve_classes,
+)
 from yolo.config import MODELS, TrainConfig  # noqa: E402
 from yolo.runtime import Runtime, seed_everything, setup_runtime  # noqa: E402
-from yolo.train import TrainState, build_training, lr_schedule, train_one_epoch  # noqa: E402
+from yolo.train import TrainState, train_one_epoch  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SIZE = 416

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import yolo.train
+import yolo.build
 from yolo.checkpoint import load_checkpoint
 from yolo.config import TrainConfig
 from yolo.train import fit
@@ -125,9 +125,20 @@ def test_resume_is_exact(tmp_path, demo_root, straight_run):
     assert ours == theirs  # same values, each step once
 
 
+def _hook_training_model(monkeypatch, hook) -> None:
+    """Register the forward ``hook`` on every model a training run builds."""
+    build = yolo.build.build_train_model
+
+    def patched(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(yolo.build, "build_train_model", patched)
+
+
 def _signal_at_batch(monkeypatch, batch: int, signum: int) -> None:
     """Deliver ``signum`` from inside the training forward pass number ``batch``."""
-    build = yolo.train.build_train_model
     calls = {"n": 0}
 
     def hook(module, args, output):
@@ -136,12 +147,7 @@ def _signal_at_batch(monkeypatch, batch: int, signum: int) -> None:
             if calls["n"] == batch:
                 signal.raise_signal(signum)
 
-    def patched(*args, **kwargs):
-        model = build(*args, **kwargs)
-        model.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(yolo.train, "build_train_model", patched)
+    _hook_training_model(monkeypatch, hook)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -168,7 +174,6 @@ def test_signal_saves_and_resume_mid_epoch_is_exact(
 
 def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path, demo_root, monkeypatch):
     config = make_config(tmp_path, demo_root)
-    build = yolo.train.build_train_model
     calls = {"n": 0}
 
     def poison(module, args, output):
@@ -178,12 +183,7 @@ def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path, demo_root,
                 return output * float("nan")
         return output
 
-    def patched(*args, **kwargs):
-        model = build(*args, **kwargs)
-        model.register_forward_hook(poison)
-        return model
-
-    monkeypatch.setattr(yolo.train, "build_train_model", patched)
+    _hook_training_model(monkeypatch, poison)
     with pytest.raises(FloatingPointError, match=r"iteration 4 .*epoch 1") as info:
         fit(config)
     assert "nan" in str(info.value).lower()

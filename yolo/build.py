@@ -15,6 +15,7 @@ from utils.demo import generate_demo_dataset
 from utils.transforms import build_eval_transform, build_train_transform
 from yolo.checkpoint import load_checkpoint, load_model_weights
 from yolo.config import DEMO_ROOT
+from yolo.loss import YOLOv2Loss
 from yolo.model import build_model
 from yolo.runtime import Runtime
 
@@ -88,6 +89,40 @@ def learning_rate(
     if iteration < burn_in:
         factor *= (iteration / burn_in) ** 4
     return base_lr * factor
+
+
+def lr_schedule(config):
+    """``lr_at(iteration, epoch)``: the learning rate of the config's schedule (burn-in, steps)."""
+
+    def lr_at(iteration: int, epoch: int) -> float:
+        return learning_rate(
+            config.lr,
+            iteration=iteration,
+            epoch=epoch,
+            burn_in=config.burn_in,
+            lr_steps=config.lr_steps,
+            gamma=config.lr_gamma,
+        )
+
+    return lr_at
+
+
+def build_training(config, num_classes: int, anchors: torch.Tensor, runtime: Runtime):
+    """Model (on the device; channels_last on CUDA), loss, optimizer and AMP scaler of a run."""
+    device = runtime.device
+    model = build_train_model(config, num_classes, len(anchors)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    criterion = YOLOv2Loss(anchors, num_classes, assignment=config.assignment).to(device)
+    optimizer = build_optimizer(
+        model,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        name=config.optimizer,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype is torch.float16)
+    return model, criterion, optimizer, scaler
 
 
 def build_train_model(config, num_classes: int, num_anchors: int) -> nn.Module:

@@ -18,6 +18,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,9 +33,8 @@ from utils.transforms import (
 from utils.visualize import format_ap_table
 from yolo.build import (
     build_loaders,
-    build_optimizer,
-    build_train_model,
-    learning_rate,
+    build_training,
+    lr_schedule,
     resolve_anchors,
     resolve_classes,
     resolve_demo,
@@ -49,7 +49,6 @@ from yolo.checkpoint import (
 )
 from yolo.config import config_to_dict, save_config_json
 from yolo.evaluate import evaluate, log_evaluation
-from yolo.loss import YOLOv2Loss
 from yolo.runtime import (
     Runtime,
     StopRequest,
@@ -245,40 +244,6 @@ def _resume_command() -> str:
     return shlex.join(["python", sys.argv[0], *args, "--resume"])
 
 
-def lr_schedule(config):
-    """``lr_at(iteration, epoch)``: the learning rate of the config's schedule (burn-in, steps)."""
-
-    def lr_at(iteration: int, epoch: int) -> float:
-        return learning_rate(
-            config.lr,
-            iteration=iteration,
-            epoch=epoch,
-            burn_in=config.burn_in,
-            lr_steps=config.lr_steps,
-            gamma=config.lr_gamma,
-        )
-
-    return lr_at
-
-
-def build_training(config, num_classes: int, anchors: torch.Tensor, runtime: Runtime):
-    """Model (on the device; channels_last on CUDA), loss, optimizer and AMP scaler of a run."""
-    device = runtime.device
-    model = build_train_model(config, num_classes, len(anchors)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    criterion = YOLOv2Loss(anchors, num_classes, assignment=config.assignment).to(device)
-    optimizer = build_optimizer(
-        model,
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        name=config.optimizer,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype is torch.float16)
-    return model, criterion, optimizer, scaler
-
-
 def fit(config) -> dict:
     """Train as ``config`` says; returns a summary (best map, last metrics, paths)."""
     config = resolve_demo(config)
@@ -289,34 +254,72 @@ def fit(config) -> dict:
         teardown_runtime(runtime)
 
 
+@dataclass
+class Run:
+    """Everything a training run is made of, built once by :func:`fit` for the epoch loop."""
+
+    config: Any
+    runtime: Runtime
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    state: TrainState
+    train_loader: Any
+    val_loader: Any
+    classes: tuple[str, ...]
+    anchors: torch.Tensor
+    writer: SummaryWriter | None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.model_dir) / self.config.run
+
+
+def _checkpoint_to_resume(config, run_dir: Path, classes, anchors) -> dict | None:
+    """The checkpoint ``--resume`` names (checked against this run), or None for a new run."""
+    if not config.resume:
+        if (run_dir / "last.pt").exists():
+            raise FileExistsError(
+                f"run {config.run!r} already has checkpoints in {run_dir}: continue it with "
+                f"--resume, start another with --run NAME, or delete {run_dir} to start over"
+            )
+        return None
+    path = run_dir / "last.pt" if config.resume == "last" else Path(config.resume)
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, config, classes, anchors, path)
+    if ckpt["state"]["epoch"] >= config.epochs:
+        log.info(
+            "run %s already finished %d epochs (%s): nothing to resume; raise --epochs to "
+            "train further",
+            config.run,
+            ckpt["state"]["epoch"],
+            path,
+        )
+    return ckpt
+
+
+def _open_writer(config, run_dir: Path, log_dir: str, step: int) -> SummaryWriter:
+    """Rank 0's tensorboard writer (steps after ``step`` purged) and the saved config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config_json(config, run_dir / "config.json")
+    writer = SummaryWriter(log_dir, purge_step=step or None)
+    text = json.dumps(config_to_dict(config), indent=2)
+    writer.add_text("config", f"```\n{text}\n```", step)
+    return writer
+
+
 def _fit(config, runtime: Runtime) -> dict:
     seed_everything(config.seed)
     classes, anchors = resolve_classes(config.classes), resolve_anchors(config.anchors)
     run_dir = Path(config.model_dir) / config.run
     summary = {"run_dir": str(run_dir), "log_dir": str(Path(config.log_dir) / config.run)}
-    ckpt = None
-    if not config.resume and (run_dir / "last.pt").exists():
-        raise FileExistsError(
-            f"run {config.run!r} already has checkpoints in {run_dir}: continue it with "
-            f"--resume, start another with --run NAME, or delete {run_dir} to start over"
-        )
-    if config.resume:
-        path = run_dir / "last.pt" if config.resume == "last" else Path(config.resume)
-        ckpt = load_checkpoint(path)
-        check_resumable(ckpt, config, classes, anchors, path)
-        if ckpt["state"]["epoch"] >= config.epochs:
-            log.info(
-                "run %s already finished %d epochs (%s): nothing to resume; raise "
-                "--epochs to train further",
-                config.run,
-                ckpt["state"]["epoch"],
-                path,
-            )
-            return {**summary, "finished": True, "best_map": ckpt["state"]["best_map"]}
+    ckpt = _checkpoint_to_resume(config, run_dir, classes, anchors)
+    if ckpt is not None and ckpt["state"]["epoch"] >= config.epochs:
+        return {**summary, "finished": True, "best_map": ckpt["state"]["best_map"]}
     if runtime.is_main:
         log.info("config:\n%s", json.dumps(config_to_dict(config), indent=2))
     train_loader, val_loader = build_loaders(config, classes, runtime)
-    device = runtime.device
     model, criterion, optimizer, scaler = build_training(config, len(classes), anchors, runtime)
     state = TrainState()
     if ckpt is not None:
@@ -324,110 +327,74 @@ def _fit(config, runtime: Runtime) -> dict:
     elif config.weights:
         load_model_weights(model, load_checkpoint(config.weights)["model"], config.weights)
     if runtime.distributed:
+        device = runtime.device
         model = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
     writer = None
     if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config_json(config, run_dir / "config.json")
-        writer = SummaryWriter(summary["log_dir"], purge_step=state.iteration or None)
-        writer.add_text(
-            "config", f"```\n{json.dumps(config_to_dict(config), indent=2)}\n```", state.iteration
-        )
+        writer = _open_writer(config, run_dir, summary["log_dir"], state.iteration)
+    run = Run(
+        config, runtime, model, criterion, optimizer, scaler, state,
+        train_loader, val_loader, classes, anchors, writer,
+    )  # fmt: skip
     try:
-        return {
-            **summary,
-            **_loop(
-                config,
-                runtime,
-                model,
-                criterion,
-                optimizer,
-                scaler,
-                state,
-                train_loader,
-                val_loader,
-                classes,
-                anchors,
-                writer,
-            ),
-        }
+        return {**summary, **_loop(run)}
     finally:
         if writer is not None:
             writer.close()
 
 
-def _loop(
-    config,
-    runtime,
-    model,
-    criterion,
-    optimizer,
-    scaler,
-    state,
-    train_loader,
-    val_loader,
-    classes,
-    anchors,
-    writer,
-) -> dict:
+def _save_epoch(run: Run, res: dict | None, started: float) -> None:
+    """Rank 0: ``last.pt`` (and ``best.pt`` on a new best), the epoch time."""
+    state = run.state
+    ckpt = training_checkpoint(
+        run.model, run.optimizer, run.scaler, state, run.config, run.classes, run.anchors
+    )
+    save_checkpoint(ckpt, run.run_dir / "last.pt")
+    if res is not None and res.get("is_best"):
+        save_checkpoint(ckpt, run.run_dir / "best.pt")
+    if run.writer is not None:
+        run.writer.add_scalar("time/epoch_s", time.perf_counter() - started, state.iteration)
+        run.writer.flush()
+
+
+def _loop(run: Run) -> dict:
+    config, runtime, state = run.config, run.runtime, run.state
     lr_at = lr_schedule(config)
-    run_dir, res = Path(config.model_dir) / config.run, None
     with StopRequest() as stop:
         while state.epoch < config.epochs:
-            started = time.perf_counter()
-            set_loader_epoch(train_loader, state.epoch, start=state.batch * config.batch_size)
+            started, res = time.perf_counter(), None
+            set_loader_epoch(run.train_loader, state.epoch, start=state.batch * config.batch_size)
             stats = train_one_epoch(
-                model,
-                criterion,
-                train_loader,
-                optimizer,
-                scaler,
-                state,
-                config=config,
-                runtime=runtime,
-                lr_at=lr_at,
-                writer=writer,
-                stop=stop,
-            )
+                run.model, run.criterion, run.train_loader, run.optimizer, run.scaler, state,
+                config=config, runtime=runtime, lr_at=lr_at, writer=run.writer, stop=stop,
+            )  # fmt: skip
             if not stats["interrupted"]:
                 state.epoch, state.batch = state.epoch + 1, 0
                 if state.epoch % config.eval_every == 0 or state.epoch == config.epochs:
-                    res = _evaluate_epoch(
-                        config, runtime, model, val_loader, classes, anchors, state, writer
-                    )
+                    res = _evaluate_epoch(run)
             if runtime.is_main:
-                ckpt = training_checkpoint(
-                    model, optimizer, scaler, state, config, classes, anchors
-                )
-                save_checkpoint(ckpt, run_dir / "last.pt")
-                if res is not None and res.get("is_best"):
-                    save_checkpoint(ckpt, run_dir / "best.pt")
-                if writer is not None:
-                    writer.add_scalar(
-                        "time/epoch_s", time.perf_counter() - started, state.iteration
-                    )
-                    writer.flush()
+                _save_epoch(run, res, started)
             if stats["interrupted"] or broadcast_flag(stop.requested, runtime):
                 log.warning(
                     "stopped; checkpoint saved to %s. Resume with:\n  %s",
-                    run_dir / "last.pt",
+                    run.run_dir / "last.pt",
                     _resume_command(),
                 )
                 return {"interrupted": True, "best_map": state.best_map}
-            res = None
     if runtime.is_main:
         print_locations(config.run, config.log_dir, config.model_dir)
     return {"interrupted": False, "best_map": state.best_map, "finished": True}
 
 
-def _evaluate_epoch(config, runtime, model, val_loader, classes, anchors, state, writer):
+def _evaluate_epoch(run: Run) -> dict | None:
+    config, state, writer, classes = run.config, run.state, run.writer, run.classes
     res, samples = evaluate(
-        model,
-        val_loader,
-        anchors,
-        runtime=runtime,
+        run.model,
+        run.val_loader,
+        run.anchors,
+        runtime=run.runtime,
         class_names=classes,
         conf_threshold=config.conf_threshold,
         nms_threshold=config.nms_threshold,
