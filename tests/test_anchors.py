@@ -9,7 +9,8 @@ import torch
 from utils.anchors import (
     DARKNET_VOC_ANCHORS_GRID,
     _check_box_sizes,
-    _iou,
+    _distinct_shapes,
+    _iou_np,
     _kmeanspp_init,
     _lloyd,
     _nearest_two,
@@ -105,22 +106,22 @@ def test_lloyd_equals_a_plain_lloyd_loop(trial):
     boxes = _check_box_sizes(wh, k, 3, 300)
     centres = _kmeanspp_init(boxes, k, 3, generator)  # [3, k, 2]
     centres[2, -1] = centres[2, 0]  # a duplicate centre: its cluster starts empty
-    final, iterations = _lloyd(boxes, centres, max_iter=300)
+    final, iterations = _lloyd(_distinct_shapes(boxes), centres, max_iter=300)
     for restart in range(3):
         expected, expected_iterations = plain_lloyd(wh, centres[restart], 300)
         assert torch.equal(final[restart], expected)
         assert int(iterations[restart]) == expected_iterations
-        nearest, _, assign = _nearest_two(boxes, final[restart : restart + 1])
+        nearest, _, assign, *_ = _nearest_two(boxes.numpy(), final[restart, None].numpy())
         best_iou, expected_assign = wh_iou(wh[:, None], expected[None]).max(dim=1)
-        assert torch.equal(assign[0], expected_assign)
-        torch.testing.assert_close(1 - nearest[0], best_iou, rtol=0, atol=1e-6)
+        assert torch.equal(torch.from_numpy(assign), expected_assign)
+        torch.testing.assert_close(torch.from_numpy(1 - nearest), best_iou, rtol=0, atol=1e-6)
 
 
 def test_lloyd_stops_at_max_iter():
     wh = random_box_sizes(torch.Generator().manual_seed(0), 500, quantise=False)
     boxes = _check_box_sizes(wh, 6, 2, 2)
     centres = _kmeanspp_init(boxes, 6, 2, torch.Generator().manual_seed(0))
-    final, iterations = _lloyd(boxes, centres, max_iter=2)
+    final, iterations = _lloyd(_distinct_shapes(boxes), centres, max_iter=2)
     assert iterations.tolist() == [2, 2]
     for restart in range(2):
         assert torch.equal(final[restart], plain_lloyd(wh, centres[restart], 2)[0])
@@ -132,12 +133,41 @@ def test_iou_and_nearest_two_match_wh_iou():
     centres = random_box_sizes(generator, 12, quantise=True).view(2, 6, 2)  # ties on purpose
     boxes = _check_box_sizes(wh, 1, 1, 1)
     expected = wh_iou(wh[None, None], centres[:, :, None])  # [2, 6, M]
-    assert torch.equal(_iou(boxes, centres), expected)
-    nearest, second, index = _nearest_two(boxes, centres, chunk_size=700)
+    table = torch.stack([centres[..., 0], centres[..., 1], centres.prod(dim=-1)])  # [3, 2, 6]
+    iou_np = _iou_np(boxes[:, None, None].numpy(), table[..., None].numpy())  # [2, 6, M]
+    assert torch.equal(torch.from_numpy(iou_np), expected)
+    found = _nearest_two(boxes.numpy(), centres.numpy(), chunk_size=700)  # [2*M] each
+    nearest, second, index = (torch.from_numpy(a).view(2, -1) for a in found[:3])  # [2, M]
     best_iou, best = expected.max(dim=1)  # [2, M]
     assert torch.equal(index, best) and torch.equal(nearest, 1 - best_iou)
     top_two = expected.topk(2, dim=1).values  # [2, 2, M]
     assert torch.equal(second, 1 - top_two[:, 1])
+    assert found[3].tolist() == [0] * 3000 + [1] * 3000 and found[4].tolist() == [*range(3000)] * 2
+    one_centre = _nearest_two(boxes.numpy(), centres[:, :1].numpy())  # k = 1
+    assert (one_centre[1] == 1).all() and (one_centre[2] == 0).all()
+
+
+def test_nearest_two_of_some_pairs_in_chunks():
+    generator = torch.Generator().manual_seed(1)
+    boxes = _check_box_sizes(random_box_sizes(generator, 1000, quantise=True), 1, 1, 1).numpy()
+    centres = random_box_sizes(generator, 21, quantise=True).view(3, 7, 2).numpy()
+    every_pair = _nearest_two(boxes, centres)  # [3000] each
+    flat = torch.randperm(3000, generator=generator)[:900].sort().values.numpy()  # [900]
+    some_pairs = _nearest_two(boxes, centres, flat, chunk_size=128)
+    for found, expected in zip(some_pairs, every_pair, strict=True):
+        assert (found == expected[flat]).all()
+
+
+def test_distinct_shapes_regroup_the_boxes():
+    wh = random_box_sizes(torch.Generator().manual_seed(0), 2000, quantise=True)
+    boxes = _check_box_sizes(wh, 1, 1, 1)
+    shapes = _distinct_shapes(boxes)
+    assert shapes.boxes.shape[1] == torch.unique(wh, dim=0).shape[0] < 2000
+    assert torch.equal(torch.from_numpy(shapes.boxes[:, shapes.inverse]), boxes)
+    assert shapes.counts.sum() == 2000
+    assert torch.equal(
+        torch.from_numpy(shapes.counts), torch.bincount(torch.from_numpy(shapes.inverse)).double()
+    )
 
 
 def test_kmeanspp_draws_with_probability_of_squared_distance():

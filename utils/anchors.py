@@ -11,8 +11,10 @@ clustering does not favour large boxes as Euclidean distance would. Details of t
   *squared* distance ``(1 - IoU)**2`` to its nearest chosen centre (Arthur and Vassilvitskii);
 - update: the *mean* (w, h) of the boxes assigned to a centre, as ordinary k-means does;
 - an empty cluster is re-seeded with the box farthest from its own centre (deterministic);
-- all restarts run together as one batched tensor computation; the restart with the highest
-  mean IoU wins. A run is deterministic for a seed.
+- boxes of equal shape always share a cluster, so Lloyd's iterations run on the distinct
+  shapes weighted by their counts, with the same clusters as on the boxes themselves;
+- all restarts run together as one batch; the restart with the highest mean IoU wins. A run
+  is deterministic for a seed.
 """
 
 import json
@@ -219,14 +221,19 @@ def run_kmeans(
     Lloyd's iterations (assign each box to the centre of highest IoU, ties to the lowest
     index; move each centre to the mean of its boxes); a restart stops when no assignment
     changes, or after ``max_iter`` updates. ``1 - IoU`` of centred boxes is the Jaccard
-    distance, a metric, so Hamerly's bounds let an iteration recompute only the boxes whose
+    distance, a metric, so Hamerly's bounds let an iteration recompute only the shapes whose
     nearest centre may have changed, with the same assignments as a full recomputation. All
     restarts run as one batch. Deterministic for a ``seed``.
     """
     boxes = _check_box_sizes(wh, k, restarts, max_iter)  # [3, M]
     centres = _kmeanspp_init(boxes, k, restarts, torch.Generator().manual_seed(seed))
-    final, iterations = _lloyd(boxes, centres, max_iter)  # [R, k, 2], [R]
-    restart_ious = 1 - _nearest_two(boxes, final)[0].mean(dim=1)  # [R]
+    shapes = _distinct_shapes(boxes)
+    final, iterations = _lloyd(shapes, centres, max_iter)  # [R, k, 2], [R]
+    nearest = torch.from_numpy(_nearest_two(shapes.boxes, final.numpy())[0])  # [R*U]
+    # torch's indexing keeps [R, M] row-major (numpy's would not), so the mean sums the boxes
+    # of a restart in their order
+    nearest = nearest.view(restarts, -1)[:, torch.from_numpy(shapes.inverse)]  # [R, U] -> [R, M]
+    restart_ious = 1 - nearest.mean(dim=1)  # [R]
     best = int(torch.argmax(restart_ious))
     anchors = final[best][torch.argsort(final[best].prod(dim=1), stable=True)]  # [k, 2]
     return KMeansResult(anchors, float(restart_ious[best]), iterations, restart_ious)
@@ -266,16 +273,6 @@ def _check_box_sizes(wh: torch.Tensor, k: int, restarts: int, max_iter: int) -> 
     return torch.stack([wh[:, 0], wh[:, 1], area])  # [3, M]
 
 
-def _iou(boxes: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """IoU of centred boxes ``[3, P]`` (w, h, area rows) with ``centres`` ``[..., 2]`` ->
-    ``[..., P]``. The arithmetic of ``utils.boxes.wh_iou`` (bitwise equal for positive sizes)
-    with the boxes' areas computed once, in place, as the k-means hot path needs."""
-    centre_w, centre_h = centres[..., 0:1], centres[..., 1:2]  # [..., 1] each
-    inter = torch.minimum(boxes[0], centre_w).mul_(torch.minimum(boxes[1], centre_h))
-    union = (boxes[2] + centre_w * centre_h).sub_(inter)  # [..., P]
-    return inter.div_(union)
-
-
 def _kmeanspp_init(
     boxes: torch.Tensor, k: int, restarts: int, generator: torch.Generator
 ) -> torch.Tensor:
@@ -284,7 +281,7 @@ def _kmeanspp_init(
     num_boxes = boxes.shape[1]
     wh = boxes[:2].t()  # [M, 2]
     picks = [torch.randint(num_boxes, (restarts,), generator=generator)]  # [R]
-    nearest = 1 - _iou(boxes, wh[picks[0]])  # [R, M]
+    nearest = _distances(boxes, wh[picks[0]])  # [R, M]
     for _ in range(1, k):
         cdf = nearest.clamp(min=0).double().square_().cumsum_(dim=1)  # [R, M]
         total = cdf[:, -1:]  # [R, 1]
@@ -293,185 +290,222 @@ def _kmeanspp_init(
         # float rounding can zero every weight when boxes differ by ~1e-7: pick uniformly
         pick = torch.where(total > 0, pick, (uniform * num_boxes).long()).clamp_(max=num_boxes - 1)
         picks.append(pick.squeeze(1))
-        nearest = torch.minimum(nearest, 1 - _iou(boxes, wh[picks[-1]]))
+        nearest = torch.minimum(nearest, _distances(boxes, wh[picks[-1]]))
     return wh[torch.stack(picks, dim=1)]  # [R, k, 2]
+
+
+def _distances(boxes: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """1 - IoU of boxes ``[3, M]`` (w, h, area rows) with one centre per restart ``[R, 2]``
+    -> ``[R, M]``."""
+    table = _centre_table(centres[:, None].numpy()).reshape(3, -1, 1)  # [3, 1, R] -> [3, R, 1]
+    return 1 - torch.from_numpy(_iou_np(boxes.numpy()[:, None], table))  # [3, 1, M] -> [R, M]
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """The distinct (w, h) pairs of ``M`` boxes: ``boxes`` float32 ``[3, U]`` (rows w, h and
+    area w*h), ``counts`` float64 ``[U]`` (boxes of each shape), ``inverse`` int64 ``[M]``
+    (the shape of each box)."""
+
+    boxes: np.ndarray
+    counts: np.ndarray
+    inverse: np.ndarray
+
+
+def _distinct_shapes(boxes: torch.Tensor) -> _Shapes:
+    """The distinct shapes of boxes ``[3, M]`` (w, h, area rows), sorted by (h, w)."""
+    keys = boxes[:2].t().contiguous().view(torch.int64).squeeze(1).numpy()  # [M, 2] -> [M]
+    keys, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    wh = keys.view(np.float32).reshape(-1, 2).T  # [U] -> [2, U]
+    return _Shapes(np.stack([wh[0], wh[1], wh[0] * wh[1]]), counts.astype(np.float64), inverse)
 
 
 @dataclass
 class _LloydState:
-    """Lloyd's iteration for ``R`` restarts over ``M`` boxes, with Hamerly's bounds.
+    """Lloyd's iteration for ``R`` restarts over ``U`` shapes, with Hamerly's bounds.
 
-    ``upper`` bounds from above the distance of a box to its assigned centre, ``lower`` from
-    below its distance to every other centre. Flat views of the ``[R, M]`` tensors are
-    indexed ``r*M + m``.
+    Hamerly keeps a shape's centre while an upper bound on its distance to it is below a
+    lower bound on its distance to every other centre; each update adds the centre's shift
+    to the first and subtracts the restart's largest shift from the second. ``drift`` sums
+    both terms per centre, so the test needs no per-shape update: ``slack > drift[r, a]``
+    (plus rounding margins), where ``slack`` is the exact second minus first distance plus
+    the drift of the nearest centre when they were computed.
     """
 
-    centres: torch.Tensor  # [R, k, 2] float32
-    assign: torch.Tensor  # [R, M] int64, centre index in 0..k-1
-    upper: torch.Tensor  # [R, M] float32
-    lower: torch.Tensor  # [R, M] float32
-    sums: torch.Tensor  # [R, k, 2] float64, sum of the assigned boxes' (w, h)
-    counts: torch.Tensor  # [R, k] int64, number of assigned boxes
-
-
-def _nearest_two(
-    boxes: torch.Tensor, centres: torch.Tensor, chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distances (1 - IoU) to the nearest and second-nearest centre and the nearest's index.
-
-    ``boxes`` ``[3, M]``, ``centres`` ``[R, k, 2]`` -> ``[R, M]`` float, ``[R, M]`` float (1
-    when k = 1, an upper bound on any distance), ``[R, M]`` int64. Chunks of boxes keep the
-    ``[R, k, chunk]`` intermediates in cache.
-    """
-    parts = [
-        _nearest_two_of(_iou(boxes[:, start : start + chunk_size], centres))  # [R, k, chunk]
-        for start in range(0, boxes.shape[1], chunk_size)
-    ]
-    return tuple(torch.cat(tensors, dim=-1) for tensors in zip(*parts, strict=True))
-
-
-def _nearest_two_of(iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``iou`` ``[..., k, P]`` of P boxes with k centres (overwritten) -> nearest distance,
-    second-nearest distance (1 when k = 1) and nearest index, ``[..., P]`` each. Ties go to
-    the lowest centre index.
-
-    Only float arithmetic and ``amax``: ``max`` with indices and comparisons to bool do not
-    vectorise on the CPU and took most of the time."""
-    k = iou.shape[-2]
-    best_iou = iou.amax(dim=-2, keepdim=True)  # [..., 1, P]
-    # sign(iou - best) is -1 or 0, exactly: the difference of unequal floats is never 0
-    is_best = torch.sign(iou - best_iou).add_(1)  # [..., k, P] 1.0 at every maximum
-    rank = torch.arange(k, 0, -1, dtype=iou.dtype)[:, None]  # [k, 1]: k for centre 0
-    best = k - (is_best * rank).amax(dim=-2).long()  # [..., P] lowest index of a maximum
-    ties = is_best.sum(dim=-2) > 1  # [..., P]
-    second_iou = iou.sub_(is_best.mul_(2)).amax(dim=-2)  # [..., P] best among the others
-    best_iou = best_iou.squeeze(-2)  # [..., P]
-    second_iou = torch.where(ties, best_iou, second_iou).clamp_(min=0)
-    return 1 - best_iou, 1 - second_iou, best
+    centres: np.ndarray  # [R, k, 2] float32
+    assign: np.ndarray  # [R, U] int64, centre index in 0..k-1
+    slack: np.ndarray  # [R, U] float32
+    drift: np.ndarray  # [R, k] float64, summed shift of the centre plus largest shift
+    sums: np.ndarray  # [R, k, 2] float64, sum of the assigned boxes' (w, h)
+    counts: np.ndarray  # [R, k] float64, number of assigned boxes
 
 
 def _lloyd(
-    boxes: torch.Tensor, centres: torch.Tensor, max_iter: int
+    shapes: _Shapes, centres: torch.Tensor, max_iter: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's iterations from ``centres`` ``[R, k, 2]`` for boxes ``[3, M]``.
+    """Lloyd's iterations from ``centres`` ``[R, k, 2]`` for the boxes of ``shapes``, each
+    shape weighted by its count.
 
     Returns the final centres ``[R, k, 2]`` (the means of the final clusters) and the number
     of centre updates of each restart, int64 ``[R]``.
     """
-    restarts = centres.shape[0]
-    tiled = boxes.repeat(1, restarts)  # [3, R*M]: column r*M + m holds box m
-    state = _start_lloyd(boxes, centres)
-    final = centres.clone()  # [R, k, 2]
-    iterations = torch.zeros(restarts, dtype=torch.long)
-    running = torch.arange(restarts)  # the restarts in ``state``
+    final = centres.numpy().copy()  # [R, k, 2]
+    state = _start_lloyd(shapes, final.copy())
+    iterations = np.zeros(len(final), dtype=np.int64)
+    running = np.arange(len(final))  # the restarts in ``state``
     for iteration in range(1, max_iter + 1):
-        changed = _lloyd_step(boxes, tiled, state)  # [R']
+        changed = _lloyd_step(shapes, state)  # [R']
         iterations[running] = iteration
-        if not bool(changed.all()):
+        if not changed.all():
             final[running[~changed]] = state.centres[~changed]
             running, state = running[changed], _select_restarts(state, changed)
-            if running.numel() == 0:
+            if running.size == 0:
                 break
     final[running] = state.centres
-    return final, iterations
+    return torch.from_numpy(final), torch.from_numpy(iterations)
 
 
-def _start_lloyd(boxes: torch.Tensor, centres: torch.Tensor) -> _LloydState:
-    """Exact assignment of every box for ``centres`` ``[R, k, 2]``, and the cluster sums."""
+def _start_lloyd(shapes: _Shapes, centres: np.ndarray) -> _LloydState:
+    """Exact assignment of every shape for ``centres`` ``[R, k, 2]``, and the cluster sums."""
     restarts, k, _ = centres.shape
-    upper, lower, assign = _nearest_two(boxes, centres)  # [R, M] each
-    flat = (assign + k * torch.arange(restarts)[:, None]).flatten()  # [R*M] cluster ids
-    counts = torch.bincount(flat, minlength=restarts * k).view(restarts, k)
-    wh64 = boxes[:2].t().double().repeat(restarts, 1)  # [R*M, 2]
-    sums = torch.zeros(restarts * k, 2, dtype=torch.float64).index_add_(0, flat, wh64)
-    return _LloydState(centres, assign, upper, lower, sums.view(restarts, k, 2), counts)
-
-
-def _lloyd_step(boxes: torch.Tensor, tiled: torch.Tensor, state: _LloydState) -> torch.Tensor:
-    """Move the centres to their clusters' means, then reassign (in place) the boxes whose
-    bounds allow a change. Returns ``[R]`` bool: whether any box of that restart moved."""
-    restarts, k, _ = state.centres.shape
-    new_centres = _cluster_means(boxes, state)  # [R, k, 2]
-    shift = 1 - wh_iou(state.centres, new_centres)  # [R, k] how far each centre moved
-    state.centres = new_centres
-    state.upper.add_(shift.gather(1, state.assign))  # [R, M]
-    state.lower.sub_(shift.amax(dim=1, keepdim=True))  # [R, M]
-    flat, old, new = _reassign(tiled, state)  # [Q] each: the boxes that moved
-    rows = flat // boxes.shape[1]  # [Q] their restarts
-    wh64 = tiled[:2].index_select(1, flat).t().double()  # [Q, 2]
-    flat_old, flat_new = rows * k + old, rows * k + new  # [Q] cluster ids
-    state.sums.view(-1, 2).index_add_(0, flat_new, wh64).index_add_(0, flat_old, -wh64)
-    ones = torch.ones_like(flat_new)
-    state.counts.view(-1).index_add_(0, flat_new, ones).index_add_(0, flat_old, -ones)
-    changed = torch.zeros(restarts, dtype=torch.bool)
-    changed[rows] = True
-    return changed
-
-
-def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Sorted flat indices of the true entries of ``mask``: int64 ``[P]``."""
-    # numpy's flatnonzero is about 10x faster than torch.nonzero on the CPU
-    return torch.from_numpy(np.flatnonzero(mask.numpy()))
-
-
-def _reassign(
-    tiled: torch.Tensor, state: _LloydState
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hamerly's test, in place: a box whose upper bound is below its lower bound keeps its
-    centre; the others get an exact nearest centre and new bounds. Returns the flat index, old
-    and new centre of the boxes that moved, ``[Q]`` each."""
-    margin = 1e-4  # float32 rounding: about 3e-7 per update of a bound, over hundreds of updates
-    flat = _flat_nonzero(state.upper + margin >= state.lower)  # [P]
-    nearest, second, new = _nearest_two_by_restart(
-        tiled, state.centres, flat, state.assign.shape[1]
+    nearest, second, assign, rows, cols = _nearest_two(shapes.boxes, centres)  # [R*U] each
+    state = _LloydState(
+        centres,
+        assign.reshape(restarts, -1),  # [R, U]
+        (second - nearest).reshape(restarts, -1),  # [R, U]
+        *(np.zeros(shape) for shape in [(restarts, k), (restarts, k, 2), (restarts, k)]),
     )
-    old = state.assign.view(-1).index_select(0, flat)  # [P]
-    state.assign.view(-1).index_copy_(0, flat, new)
-    state.upper.view(-1).index_copy_(0, flat, nearest)
-    state.lower.view(-1).index_copy_(0, flat, second)
-    moved = _flat_nonzero(new != old)  # [Q]
-    return flat[moved], old[moved], new[moved]
+    _add_shapes(shapes, state, cols, rows * k + assign)
+    return state
 
 
-def _nearest_two_by_restart(
-    tiled: torch.Tensor,
-    centres: torch.Tensor,
-    flat: torch.Tensor,
-    num_boxes: int,
-    chunk_size: int = 16384,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_nearest_two_of` for the boxes at sorted flat indices ``flat`` ``[P]`` with the
-    ``k`` centres of their own restart: ``[P]`` each. A loop over the restarts avoids
-    gathering ``[P, k]`` centres."""
-    restarts = centres.shape[0]
-    boxes = tiled.index_select(1, flat)  # [3, P]
-    ends = torch.searchsorted(flat, torch.arange(1, restarts + 1) * num_boxes).tolist()
-    parts = [
-        _nearest_two_of(_iou(boxes[:, low : min(low + chunk_size, end)], centres[restart]))
-        for restart, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True))
-        for low in range(start, end, chunk_size)
-    ]  # [k, chunk] each
-    if not parts:
-        empty = torch.empty(0)
-        return empty, empty, empty.long()
-    return tuple(torch.cat(tensors) for tensors in zip(*parts, strict=True))
+def _lloyd_step(shapes: _Shapes, state: _LloydState) -> np.ndarray:
+    """Move the centres to their clusters' means, then reassign (in place) the shapes whose
+    bounds allow a change. Returns ``[R]`` bool: whether any shape of that restart moved."""
+    restarts, k, _ = state.centres.shape
+    new_centres = _cluster_means(shapes, state)  # [R, k, 2]
+    old64, new64 = (_centre_table(c.astype(np.float64)) for c in (state.centres, new_centres))
+    shift = 1 - _iou_np(old64, new64).T  # [k, R] -> [R, k] how far each centre moved
+    state.drift += shift + shift.max(axis=1, keepdims=True)
+    state.centres = new_centres
+    flat = _candidates(state)  # [P] flat indices r*U + u
+    nearest, second, new, rows, cols = _nearest_two(shapes.boxes, new_centres, flat)  # [P] each
+    new_ids = rows * k + new  # [P] cluster ids
+    second -= nearest
+    state.slack.ravel()[flat] = second + state.drift.astype(np.float32).ravel().take(new_ids)
+    old = state.assign.ravel()[flat]  # [P]
+    moved = np.flatnonzero(new != old)  # [Q]
+    state.assign.ravel()[flat[moved]] = new[moved]
+    _add_shapes(shapes, state, cols[moved], new_ids[moved])
+    _add_shapes(shapes, state, cols[moved], rows[moved] * k + old[moved], sign=-1.0)
+    return np.bincount(rows[moved], minlength=restarts) > 0
 
 
-def _cluster_means(boxes: torch.Tensor, state: _LloydState) -> torch.Tensor:
+def _candidates(state: _LloydState) -> np.ndarray:
+    """Sorted flat indices ``r*U + u`` of the shapes that fail Hamerly's test, int64 ``[P]``."""
+    # margins for float32 rounding: about 1e-7 on a distance, 6e-8 relative on a slack
+    threshold = torch.from_numpy((state.drift * (1 + 1e-6) + 1e-4).astype(np.float32))  # [R, k]
+    bound = torch.gather(threshold, 1, torch.from_numpy(state.assign))  # [R, U]
+    return np.flatnonzero(state.slack <= bound.numpy())
+
+
+def _add_shapes(
+    shapes: _Shapes, state: _LloydState, cols: np.ndarray, ids: np.ndarray, sign: float = 1.0
+) -> None:
+    """Add the shapes ``cols`` to the clusters ``ids`` (flat ``r*k + c``), ``[Q]`` each, in the
+    cluster counts and sums; ``sign = -1`` takes them out."""
+    counts = sign * shapes.counts.take(cols)  # [Q]
+    sums = (counts * shapes.boxes[coord].take(cols) for coord in (0, 1))  # [Q] each
+    totals = (state.counts, state.sums[..., 0], state.sums[..., 1])  # [R, k] each
+    for total, values in zip(totals, (counts, *sums), strict=True):
+        total += np.bincount(ids, values, state.counts.size).reshape(total.shape)
+
+
+def _cluster_means(shapes: _Shapes, state: _LloydState) -> np.ndarray:
     """Mean (w, h) of each cluster -> float32 ``[R, k, 2]``; an empty cluster takes the box
     farthest from its own centre (ties to the lowest index), so the result is deterministic."""
-    means = (state.sums / state.counts.clamp(min=1)[..., None]).float()  # [R, k, 2]
+    means = (state.sums / np.maximum(state.counts, 1)[..., None]).astype(np.float32)
     empty = state.counts == 0  # [R, k]
-    for restart in torch.nonzero(empty.any(dim=1)).flatten().tolist():
-        clusters = torch.nonzero(empty[restart]).flatten()
-        own_centres = state.centres[restart, state.assign[restart]]  # [M, 2]
-        distance = 1 - wh_iou(boxes[:2].t(), own_centres)  # [M]
-        farthest = torch.argsort(distance, descending=True, stable=True)[: clusters.numel()]
-        means[restart, clusters] = boxes[:2, farthest].t()
+    wh, inverse = torch.from_numpy(shapes.boxes[:2].T), torch.from_numpy(shapes.inverse)
+    for restart in np.flatnonzero(empty.any(axis=1)):
+        clusters = np.flatnonzero(empty[restart])
+        own_centres = torch.from_numpy(state.centres[restart, state.assign[restart]])  # [U, 2]
+        distance = (1 - wh_iou(wh, own_centres))[inverse]  # [M]
+        farthest = torch.argsort(distance, descending=True, stable=True)[: clusters.size]
+        means[restart, clusters] = wh[inverse[farthest]]
     return means
 
 
-def _select_restarts(state: _LloydState, keep: torch.Tensor) -> _LloydState:
+def _select_restarts(state: _LloydState, keep: np.ndarray) -> _LloydState:
     """The restarts where ``keep`` ``[R]`` is true, as a new state."""
-    tensors = (state.centres, state.assign, state.upper, state.lower, state.sums, state.counts)
-    return _LloydState(*(tensor[keep] for tensor in tensors))
+    arrays = (state.centres, state.assign, state.slack, state.drift, state.sums, state.counts)
+    return _LloydState(*(array[keep] for array in arrays))
+
+
+def _centre_table(centres: np.ndarray) -> np.ndarray:
+    """Centres ``[R, k, 2]`` -> ``[3, k, R]``, rows w, h and area w*h."""
+    width, height = centres[..., 0].T, centres[..., 1].T  # [k, R] each
+    return np.stack([width, height, width * height])
+
+
+def _nearest_two(
+    boxes: np.ndarray,
+    centres: np.ndarray,
+    flat: np.ndarray | None = None,
+    chunk_size: int = 32768,
+) -> tuple[np.ndarray, ...]:
+    """:func:`_nearest_two_of` for pairs of a restart's centres ``[R, k, 2]`` and a box of
+    ``[3, U]`` (w, h, area rows), at sorted flat indices ``r*U + u`` ``[P]`` (all pairs when
+    ``None``) -> nearest distance, second distance, nearest index, r and u, ``[P]`` each.
+    Chunks keep the boxes' ``[3, k, chunk]`` centres in cache."""
+    restarts, num_boxes = len(centres), boxes.shape[1]
+    flat = np.arange(restarts * num_boxes) if flat is None else flat
+    per_restart = np.diff(np.searchsorted(flat, np.arange(restarts + 1) * num_boxes))  # [R]
+    rows = np.repeat(np.arange(restarts), per_restart)  # [P]
+    cols = flat - rows * num_boxes  # [P]
+    table = _centre_table(centres)  # [3, k, R]
+    parts = [
+        _nearest_two_of(
+            boxes.take(cols[start : start + chunk_size], axis=1),  # [3, chunk]
+            np.repeat(table, np.bincount(rows[start : start + chunk_size], minlength=restarts), 2),
+        )  # [3, k, chunk]
+        for start in range(0, max(flat.size, 1), chunk_size)
+    ]
+    return *(np.concatenate(part) for part in zip(*parts, strict=True)), rows, cols
+
+
+def _nearest_two_of(
+    boxes: np.ndarray, centres: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distances (1 - IoU) to the nearest and second-nearest of ``k`` centres and the
+    nearest's index (ties to the lowest), for boxes ``[3, P]`` (w, h, area rows) and the
+    centres of each box ``[3, k, P]`` (w, h, area) -> float32 ``[P]``, float32 ``[P]`` (1 when
+    k = 1, an upper bound on any distance), int64 ``[P]``.
+
+    A loop over the centres, in place on contiguous rows: numpy's elementwise loops are
+    vectorised there, while reductions over a short axis and scalar operands are not."""
+    k, num_boxes = centres.shape[1:]
+    best, second = _iou_np(boxes, centres[:, 0]), np.zeros(num_boxes, np.float32)
+    index_type = np.min_scalar_type(k - 1).type  # small unsigned ints: cheap
+    index, candidate = np.zeros(num_boxes, index_type), np.empty(num_boxes, index_type)
+    iou, low, better = np.empty_like(best), np.empty_like(best), np.empty(num_boxes, bool)
+    for centre in range(1, k):
+        _iou_np(boxes, centres[:, centre], out=iou)
+        np.maximum(second, np.minimum(iou, best, out=low), out=second)  # ties: second = best
+        np.greater(iou, best, out=better)
+        np.maximum(best, iou, out=best)
+        np.multiply(better.view(np.uint8), index_type(centre), out=candidate)
+        np.maximum(index, candidate, out=index)  # the last strict improvement
+    one = np.float32(1)
+    return np.subtract(one, best), np.subtract(one, second), index.astype(np.int64)
+
+
+def _iou_np(boxes: np.ndarray, centres: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """IoU of centred boxes ``[3, ...]`` and centres ``[3, ...]`` (w, h, area rows) ->
+    ``[...]``: the arithmetic of ``utils.boxes.wh_iou``, bitwise equal for positive sizes."""
+    inter = np.minimum(boxes[0], centres[0], out=out)
+    inter *= np.minimum(boxes[1], centres[1])
+    union = np.add(boxes[2], centres[2])
+    union -= inter
+    inter /= union
+    return inter
