@@ -31,7 +31,8 @@ format: $(STAMP)
 demo: $(STAMP)
 	rm -rf model/demo logs/demo
 	$(BIN)/python train_yolov2.py $(DEMO_TRAIN)
-	$(BIN)/python test_yolov2.py --demo --weights model/demo/best.pt --img-size 224 --out model/demo
+	$(BIN)/python test_yolov2.py --demo --weights model/demo/best.pt --img-size 224 --out model/demo \
+		--workers 2
 
 test: lint
 	$(BIN)/python -m pytest -q
