@@ -144,11 +144,13 @@ def write_voc_results(records: list, classes: tuple[str, ...], out_dir: str | Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     lines: dict[int, list[str]] = {c: [] for c in range(len(classes))}
     for image_id, (height, width), dets in records:
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        for x1, y1, x2, y2, score, label in dets.tolist():
-            px = (torch.tensor([x1, y1, x2, y2]) * scale).tolist()
+        scale = torch.tensor([width, height, width, height], dtype=dets.dtype)
+        corners = (dets[:, :4] * scale).tolist()  # [K, 4] pixels, 0-based
+        for (x1, y1, x2, y2), score, label in zip(
+            corners, dets[:, 4].tolist(), dets[:, 5].tolist(), strict=True
+        ):
             lines[int(label)].append(
-                f"{image_id} {score:.6f} {px[0] + 1:.1f} {px[1] + 1:.1f} {px[2]:.1f} {px[3]:.1f}"
+                f"{image_id} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}"
             )
     for label, name in enumerate(classes):
         (out_dir / f"comp4_det_test_{name}.txt").write_text("".join(f"{x}\n" for x in lines[label]))

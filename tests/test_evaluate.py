@@ -1,0 +1,152 @@
+"""The test scripts end to end (yolo.evaluate.run_test) and every entry script's --help."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_yolov2
+from utils.anchors import default_anchors
+from utils.data import load_classes
+from yolo.checkpoint import save_checkpoint
+from yolo.darknet import save_darknet_weights
+from yolo.evaluate import write_voc_results
+from yolo.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY_SCRIPTS = (
+    "train_yolov2.py",
+    "train_resnet18.py",
+    "train_resnet101.py",
+    "test_yolov2.py",
+    "test_resnet18.py",
+    "test_resnet101.py",
+    "detect.py",
+    "kmeans.py",
+    "export.py",
+)
+METRIC_KEYS = ("map_voc07", "map_voc12", "map_coco", "ap50_coco", "ap75_coco")
+
+
+class _Payload:
+    """An object whose unpickling would call a function: what weights_only=True refuses."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("script", ENTRY_SCRIPTS)
+def test_every_entry_script_has_help(script, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: {script}")
+    assert ("--k " if script == "kmeans.py" else "--weights") in text
+
+
+@pytest.fixture(scope="module")
+def demo_model(demo_root) -> torch.nn.Module:
+    """A random tiny model for the demo's classes, biased to confident boxes."""
+    torch.manual_seed(0)
+    num_classes = len(load_classes(demo_root / "demo_classes.txt"))
+    model = build_model("tiny", num_classes=num_classes).eval()
+    with torch.no_grad():
+        bias = model.head.conv.bias.view(5, 5 + num_classes)  # [A*(5+C)] -> [A, 5+C]
+        bias[:, 4] = 2.0
+    return model
+
+
+def run_test_script(weights: Path, demo_root: Path, out: Path, *extra: str) -> int:
+    return test_yolov2.main(
+        [
+            "--weights", str(weights), "--data-root", str(demo_root), "--val-set", "demo:val",
+            "--img-size", "96", "--device", "cpu", "--workers", "0", "--batch-size", "4",
+            "--fps-iters", "2", "--num-vis-images", "3", "--out", str(out), *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_checkpoint_end_to_end(tmp_path, demo_root, demo_model, capsys):
+    classes = load_classes(demo_root / "demo_classes.txt")
+    checkpoint = save_checkpoint(
+        {
+            "model": demo_model.state_dict(),
+            "config": {"model": "tiny"},
+            "classes": list(classes),
+            "anchors": default_anchors().tolist(),
+        },
+        tmp_path / "best.pt",
+    )
+    out = tmp_path / "out"
+    voc = tmp_path / "voc"
+    assert run_test_script(checkpoint, demo_root, out, "--save-voc-results", str(voc)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["device"] == "CPU" and metrics["precision"] == "fp32"
+    assert metrics["fps_model"] > 0 and metrics["fps_end_to_end"] > 0
+    assert (out / "pr_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert len(list((out / "detections").glob("*.jpg"))) == 3
+    printed = capsys.readouterr().out
+    assert "mean" in printed and "FPS at 96 on CPU (fp32)" in printed
+    files = sorted(p.name for p in voc.iterdir())
+    assert files == sorted(f"comp4_det_test_{name}.txt" for name in classes)
+    rows = [line.split() for p in voc.iterdir() for line in p.read_text().splitlines()]
+    assert rows, "a confident model leaves detections in the VOC files"
+    for image_id, score, *corners in rows:
+        x1, y1, x2, y2 = map(float, corners)
+        assert len(image_id) == 6 and 0.0 < float(score) <= 1.0
+        assert 1.0 <= x1 <= x2 + 1 and 1.0 <= y1 <= y2 + 1
+
+
+def test_darknet_weights_give_what_the_same_checkpoint_gives(tmp_path, demo_root, demo_model):
+    classes_file = demo_root / "demo_classes.txt"
+    weights = tmp_path / "tiny-demo.weights"
+    save_darknet_weights(demo_model, weights)
+    checkpoint = save_checkpoint(
+        {
+            "model": demo_model.state_dict(),
+            "config": {"model": "tiny"},
+            "classes": list(load_classes(classes_file)),
+            "anchors": default_anchors().tolist(),
+        },
+        tmp_path / "same.pt",
+    )
+    darknet_args = ("--model", "tiny", "--classes", str(classes_file))
+    assert run_test_script(weights, demo_root, tmp_path / "a", *darknet_args) == 0
+    assert run_test_script(checkpoint, demo_root, tmp_path / "b") == 0
+    from_darknet = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    from_checkpoint = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    for key in (*METRIC_KEYS, "per_class"):
+        assert from_darknet[key] == from_checkpoint[key], key
+
+
+def test_missing_and_unsafe_weights_are_clear_errors(tmp_path, demo_root, caplog):
+    out = tmp_path / "out"
+    assert test_yolov2.main(["--out", str(out)]) == 1
+    assert "--weights is required" in caplog.text
+    assert run_test_script(tmp_path / "nowhere.pt", demo_root, out) == 1
+    assert "nowhere.pt not found" in caplog.text and "model/<run>/best.pt" in caplog.text
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "x": _Payload()}, evil)
+    assert run_test_script(evil, demo_root, out) == 1
+    assert "refusing to load" in caplog.text
+    assert not (out / "metrics.json").exists()
+
+
+def test_voc_result_files_use_one_based_pixels_of_the_original_image(tmp_path):
+    dets = torch.tensor(
+        [[0.0, 0.5, 0.25, 1.0, 0.9, 1.0], [0.1, 0.1, 0.2, 0.2, 0.125, 0.0]]
+    )  # normalised xyxy, score, class
+    write_voc_results([("000007", (200, 400), dets)], ("a", "b"), tmp_path)
+    assert (tmp_path / "comp4_det_test_b.txt").read_text() == (
+        "000007 0.900000 1.0 101.0 100.0 200.0\n"
+    )
+    assert (tmp_path / "comp4_det_test_a.txt").read_text() == (
+        "000007 0.125000 41.0 21.0 80.0 40.0\n"
+    )
