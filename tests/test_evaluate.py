@@ -126,6 +126,23 @@ def test_darknet_weights_give_what_the_same_checkpoint_gives(tmp_path, demo_root
         assert from_darknet[key] == from_checkpoint[key], key
 
 
+def test_unknown_classes_are_skipped_or_stop_a_strict_run(tmp_path, demo_root, caplog):
+    classes = load_classes(demo_root / "demo_classes.txt")[:-1]  # without "ring"
+    checkpoint = save_checkpoint(
+        {
+            "model": build_model("tiny", num_classes=len(classes)).state_dict(),
+            "config": {"model": "tiny"},
+            "classes": list(classes),
+            "anchors": default_anchors().tolist(),
+        },
+        tmp_path / "four.pt",
+    )
+    assert run_test_script(checkpoint, demo_root, tmp_path / "a") == 0
+    assert "unknown class 'ring', skipped" in caplog.text
+    assert run_test_script(checkpoint, demo_root, tmp_path / "b", "--strict") == 1
+    assert "'ring', which is not in the class list" in caplog.text
+
+
 def test_missing_and_unsafe_weights_are_clear_errors(tmp_path, demo_root, caplog):
     out = tmp_path / "out"
     assert test_yolov2.main(["--out", str(out)]) == 1

@@ -302,8 +302,8 @@ class VOCDataset(Dataset):
                 if self.strict:
                     raise ValueError(
                         f"{xml_path}: object {index} has class {obj.name!r}, which is not in the "
-                        f"class list {list(self.classes)}: add it to the classes file, or pass "
-                        f"strict=False to skip such objects"
+                        f"class list {list(self.classes)}: add it to the classes file, or leave "
+                        f"out --strict (strict=False) to skip such objects"
                     )
                 self.unknown_classes[obj.name] += 1
                 notes.append(f"object {index}: unknown class {obj.name!r}, skipped")

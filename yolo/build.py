@@ -176,6 +176,7 @@ def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
         parse_sets(list(config.train_sets)),
         classes,
         keep_difficult=config.keep_difficult,
+        strict=config.strict,
         transform=build_train_transform(
             config.img_size,
             jitter=config.jitter,
@@ -190,6 +191,7 @@ def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
         parse_sets([config.val_set]),
         classes,
         keep_difficult=True,
+        strict=config.strict,
         transform=build_eval_transform(config.eval_img_size),
     )
     for name, dataset in (("train", train_set), ("val", val_set)):

@@ -184,6 +184,7 @@ def _run_test(config, runtime: Runtime) -> dict:
         parse_sets([config.val_set]),
         classes,
         keep_difficult=True,
+        strict=config.strict,
         transform=build_eval_transform(config.img_size),
     )
     log.info("val set: %s", dataset.summary())
