@@ -222,12 +222,15 @@ def test_weights_flag_refuses_unsafe_checkpoints(tmp_path, demo_root):
 @pytest.mark.slow
 def test_ddp_with_two_gloo_processes(tmp_path, demo_root):
     config = make_config(tmp_path, demo_root, epochs=1)
-    args = [
-        f"--{name.replace('_', '-') if name != 'run' else 'run-name'}={value}"
-        for name, value in dataclasses.asdict(config).items()
-        if name not in ("train_sets", "multi_scale", "demo", "amp", "keep_difficult", "lr_steps")
-        and value is not None
-    ]
+    args = []  # the flags that rebuild ``config`` over the script's preset
+    for name, value in dataclasses.asdict(config).items():
+        flag = "--run-name" if name == "run" else f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, tuple | list):
+            args += [flag, *map(str, value)]
+        elif value is not None:
+            args.append(f"{flag}={value}")
     command = [
         sys.executable,
         "-m",
@@ -236,8 +239,6 @@ def test_ddp_with_two_gloo_processes(tmp_path, demo_root):
         "--nproc_per_node=2",
         str(REPO / "train_yolov2.py"),
         *args,
-        "--train-sets",
-        "demo:train",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

@@ -20,7 +20,6 @@ clustering does not favour large boxes as Euclidean distance would. Details of t
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from defusedxml import ElementTree
 
 from utils.boxes import wh_iou
+from utils.fileio import atomic_write_text
 
 __all__ = [
     "DARKNET_VOC_ANCHORS_GRID",
@@ -110,17 +110,7 @@ def save_anchors(anchors: torch.Tensor, path: str | os.PathLike) -> None:
     if not bool(((anchors > 0) & (anchors <= 1)).all()):
         raise ValueError(f"anchors must be fractions of the image in (0, 1], got {anchors}")
     entries = [{"width": float(w), "height": float(h)} for w, h in anchors.tolist()]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as tmp_file:
-            json.dump(entries, tmp_file, indent=2)
-            tmp_file.write("\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(entries, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

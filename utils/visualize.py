@@ -7,6 +7,7 @@ Boxes are normalised xyxy, as everywhere in the project.
 
 import colorsys
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from utils.boxes import wh_iou
+from utils.fileio import atomic_open
 
 __all__ = [
     "PAPER_CLUSTER_IOU",
@@ -24,6 +26,7 @@ __all__ = [
     "plot_anchor_clusters",
     "plot_iou_vs_k",
     "plot_pr_curves",
+    "save_figure",
 ]
 
 MAX_PLOTTED_POINTS = 2000
@@ -81,6 +84,14 @@ def plot_pr_curves(res: dict, class_names=None, *, ncols: int = 5) -> Figure:
     for ax in axes[::ncols]:
         ax.set_ylabel("precision")
     return fig
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Save ``figure`` to ``path`` atomically, in the format its suffix names (png, pdf, svg)."""
+    path = Path(path)
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    return path
 
 
 def _cell(value: float) -> str:

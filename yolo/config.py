@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.fileio import atomic_write_text
+
 MODELS = ("darknet19", "tiny", "resnet18", "resnet50", "resnet101")
 OPTIMIZERS = ("sgd", "adamw")
 DEMO_ROOT = "data/demo"
@@ -200,7 +202,4 @@ def config_from_dict(cls, data: dict):
 
 def save_config_json(config, path: str | Path) -> None:
     """Write the resolved config beside the checkpoints (atomically)."""
-    path = Path(path)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(config_to_dict(config), indent=2) + "\n")

@@ -15,12 +15,13 @@ else is refused with what was expected and what was found.
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from utils.fileio import atomic_open
 
 __all__ = [
     "darknet_conv_layers",
@@ -199,15 +200,9 @@ def save_darknet_weights(model: nn.Module, path: str | os.PathLike, *, seen: int
     wide = seen >= 2**31
     header = np.array([0, 2 if wide else 1, 0], dtype="<i4").tobytes()
     header += np.array([seen], dtype="<u8" if wide else "<i4").tobytes()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            for conv, bn in layers:
-                for tensor in layer_tensors(conv, bn):
-                    data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
-                    f.write(data.astype("<f4", copy=False).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        f.write(header)
+        for conv, bn in layers:
+            for tensor in layer_tensors(conv, bn):
+                data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+                f.write(data.astype("<f4", copy=False).tobytes())

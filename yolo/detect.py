@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image, ImageOps
 from torch import nn
 from tqdm import tqdm
 
+from utils.fileio import atomic_open
 from utils.transforms import build_eval_transform
 from utils.visualize import draw_detections
 from yolo.build import load_trained_model, resolve_classes
@@ -469,14 +469,8 @@ def build_detector(config: DetectConfig) -> Detector:
 
 def write_json(document: dict, path: Path) -> None:
     """Write ``document`` atomically (temp file in the same folder, then ``os.replace``)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(document, handle)  # compact: a long video holds many thousand frames
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as handle:
+        json.dump(document, handle)  # compact: a long video holds many thousand frames
 
 
 def video_output_path(source: Source, out_dir: Path) -> Path:

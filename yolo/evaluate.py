@@ -16,9 +16,10 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from utils.data import VOCDataset, build_dataloader, parse_sets
+from utils.fileio import atomic_write_text
 from utils.metrics import DetectionEvaluator, to_json
 from utils.transforms import build_eval_transform
-from utils.visualize import draw_detections, format_ap_table, plot_pr_curves
+from utils.visualize import draw_detections, format_ap_table, plot_pr_curves, save_figure
 from yolo.build import load_trained_model, resolve_classes, resolve_demo
 from yolo.nms import postprocess
 from yolo.runtime import Runtime, gather_to_main, setup_runtime, teardown_runtime
@@ -153,7 +154,9 @@ def write_voc_results(records: list, classes: tuple[str, ...], out_dir: str | Pa
                 f"{image_id} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}"
             )
     for label, name in enumerate(classes):
-        (out_dir / f"comp4_det_test_{name}.txt").write_text("".join(f"{x}\n" for x in lines[label]))
+        atomic_write_text(
+            out_dir / f"comp4_det_test_{name}.txt", "".join(f"{x}\n" for x in lines[label])
+        )
 
 
 def run_test(config) -> dict:
@@ -209,8 +212,8 @@ def _run_test(config, runtime: Runtime) -> dict:
         model, anchors, img_size=config.img_size, runtime=runtime, iters=config.fps_iters
     )
     metrics = {**to_json(res), **fps, "weights": str(config.weights)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_pr_curves(res, classes).savefig(out / "pr_curves.png", dpi=100)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    save_figure(plot_pr_curves(res, classes), out / "pr_curves.png")
     for i, (image, dets, gt) in enumerate(samples):
         draw_detections(image, dets, classes, ground_truths=gt).save(
             out / "detections" / f"{i:03d}.jpg", quality=90

@@ -22,8 +22,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.fileio import atomic_path
 from yolo.build import load_trained_model, resolve_classes
 from yolo.config import MODELS
 from yolo.converter import decode
@@ -331,23 +330,16 @@ def save_checked(proto, module: nn.Module, config: ExportConfig) -> dict[str, fl
     a failure leaves no file. Returns :func:`check_parity`'s differences (None: unchecked)."""
     onnx = import_onnx()
     out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     worst = None
     try:
-        onnx.save(proto, tmp)
-        onnx.checker.check_model(tmp)
-        if config.check:
-            names = output_names(config.decode)
-            worst = check_parity(Path(tmp), module, check_shapes(config), names, config.tolerance)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            onnx.save(proto, str(tmp))
+            onnx.checker.check_model(str(tmp))
+            if config.check:
+                names = output_names(config.decode)
+                worst = check_parity(tmp, module, check_shapes(config), names, config.tolerance)
     except ParityError as error:
-        Path(tmp).unlink(missing_ok=True)
         raise ParityError(f"{out} not written: {error}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return worst
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +28,8 @@ from tqdm import tqdm
 from utils.anchors import KMeansResult, read_voc_box_sizes, run_kmeans, save_anchors
 from utils.data import VOC_CLASSES, load_classes, parse_sets
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
-from utils.visualize import PAPER_CLUSTER_IOU, plot_anchor_clusters, plot_iou_vs_k
+from utils.fileio import atomic_write_text
+from utils.visualize import PAPER_CLUSTER_IOU, plot_anchor_clusters, plot_iou_vs_k, save_figure
 from yolo.config import DEMO_ROOT, config_to_dict
 
 log = logging.getLogger(__name__)
@@ -143,14 +142,7 @@ def write_json(document: dict, path: Path) -> None:
         lambda match: "[" + " ".join(match.group(1).split()) + "]",
         json.dumps(document, indent=2),
     )
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as tmp_file:
-            tmp_file.write(text + "\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text + "\n")
 
 
 def write_plots(
@@ -159,10 +151,10 @@ def write_plots(
     """``clusters-K.png`` for every k, and ``iou_vs_k.png`` when there are several."""
     for k, result in results.items():
         figure = plot_anchor_clusters(wh, result.anchors, grid_size=grid_size)
-        figure.savefig(out_dir / f"clusters-{k}.png", dpi=100)
+        save_figure(figure, out_dir / f"clusters-{k}.png")
     if len(results) > 1:
         ious = {k: result.mean_iou for k, result in results.items()}
-        plot_iou_vs_k(ious).savefig(out_dir / "iou_vs_k.png", dpi=100)
+        save_figure(plot_iou_vs_k(ious), out_dir / "iou_vs_k.png")
 
 
 def find_anchors(config: KMeansConfig) -> dict:
