@@ -21,7 +21,8 @@ OPTIMIZERS = ("sgd", "adamw")
 DEMO_ROOT = "data/demo"
 
 
-def _flag(default, help_text: str, **extra):
+def flag(default, help_text: str, **extra):
+    """A config field that becomes the flag ``--<field-name>`` (see :func:`build_parser`)."""
     return field(default=default, metadata={"help": help_text, **extra})
 
 
@@ -29,55 +30,55 @@ def _flag(default, help_text: str, **extra):
 class TrainConfig:
     """Everything a training run depends on; stored in every checkpoint."""
 
-    model: str = _flag("darknet19", f"backbone, one of {', '.join(MODELS)}")
+    model: str = flag("darknet19", f"backbone, one of {', '.join(MODELS)}")
     # --run-name too: torchrun's parser reads a bare --run as an abbreviation of its --run-path
-    run: str = _flag("yolov2", "run name: logs/<run>/ and model/<run>/", alias="--run-name")
-    data_root: str = _flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
-    train_sets: tuple[str, ...] = _flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ...")
-    val_set: str = _flag("2007:test", "NAME:SPLIT evaluated every --eval-every epochs")
-    classes: str | None = _flag(None, "classes file, one name per line (default: VOC's 20)")
-    anchors: str | None = _flag(None, "anchors JSON from kmeans.py (default: darknet's VOC set)")
-    demo: bool = _flag(False, "generate the demo dataset if missing and train on it")
-    epochs: int = _flag(160, "number of epochs")
-    batch_size: int = _flag(16, "images per forward pass (per GPU)")
-    accum: int = _flag(4, "batches accumulated per optimizer step (64 = batch * accum * GPUs)")
-    img_size: int = _flag(416, "training size when multi-scale is off")
-    eval_img_size: int = _flag(416, "evaluation size")
-    multi_scale: bool = _flag(True, "a random size in 320..608 every --multi-scale-every batches")
-    multi_scale_every: int = _flag(10, "batches between multi-scale size changes")
-    min_size: int = _flag(320, "smallest multi-scale size")
-    max_size: int = _flag(608, "largest multi-scale size")
-    optimizer: str = _flag("sgd", "sgd (darknet's) | adamw (converges in fewer steps)")
-    lr: float = _flag(1e-3, "peak learning rate")
-    momentum: float = _flag(0.9, "SGD momentum; AdamW's beta1")
-    weight_decay: float = _flag(5e-4, "weight decay on conv/linear weights (not biases or BN)")
-    burn_in: int = _flag(1000, "optimizer steps of darknet's burn-in, lr * (i / burn_in) ** 4")
-    lr_steps: tuple[int, ...] = _flag((60, 90), "epochs at which lr is multiplied by --lr-gamma")
-    lr_gamma: float = _flag(0.1, "lr factor at each of --lr-steps")
-    jitter: float = _flag(0.3, "darknet jitter of the random crop")
-    hue: float = _flag(0.1, "hue shift, fraction of the colour circle")
-    saturation: float = _flag(1.5, "saturation scale up to this or its inverse")
-    exposure: float = _flag(1.5, "exposure scale up to this or its inverse")
-    flip: float = _flag(0.5, "horizontal flip probability")
-    keep_difficult: bool = _flag(False, "train on difficult objects too (darknet leaves them out)")
-    strict: bool = _flag(False, "stop at an unknown class name instead of skipping the object")
-    assignment: str = _flag("global", "loss target assignment: global | darknet")
-    conf_threshold: float = _flag(0.005, "evaluation score threshold")
-    nms_threshold: float = _flag(0.45, "evaluation NMS IoU threshold")
-    device: str = _flag("auto", "auto | cpu | cuda | cuda:N")
-    workers: int = _flag(4, "data loader worker processes")
-    seed: int = _flag(0, "seed for shuffling, augmentation and initialisation")
-    resume: str | None = _flag(None, "resume model/<run>/last.pt, or the PATH given", const="last")
-    weights: str | None = _flag(None, "initialise the model from a checkpoint of this project")
-    pretrained: str | None = _flag(
+    run: str = flag("yolov2", "run name: logs/<run>/ and model/<run>/", alias="--run-name")
+    data_root: str = flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
+    train_sets: tuple[str, ...] = flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ...")
+    val_set: str = flag("2007:test", "NAME:SPLIT evaluated every --eval-every epochs")
+    classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
+    anchors: str | None = flag(None, "anchors JSON from kmeans.py (default: darknet's VOC set)")
+    demo: bool = flag(False, "generate the demo dataset if missing and train on it")
+    epochs: int = flag(160, "number of epochs")
+    batch_size: int = flag(16, "images per forward pass (per GPU)")
+    accum: int = flag(4, "batches accumulated per optimizer step (64 = batch * accum * GPUs)")
+    img_size: int = flag(416, "training size when multi-scale is off")
+    eval_img_size: int = flag(416, "evaluation size")
+    multi_scale: bool = flag(True, "a random size in 320..608 every --multi-scale-every batches")
+    multi_scale_every: int = flag(10, "batches between multi-scale size changes")
+    min_size: int = flag(320, "smallest multi-scale size")
+    max_size: int = flag(608, "largest multi-scale size")
+    optimizer: str = flag("sgd", "sgd (darknet's) | adamw (converges in fewer steps)")
+    lr: float = flag(1e-3, "peak learning rate")
+    momentum: float = flag(0.9, "SGD momentum; AdamW's beta1")
+    weight_decay: float = flag(5e-4, "weight decay on conv/linear weights (not biases or BN)")
+    burn_in: int = flag(1000, "optimizer steps of darknet's burn-in, lr * (i / burn_in) ** 4")
+    lr_steps: tuple[int, ...] = flag((60, 90), "epochs at which lr is multiplied by --lr-gamma")
+    lr_gamma: float = flag(0.1, "lr factor at each of --lr-steps")
+    jitter: float = flag(0.3, "darknet jitter of the random crop")
+    hue: float = flag(0.1, "hue shift, fraction of the colour circle")
+    saturation: float = flag(1.5, "saturation scale up to this or its inverse")
+    exposure: float = flag(1.5, "exposure scale up to this or its inverse")
+    flip: float = flag(0.5, "horizontal flip probability")
+    keep_difficult: bool = flag(False, "train on difficult objects too (darknet leaves them out)")
+    strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
+    assignment: str = flag("global", "loss target assignment: global | darknet")
+    conf_threshold: float = flag(0.005, "evaluation score threshold")
+    nms_threshold: float = flag(0.45, "evaluation NMS IoU threshold")
+    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    workers: int = flag(4, "data loader worker processes")
+    seed: int = flag(0, "seed for shuffling, augmentation and initialisation")
+    resume: str | None = flag(None, "resume model/<run>/last.pt, or the PATH given", const="last")
+    weights: str | None = flag(None, "initialise the model from a checkpoint of this project")
+    pretrained: str | None = flag(
         None, "ImageNet backbone weights: torchvision's (no PATH) or a local PATH", const="default"
     )
-    darknet_weights: str | None = _flag(None, "darknet .weights file, e.g. darknet19_448.conv.23")
-    amp: bool = _flag(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
-    eval_every: int = _flag(1, "evaluate every N epochs (and always after the last)")
-    num_vis_images: int = _flag(4, "validation images drawn to tensorboard each evaluation")
-    log_dir: str = _flag("logs", "tensorboard folder")
-    model_dir: str = _flag("model", "checkpoint folder")
+    darknet_weights: str | None = flag(None, "darknet .weights file, e.g. darknet19_448.conv.23")
+    amp: bool = flag(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
+    eval_every: int = flag(1, "evaluate every N epochs (and always after the last)")
+    num_vis_images: int = flag(4, "validation images drawn to tensorboard each evaluation")
+    log_dir: str = flag("logs", "tensorboard folder")
+    model_dir: str = flag("model", "checkpoint folder")
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
@@ -104,25 +105,25 @@ class TestConfig:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    weights: str | None = _flag(None, "checkpoint .pt of this project, or darknet .weights")
-    model: str = _flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
-    data_root: str = _flag("data/VOCdevkit", "VOCdevkit folder")
-    val_set: str = _flag("2007:test", "NAME:SPLIT to evaluate")
-    classes: str | None = _flag(None, "classes file (default: the checkpoint's, else VOC's)")
-    anchors: str | None = _flag(None, "anchors JSON (default: the checkpoint's, else darknet's)")
-    demo: bool = _flag(False, "evaluate on the demo dataset's val split")
-    strict: bool = _flag(False, "stop at an unknown class name instead of skipping the object")
-    img_size: int = _flag(416, "evaluation size")
-    conf_threshold: float = _flag(0.005, "score threshold")
-    nms_threshold: float = _flag(0.45, "NMS IoU threshold")
-    device: str = _flag("auto", "auto | cpu | cuda | cuda:N")
-    batch_size: int = _flag(16, "images per batch")
-    workers: int = _flag(4, "data loader worker processes")
-    amp: bool = _flag(True, "half precision on CUDA")
-    out: str = _flag("model/test", "output folder for metrics.json, pr_curves.png, detections/")
-    num_vis_images: int = _flag(8, "validation images drawn into OUT/detections/")
-    fps_iters: int = _flag(50, "timed batch-1 forward passes for the FPS figures")
-    save_voc_results: str | None = _flag(None, "write comp4_det_test_<class>.txt files here")
+    weights: str | None = flag(None, "checkpoint .pt of this project, or darknet .weights")
+    model: str = flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
+    data_root: str = flag("data/VOCdevkit", "VOCdevkit folder")
+    val_set: str = flag("2007:test", "NAME:SPLIT to evaluate")
+    classes: str | None = flag(None, "classes file (default: the checkpoint's, else VOC's)")
+    anchors: str | None = flag(None, "anchors JSON (default: the checkpoint's, else darknet's)")
+    demo: bool = flag(False, "evaluate on the demo dataset's val split")
+    strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
+    img_size: int = flag(416, "evaluation size")
+    conf_threshold: float = flag(0.005, "score threshold")
+    nms_threshold: float = flag(0.45, "NMS IoU threshold")
+    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    batch_size: int = flag(16, "images per batch")
+    workers: int = flag(4, "data loader worker processes")
+    amp: bool = flag(True, "half precision on CUDA")
+    out: str = flag("model/test", "output folder for metrics.json, pr_curves.png, detections/")
+    num_vis_images: int = flag(8, "validation images drawn into OUT/detections/")
+    fps_iters: int = flag(50, "timed batch-1 forward passes for the FPS figures")
+    save_voc_results: str | None = flag(None, "write comp4_det_test_<class>.txt files here")
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
@@ -149,16 +150,18 @@ def build_parser(preset, description: str | None = None) -> argparse.ArgumentPar
     )
     hints = typing.get_type_hints(type(preset))
     for item in dataclasses.fields(preset):
-        flag, default = f"--{_kebab(item.name)}", getattr(preset, item.name)
+        option, default = f"--{_kebab(item.name)}", getattr(preset, item.name)
         kind, help_text = hints[item.name], item.metadata.get("help", "")
         kwargs = {"dest": item.name, "default": default, "help": help_text}
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(kind) is tuple:
             elem = typing.get_args(kind)[0]
-            parser.add_argument(flag, nargs="+", type=elem, metavar=elem.__name__.upper(), **kwargs)
+            parser.add_argument(
+                option, nargs="+", type=elem, metavar=elem.__name__.upper(), **kwargs
+            )
         elif "const" in item.metadata:
-            parser.add_argument(flag, nargs="?", const=item.metadata["const"], **kwargs)
+            parser.add_argument(option, nargs="?", const=item.metadata["const"], **kwargs)
             if item.name == "pretrained":
                 parser.add_argument(
                     "--no-pretrained",
@@ -169,7 +172,7 @@ def build_parser(preset, description: str | None = None) -> argparse.ArgumentPar
                 )
         else:
             elem = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            names = (flag, item.metadata["alias"]) if "alias" in item.metadata else (flag,)
+            names = (option, item.metadata["alias"]) if "alias" in item.metadata else (option,)
             parser.add_argument(*names, type=elem, **kwargs)
     return parser
 

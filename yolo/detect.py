@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from utils.fileio import atomic_open
 from utils.transforms import build_eval_transform
 from utils.visualize import draw_detections
 from yolo.build import load_trained_model, resolve_classes
-from yolo.config import MODELS
+from yolo.config import MODELS, flag
 from yolo.nms import postprocess
 from yolo.runtime import select_amp_dtype, select_device
 
@@ -43,34 +43,30 @@ DOCUMENTED_SETTINGS = ("weights", "img_size", "conf_threshold", "nms_threshold")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def _flag(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass(frozen=True)
 class DetectConfig:
     """Detection on images, a folder, a video file or a webcam."""
 
-    weights: str | None = _flag(None, "checkpoint .pt of this project, or darknet .weights")
-    source: tuple[str, ...] = _flag(
+    weights: str | None = flag(None, "checkpoint .pt of this project, or darknet .weights")
+    source: tuple[str, ...] = flag(
         (), "image files and/or folders, one video file, or a webcam index such as 0"
     )
-    model: str = _flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
-    classes: str | None = _flag(None, "classes file for .weights (a checkpoint has its own)")
-    anchors: str | None = _flag(None, "anchors JSON for .weights (a checkpoint has its own)")
-    img_size: int = _flag(416, "network input size (a multiple of 32)")
-    conf_threshold: float = _flag(
+    model: str = flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
+    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
+    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
+    img_size: int = flag(416, "network input size (a multiple of 32)")
+    conf_threshold: float = flag(
         0.25,
         "display threshold: detections scoring below it are neither drawn nor saved "
         "(mAP evaluation uses 0.005)",
     )
-    nms_threshold: float = _flag(0.45, "NMS IoU threshold")
-    device: str = _flag("auto", "auto | cpu | cuda | cuda:N")
-    amp: bool = _flag(True, "half precision on CUDA")
-    batch_size: int = _flag(8, "images (or video frames) per forward pass")
-    out: str = _flag("model/detect", "output folder for annotated images/video and detections.json")
-    show: bool = _flag(False, "show results in a window (needs a display); q or Esc stops")
-    max_frames: int | None = _flag(None, "stop a video or webcam after this many frames")
+    nms_threshold: float = flag(0.45, "NMS IoU threshold")
+    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    amp: bool = flag(True, "half precision on CUDA")
+    batch_size: int = flag(8, "images (or video frames) per forward pass")
+    out: str = flag("model/detect", "output folder for annotated images/video and detections.json")
+    show: bool = flag(False, "show results in a window (needs a display); q or Esc stops")
+    max_frames: int | None = flag(None, "stop a video or webcam after this many frames")
 
     def __post_init__(self) -> None:
         checks = (

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from torch import nn
 
 from utils.fileio import atomic_path
 from yolo.build import load_trained_model, resolve_classes
-from yolo.config import MODELS
+from yolo.config import MODELS, flag
 from yolo.converter import decode
 
 __all__ = ["EXPORTERS", "DecodedYOLO", "ExportConfig", "ParityError", "run_export"]
@@ -56,28 +56,24 @@ QUIET_WARNINGS = (
 )
 
 
-def _flag(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass(frozen=True)
 class ExportConfig:
     """ONNX export of a checkpoint of this project or of darknet .weights."""
 
-    weights: str | None = _flag(None, "checkpoint .pt of this project, or darknet .weights")
-    model: str = _flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
-    classes: str | None = _flag(None, "classes file for .weights (a checkpoint has its own)")
-    anchors: str | None = _flag(None, "anchors JSON for .weights (a checkpoint has its own)")
-    img_size: int = _flag(416, "input height and width of the example (a multiple of 32)")
-    batch_size: int = _flag(1, "batch size of the example input (the fixed one without --dynamic)")
-    dynamic: bool = _flag(True, "dynamic batch axis")
-    dynamic_size: bool = _flag(False, "dynamic height and width too (multiples of 32)")
-    decode: bool = _flag(True, "output boxes [N,P,4] and scores [N,P,C]; else the raw head")
-    opset: int = _flag(18, "ONNX opset (torchscript: 13-20, dynamo: 18-23)")
-    exporter: str = _flag("torchscript", "torchscript | dynamo (needs onnxscript)")
-    out: str = _flag("model/export/yolov2.onnx", "output .onnx file")
-    check: bool = _flag(True, "compare onnxruntime with PyTorch on random images")
-    tolerance: float = _flag(1e-3, "check: largest |onnx - torch| / (1 + max |torch|) accepted")
+    weights: str | None = flag(None, "checkpoint .pt of this project, or darknet .weights")
+    model: str = flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
+    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
+    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
+    img_size: int = flag(416, "input height and width of the example (a multiple of 32)")
+    batch_size: int = flag(1, "batch size of the example input (the fixed one without --dynamic)")
+    dynamic: bool = flag(True, "dynamic batch axis")
+    dynamic_size: bool = flag(False, "dynamic height and width too (multiples of 32)")
+    decode: bool = flag(True, "output boxes [N,P,4] and scores [N,P,C]; else the raw head")
+    opset: int = flag(18, "ONNX opset (torchscript: 13-20, dynamo: 18-23)")
+    exporter: str = flag("torchscript", "torchscript | dynamo (needs onnxscript)")
+    out: str = flag("model/export/yolov2.onnx", "output .onnx file")
+    check: bool = flag(True, "compare onnxruntime with PyTorch on random images")
+    tolerance: float = flag(1e-3, "check: largest |onnx - torch| / (1 + max |torch|) accepted")
 
     def __post_init__(self) -> None:
         low, high = OPSET_RANGES.get(self.exporter, (0, 0))

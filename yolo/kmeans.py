@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,16 +30,12 @@ from utils.data import VOC_CLASSES, load_classes, parse_sets
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
 from utils.fileio import atomic_write_text
 from utils.visualize import PAPER_CLUSTER_IOU, plot_anchor_clusters, plot_iou_vs_k, save_figure
-from yolo.config import DEMO_ROOT, config_to_dict
+from yolo.config import DEMO_ROOT, config_to_dict, flag
 
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "kmeans.json"
 MAX_K = 64
-
-
-def _flag(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
 
 
 def parse_k(spec: str) -> list[int]:
@@ -61,18 +57,18 @@ def parse_k(spec: str) -> list[int]:
 class KMeansConfig:
     """k-means anchor search on a VOC-format dataset."""
 
-    data_root: str = _flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
-    sets: tuple[str, ...] = _flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ... to read")
-    classes: str | None = _flag(None, "classes file, one name per line (default: VOC's 20)")
-    demo: bool = _flag(False, "generate the demo dataset if missing and use its train split")
-    k: str = _flag("5", "number of anchors, or a range such as 1-15")
-    restarts: int = _flag(10, "k-means++ restarts per k; the highest mean IoU wins")
-    max_iter: int = _flag(300, "most Lloyd iterations per restart")
-    seed: int = _flag(0, "seed of the k-means++ draws")
-    keep_difficult: bool = _flag(False, "cluster difficult boxes too (darknet leaves them out)")
-    out_dir: str = _flag("model/anchors", "folder for anchors-K.json, *.png and kmeans.json")
-    grid_size: int = _flag(13, "output grid for the grid-unit anchors (13 at 416, as darknet)")
-    threads: int = _flag(1, "torch CPU threads (k-means runs many small ops: 1 is fastest)")
+    data_root: str = flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
+    sets: tuple[str, ...] = flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ... to read")
+    classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
+    demo: bool = flag(False, "generate the demo dataset if missing and use its train split")
+    k: str = flag("5", "number of anchors, or a range such as 1-15")
+    restarts: int = flag(10, "k-means++ restarts per k; the highest mean IoU wins")
+    max_iter: int = flag(300, "most Lloyd iterations per restart")
+    seed: int = flag(0, "seed of the k-means++ draws")
+    keep_difficult: bool = flag(False, "cluster difficult boxes too (darknet leaves them out)")
+    out_dir: str = flag("model/anchors", "folder for anchors-K.json, *.png and kmeans.json")
+    grid_size: int = flag(13, "output grid for the grid-unit anchors (13 at 416, as darknet)")
+    threads: int = flag(1, "torch CPU threads (k-means runs many small ops: 1 is fastest)")
 
     def __post_init__(self) -> None:
         parse_k(self.k)
