@@ -105,7 +105,9 @@ def test_nms_of_the_best_candidates_first_changes_nothing(max_detections):
     expected = yolo.nms._top_per_image(
         grouped_nms(boxes, scores, groups, 0.45), scores, image, 2, max_detections
     )
-    kept = yolo.nms._nms_best_first(boxes, scores, image, groups, 0.45, 2, max_detections)
+    kept = yolo.nms._nms_best_first(
+        boxes, scores, image, groups, 0.45, batch_size=2, max_detections=max_detections
+    )
     assert torch.equal(yolo.nms._top_per_image(kept, scores, image, 2, max_detections), expected)
     assert kept.numel() < grouped_nms(boxes, scores, groups, 0.45).numel() or max_detections == 40
 

@@ -51,7 +51,9 @@ class TrainConfig:
     optimizer: str = flag("sgd", "sgd (darknet's) | adamw (converges in fewer steps)")
     lr: float = flag(1e-3, "peak learning rate")
     momentum: float = flag(0.9, "SGD momentum; AdamW's beta1")
-    weight_decay: float = flag(5e-4, "weight decay on conv/linear weights (not biases or BN)")
+    weight_decay: float = flag(
+        5e-4, "weight decay on conv/linear weights, not biases or BN (AdamW: decoupled)"
+    )
     burn_in: int = flag(1000, "optimizer steps of darknet's burn-in, lr * (i / burn_in) ** 4")
     lr_steps: tuple[int, ...] = flag((60, 90), "epochs at which lr is multiplied by --lr-gamma")
     lr_gamma: float = flag(0.1, "lr factor at each of --lr-steps")

@@ -50,13 +50,13 @@ def postprocess(
         num_classes = raw.shape[1] // anchors.shape[0] - 5
         groups = image * num_classes + label  # [K]
         kept = _nms_best_first(
-            boxes, scores, image, groups, nms_threshold, batch_size, max_detections
-        )
+            boxes, scores, image, groups, nms_threshold,
+            batch_size=batch_size, max_detections=max_detections,
+        )  # fmt: skip
         kept = _top_per_image(kept, scores, image, batch_size, max_detections)
-        detections = torch.cat(
-            [boxes[kept], scores[kept, None], label[kept, None].to(dtype)], dim=1
-        )  # [sum K, 6]
-        counts = torch.bincount(image[kept], minlength=batch_size)
+        columns = (boxes, scores[:, None], label[:, None].to(dtype))
+        detections = torch.cat([c.index_select(0, kept) for c in columns], dim=1)  # [sum K, 6]
+        counts = torch.bincount(image.index_select(0, kept), minlength=batch_size)
         return list(detections.split(counts.tolist()))
 
 
@@ -73,11 +73,12 @@ def _candidates(
     head = raw.reshape(batch_size, num_anchors, width, cells)  # [N, A, 5+C, H*W]
     objectness = head[:, :, 4].sigmoid().transpose(1, 2).reshape(-1)  # [N*H*W*A]
     index = (objectness > conf_threshold).nonzero().squeeze(1)  # [M] (image, cell, anchor)
-    image, cell, anchor = index // (cells * num_anchors), index // num_anchors % cells, index
-    anchor = anchor % num_anchors
+    image, cell = index // (cells * num_anchors), index // num_anchors % cells  # [M] each
+    anchor = index % num_anchors  # [M]
     channel_0 = (image * num_anchors + anchor) * (width * cells) + cell  # [M] flat offsets
     flat_index = channel_0[:, None] + torch.arange(width, device=raw.device) * cells  # [M, 5+C]
-    selected = head.reshape(-1).index_select(0, flat_index.reshape(-1)).view(-1, width)
+    selected = head.reshape(-1).index_select(0, flat_index.reshape(-1))  # [M*(5+C)]
+    selected = selected.view(-1, width)  # [M, 5+C]
     scores = objectness.index_select(0, index)[:, None] * selected[:, 5:].softmax(dim=1)
     anchor_wh = anchors.to(raw.device, raw.dtype).index_select(0, anchor)  # [M, 2]
     row, col = cell // grid_w, cell % grid_w
@@ -99,6 +100,7 @@ def _nms_best_first(
     image: torch.Tensor,
     groups: torch.Tensor,
     iou_threshold: float,
+    *,
     batch_size: int,
     max_detections: int,
 ) -> torch.Tensor:
@@ -108,7 +110,9 @@ def _nms_best_first(
     Greedy NMS decides a box from the higher-scored boxes of its group alone, so NMS of an
     image's ``PRUNE_FACTOR * max_detections`` best candidates decides those exactly as NMS of
     all of them would; when it keeps at least ``max_detections`` of them, nothing below can
-    reach the image's top. Only the other images get NMS over all their candidates.
+    reach the image's top. Only the other images get NMS over all their candidates. (Exact as
+    long as :func:`grouped_nms` is; past ``MAX_NMS_PAIRS`` it hands over to ``batched_nms``,
+    whose CUDA kernel may order equal scores differently.)
     """
     limit = PRUNE_FACTOR * max_detections
     count = torch.bincount(image, minlength=batch_size)  # [N] candidates per image

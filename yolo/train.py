@@ -254,7 +254,7 @@ def fit(config) -> dict:
         teardown_runtime(runtime)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """Everything a training run is made of, built once by :func:`fit` for the epoch loop."""
 
@@ -270,10 +270,7 @@ class Run:
     classes: tuple[str, ...]
     anchors: torch.Tensor
     writer: SummaryWriter | None
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.config.model_dir) / self.config.run
+    run_dir: Path  # model/<run>/
 
 
 def _checkpoint_to_resume(config, run_dir: Path, classes, anchors) -> dict | None:
@@ -288,14 +285,6 @@ def _checkpoint_to_resume(config, run_dir: Path, classes, anchors) -> dict | Non
     path = run_dir / "last.pt" if config.resume == "last" else Path(config.resume)
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, config, classes, anchors, path)
-    if ckpt["state"]["epoch"] >= config.epochs:
-        log.info(
-            "run %s already finished %d epochs (%s): nothing to resume; raise --epochs to "
-            "train further",
-            config.run,
-            ckpt["state"]["epoch"],
-            path,
-        )
     return ckpt
 
 
@@ -316,6 +305,11 @@ def _fit(config, runtime: Runtime) -> dict:
     summary = {"run_dir": str(run_dir), "log_dir": str(Path(config.log_dir) / config.run)}
     ckpt = _checkpoint_to_resume(config, run_dir, classes, anchors)
     if ckpt is not None and ckpt["state"]["epoch"] >= config.epochs:
+        log.info(
+            "run %s already finished %d epochs: nothing to resume; raise --epochs to train further",
+            config.run,
+            ckpt["state"]["epoch"],
+        )
         return {**summary, "finished": True, "best_map": ckpt["state"]["best_map"]}
     if runtime.is_main:
         log.info("config:\n%s", json.dumps(config_to_dict(config), indent=2))
@@ -335,8 +329,9 @@ def _fit(config, runtime: Runtime) -> dict:
     if runtime.is_main:
         writer = _open_writer(config, run_dir, summary["log_dir"], state.iteration)
     run = Run(
-        config, runtime, model, criterion, optimizer, scaler, state,
-        train_loader, val_loader, classes, anchors, writer,
+        config=config, runtime=runtime, model=model, criterion=criterion, optimizer=optimizer,
+        scaler=scaler, state=state, train_loader=train_loader, val_loader=val_loader,
+        classes=classes, anchors=anchors, writer=writer, run_dir=run_dir,
     )  # fmt: skip
     try:
         return {**summary, **_loop(run)}
