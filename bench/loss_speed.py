@@ -30,23 +30,17 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torchvision.ops import batched_nms  # noqa: E402
 
+from utils.anchors import default_anchors  # noqa: E402
 from yolo.converter import decode  # noqa: E402
 from yolo.loss import YOLOv2Loss  # noqa: E402
 from yolo.nms import postprocess  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 NUM_CLASSES = 20
-VOC_ANCHORS = [
-    (1.3221, 1.73145),
-    (3.19275, 4.00944),
-    (5.05587, 8.09892),
-    (9.47112, 4.84053),
-    (11.2364, 10.0071),
-]
 
 
 def anchors() -> torch.Tensor:
-    return torch.tensor(VOC_ANCHORS) / 13
+    return default_anchors()
 
 
 def random_targets(batch_size: int, gen: torch.Generator) -> torch.Tensor:
@@ -129,7 +123,7 @@ def trained_like_head(batch_size: int, grid: int, gen: torch.Generator) -> torch
     """A raw head shaped like a trained detector's: background objectness around
     sigmoid(-7), and around each of ~2.4 objects per image a confident prediction of the right
     class in its cell and weaker ones in the 3x3 neighbourhood."""
-    num_anchors, per_anchor = len(VOC_ANCHORS), 5 + NUM_CLASSES
+    num_anchors, per_anchor = len(default_anchors()), 5 + NUM_CLASSES
     raw = torch.randn(batch_size, num_anchors, per_anchor, grid, grid, generator=gen)
     raw[:, :, 2:4] *= 0.5
     raw[:, :, 4] = raw[:, :, 4] * 1.5 - 7.0
