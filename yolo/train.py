@@ -197,8 +197,9 @@ def train_one_epoch(
             state.iteration += 1
             sums.clear()
             accumulated = 0
+            shown = {k: f"{float(v):.3f}" for k, v in means.items() if k != "prior"}
             bar.set_postfix(
-                loss=f"{float(means['total']):.3f}",
+                **shown,
                 lr=f"{lr:.2e}",
                 size=size,
                 img_s=f"{images_done / max(bar.format_dict['elapsed'], 1e-9):.1f}",
