@@ -1,4 +1,4 @@
-"""Speed of the anchor k-means (utils.anchors.run_kmeans) on a VOC-sized set of box shapes.
+"""Speed of the anchor k-means (utils.kmeans.run_kmeans) on a VOC-sized set of box shapes.
 
 Workload: 40,000 synthetic boxes shaped like VOC's (a fixed-seed mixture of log-normal (w, h)
 clusters: small objects, people, cars, large and near-full boxes, quantised to the pixels of a
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.anchors import run_kmeans  # noqa: E402
+from utils.kmeans import run_kmeans  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 IMAGE_SIZE = (500, 375)  # VOC's most common image size (width, height) in pixels

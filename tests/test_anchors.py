@@ -8,21 +8,24 @@ import torch
 
 from utils.anchors import (
     DARKNET_VOC_ANCHORS_GRID,
+    default_anchors,
+    load_anchors,
+    read_voc_box_sizes,
+    save_anchors,
+)
+from utils.boxes import wh_iou
+from utils.data import VOCDataset
+from utils.kmeans import (
     _check_box_sizes,
     _distinct_shapes,
     _iou_np,
     _kmeanspp_init,
     _lloyd,
     _nearest_two,
-    default_anchors,
     kmeans_anchors,
     kmeans_sweep,
-    load_anchors,
-    read_voc_box_sizes,
     run_kmeans,
-    save_anchors,
 )
-from utils.boxes import wh_iou
 
 PLANTED = torch.tensor([[0.05, 0.08], [0.2, 0.45], [0.5, 0.3], [0.85, 0.9]])  # by area
 
@@ -36,8 +39,9 @@ def planted_boxes(per_cluster: int = 300, spread: float = 0.03, seed: int = 0) -
 
 def plain_lloyd(wh: torch.Tensor, centres: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, int]:
     """Reference Lloyd loop for one restart, ``centres`` ``[k, 2]``: every box against every
-    centre each iteration (no bounds), means in float64, an empty cluster re-seeded with the
-    box farthest from its centre. Returns the final centres and the number of updates."""
+    centre each iteration (no bounds), means in float64, empty clusters re-seeded with the
+    distinct box shapes farthest from their centres. Returns the final centres and the number
+    of updates."""
     k = len(centres)
     assign = wh_iou(wh[:, None], centres[None]).argmax(dim=1)  # [M]: first maximum on ties
     for iteration in range(1, max_iter + 1):
@@ -47,8 +51,11 @@ def plain_lloyd(wh: torch.Tensor, centres: torch.Tensor, max_iter: int) -> tuple
         empty = torch.nonzero(counts == 0).flatten()
         if len(empty):
             distance = 1 - wh_iou(wh, centres[assign])  # [M] to each box's own centre
-            farthest = torch.argsort(distance, descending=True, stable=True)[: len(empty)]
-            new_centres[empty] = wh[farthest]
+            chosen: list[torch.Tensor] = []  # distinct shapes, farthest first, ties by index
+            for index in torch.argsort(distance, descending=True, stable=True).tolist():
+                if len(chosen) < len(empty) and not any(torch.equal(wh[index], c) for c in chosen):
+                    chosen.append(wh[index])
+            new_centres[empty] = torch.stack(chosen)
         centres = new_centres
         new_assign = wh_iou(wh[:, None], centres[None]).argmax(dim=1)
         if torch.equal(new_assign, assign):
@@ -106,6 +113,7 @@ def test_lloyd_equals_a_plain_lloyd_loop(trial):
     boxes = _check_box_sizes(wh, k, 3, 300)
     centres = _kmeanspp_init(boxes, k, 3, generator)  # [3, k, 2]
     centres[2, -1] = centres[2, 0]  # a duplicate centre: its cluster starts empty
+    centres[1, 1:] = centres[1, 0]  # k - 1 clusters start empty: distinct shapes re-seed them
     final, iterations = _lloyd(_distinct_shapes(boxes), centres, max_iter=300)
     for restart in range(3):
         expected, expected_iterations = plain_lloyd(wh, centres[restart], 300)
@@ -276,31 +284,62 @@ def test_read_voc_box_sizes_skips_difficult_and_degenerate(voc_writer, caplog):
         [
             ("cat", (1, 1, 33, 25), 0),  # 32x24 of 64x48
             ("dog", (10, 10, 26, 46), 1),  # difficult
-            ("cat", (5, 5, 5, 20), 0),  # zero width: skipped with a warning
+            ("cat", (5, 5, 5, 20), 0),  # zero width: dropped with a warning
         ],
     )
-    voc_writer.annotation("b", [("dog", (0, 0, 80, 12), None)], size=(64, 48))  # wider: clamped
+    voc_writer.annotation("b", [("dog", (1, 1, 80, 13), None)], size=(64, 48))  # wider: clamped
     sets = voc_writer.write_set("trainval")
     with caplog.at_level(logging.WARNING, logger="utils.anchors"):
         sizes = read_voc_box_sizes(voc_writer.root, sets, ["cat", "dog"])
     torch.testing.assert_close(sizes, torch.tensor([[0.5, 0.5], [1.0, 0.25]]))
-    assert "degenerate box" in caplog.text and "a.xml" in caplog.text
+    assert "zero-area box" in caplog.text and "a.xml" in caplog.text
     with_difficult = read_voc_box_sizes(voc_writer.root, sets, ["cat", "dog"], keep_difficult=True)
     torch.testing.assert_close(with_difficult[1], torch.tensor([0.25, 0.75]))
     assert len(with_difficult) == 3
 
 
-def test_read_voc_box_sizes_errors(voc_writer):
-    voc_writer.annotation("a", [("zebra", (1, 1, 10, 10), 0)])
+def test_read_voc_box_sizes_match_the_training_dataset(voc_writer):
+    # the boxes k-means clusters are exactly those VOCDataset trains on, <size> or not
+    voc_writer.add("a", [("cat", (1, 1, 33, 25), 0), ("dog", (-5, 20, 50, 99), 0)])
+    voc_writer.add("b", [("dog", (3, 4, 60, 40), 1), ("cat", (9, 9, 9, 30), 0)], xml_size=None)
+    voc_writer.add("c", [("dog", (10, 2, 40, 47), 0)], size=(80, 60))
     sets = voc_writer.write_set("trainval")
-    with pytest.raises(ValueError, match=r"class 'zebra' is not in the class list.*--classes"):
-        read_voc_box_sizes(voc_writer.root, sets, ["cat"])
+    for keep_difficult in (False, True):
+        dataset = VOCDataset(voc_writer.root, sets, ["cat", "dog"], keep_difficult=keep_difficult)
+        expected = torch.cat([torch.from_numpy(r.boxes) for r in dataset.records])  # [M, 4]
+        sizes = read_voc_box_sizes(
+            voc_writer.root, sets, ["cat", "dog"], keep_difficult=keep_difficult
+        )
+        torch.testing.assert_close(sizes, expected[:, 2:] - expected[:, :2])
+
+
+def test_read_voc_box_sizes_skip_bad_files_and_unknown_classes(voc_writer, caplog):
+    voc_writer.annotation("good", [("cat", (1, 1, 33, 25), 0), ("zebra", (1, 1, 10, 10), 0)])
+    voc_writer.raw_annotation("broken", "<annotation><object><name>cat</name>")
+    voc_writer.annotation("nan", [("cat", (1, "x", 10, 10), 0)])
+    voc_writer.annotation("nosize", [("cat", (1, 1, 10, 10), 0)], size=None)  # and no image
+    sets = voc_writer.write_set("trainval", ids=["good", "broken", "nan", "nosize", "ghost"])
+    with caplog.at_level(logging.WARNING, logger="utils.anchors"):
+        sizes = read_voc_box_sizes(voc_writer.root, sets, ["cat"])
+    torch.testing.assert_close(sizes, torch.tensor([[0.5, 0.5]]))
+    for name, reason in [
+        ("good", "unknown class 'zebra'"),
+        ("broken", "malformed XML"),
+        ("nan", "bad coordinates"),
+        ("nosize", "no usable <size>"),
+        ("ghost", "missing annotation"),
+    ]:
+        assert any(f"{name}.xml" in line and reason in line for line in caplog.messages), name
+    assert "5 annotation files" in caplog.text and "{'zebra': 1}" in caplog.text
+    with pytest.raises(ValueError, match=r"class 'zebra', which is not in the class list"):
+        read_voc_box_sizes(voc_writer.root, sets, ["cat"], strict=True)
+
+
+def test_read_voc_box_sizes_errors(voc_writer):
     with pytest.raises(FileNotFoundError, match="check --data-root"):
         read_voc_box_sizes(voc_writer.root, [("test", "val")], ["zebra"])
-    voc_writer.write_set("missing", ids=["a", "ghost"])
-    with pytest.raises(FileNotFoundError, match=r"ghost\.xml listed in the image set"):
-        read_voc_box_sizes(voc_writer.root, [("test", "missing")], ["zebra"])
     voc_writer.annotation("c", [], size=(64, 48))
-    voc_writer.write_set("empty", ids=["c"])
+    voc_writer.annotation("d", [("zebra", (1, 1, 10, 10), 0)])
+    voc_writer.write_set("empty", ids=["c", "d"])
     with pytest.raises(ValueError, match="no boxes found"):
-        read_voc_box_sizes(voc_writer.root, [("test", "empty")], ["zebra"])
+        read_voc_box_sizes(voc_writer.root, [("test", "empty")], ["cat"])

@@ -134,7 +134,9 @@ def test_user_errors_return_1_with_the_reason(demo_root, voc_writer, tmp_path, c
     assert kmeans.main([*few, "--k", "3"]) == 1
     assert "k=3 clusters from 2 distinct box sizes" in caplog.text and "lower k" in caplog.text
     voc = ["--data-root", str(demo_root), "--sets", "demo:train", "--out-dir", str(tmp_path)]
-    assert kmeans.main(voc) == 1  # the demo's classes are not VOC's
+    assert kmeans.main(voc) == 1  # the demo's classes are not VOC's: every object is skipped
+    assert "no boxes found" in caplog.text and "--classes FILE" in caplog.text
+    assert kmeans.main([*voc, "--strict"]) == 1
     assert "is not in the class list" in caplog.text
 
 

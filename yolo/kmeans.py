@@ -1,7 +1,7 @@
 """Anchor search by k-means on the training boxes' shapes: the engine of ``kmeans.py``.
 
 Reads every box's (width, height) from a VOC-format dataset's XML (as darknet's
-``voc_label.py``: difficult boxes left out unless asked), runs :func:`utils.anchors.run_kmeans`
+``voc_label.py``: difficult boxes left out unless asked), runs :func:`utils.kmeans.run_kmeans`
 (distance 1 - IoU, k-means++ restarts) for each requested k and writes into ``out_dir``:
 
 - ``anchors-K.json`` for every k: the seed's anchor format (a list of ``{"width": w,
@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.anchors import KMeansResult, read_voc_box_sizes, run_kmeans, save_anchors
+from utils.anchors import read_voc_box_sizes, save_anchors
 from utils.data import VOC_CLASSES, load_classes, parse_sets
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
 from utils.fileio import atomic_write_text
+from utils.kmeans import KMeansResult, run_kmeans
 from utils.visualize import PAPER_CLUSTER_IOU, plot_anchor_clusters, plot_iou_vs_k, save_figure
 from yolo.config import DEMO_ROOT, config_to_dict, flag
 
@@ -66,6 +67,7 @@ class KMeansConfig:
     max_iter: int = flag(300, "most Lloyd iterations per restart")
     seed: int = flag(0, "seed of the k-means++ draws")
     keep_difficult: bool = flag(False, "cluster difficult boxes too (darknet leaves them out)")
+    strict: bool = flag(False, "fail on an object of a class not in the class list (else skip)")
     out_dir: str = flag("model/anchors", "folder for anchors-K.json, *.png and kmeans.json")
     grid_size: int = flag(13, "output grid for the grid-unit anchors (13 at 416, as darknet)")
     threads: int = flag(1, "torch CPU threads (k-means runs many small ops: 1 is fastest)")
@@ -159,7 +161,9 @@ def find_anchors(config: KMeansConfig) -> dict:
     log.info("config: %s", json.dumps(config_to_dict(config)))
     ks = parse_k(config.k)
     root, sets, classes = resolve_dataset(config)
-    wh = read_voc_box_sizes(root, sets, classes, keep_difficult=config.keep_difficult)  # [M, 2]
+    wh = read_voc_box_sizes(  # [M, 2]
+        root, sets, classes, keep_difficult=config.keep_difficult, strict=config.strict
+    )
     log.info("%d boxes from %s, sets %s", len(wh), root, ", ".join(":".join(s) for s in sets))
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
