@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -26,13 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import PIL
 import torch
-import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from bench.common import machine_line
 from utils.data import VOCDataset, build_dataloader
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
 from utils.transforms import build_train_transform
@@ -88,23 +86,6 @@ def measure(datasets: dict, workers: int, batch_size: int, repeats: int) -> dict
     return best
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return (
-        f"{cpu}, {torch.multiprocessing.cpu_count()} CPUs (shared), torch threads 1 per "
-        f"process, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"Pillow {PIL.__version__}"
-    )
-
-
 def write_results(rows: list[dict], settings: dict) -> str:
     header = (
         "| workers | floor img/s | train img/s | floor img/s/worker | train img/s/worker "
@@ -123,7 +104,7 @@ def write_results(rows: list[dict], settings: dict) -> str:
         + "\n".join(lines)
         + f"\n\n{settings['images']} demo images of {settings['min_size']}-{settings['max_size']} "
         f"px, batch {settings['batch_size']}, best of {settings['repeats']} epochs.\n"
-        f"Machine: {settings['machine']}\n"
+        f"{settings['machine']}\n"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "data_throughput.md").write_text(text)
@@ -147,7 +128,6 @@ def main() -> None:
         "size": 416,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
-        "machine": machine_line(),
     }
     with tempfile.TemporaryDirectory() as folder:
         root = generate_demo_dataset(
@@ -180,6 +160,7 @@ def main() -> None:
                 f"{best['train']:.1f} img/s",
                 flush=True,
             )
+    settings["machine"] = machine_line("1 per process")
     print(write_results(rows, settings))
 
 

@@ -14,8 +14,6 @@ Writes bench/results/kmeans_speed.{md,json}.
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import machine_line  # noqa: E402
 from utils.kmeans import run_kmeans  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -48,14 +47,6 @@ def voc_like_box_sizes(num_boxes: int, seed: int) -> torch.Tensor:
     log_wh = np.log(params[cluster, :2]) + rng.normal(size=(num_boxes, 2)) * params[cluster, 2:3]
     pixels = np.clip(np.ceil(np.exp(log_wh) * IMAGE_SIZE), 1, IMAGE_SIZE)  # [M, 2]
     return torch.from_numpy(pixels / IMAGE_SIZE).float()
-
-
-def machine_line() -> str:
-    return (
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"torch threads, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end"
-    )
 
 
 def bench_sweep(wh: torch.Tensor, args: argparse.Namespace) -> list[dict]:

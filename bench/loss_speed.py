@@ -15,7 +15,6 @@ events in time order; it includes the gradient of the raw output.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torchvision.ops import batched_nms  # noqa: E402
 
+from bench.common import machine_line  # noqa: E402
 from utils.anchors import default_anchors  # noqa: E402
 from yolo.converter import decode  # noqa: E402
 from yolo.loss import YOLOv2Loss  # noqa: E402
@@ -189,14 +189,6 @@ def bench_postprocess(args: argparse.Namespace) -> list[dict]:
         })  # fmt: skip
         print(rows[-1])
     return rows
-
-
-def machine_line() -> str:
-    return (
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"torch threads, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end"
-    )
 
 
 def loss_table(rows: list[dict]) -> list[str]:

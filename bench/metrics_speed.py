@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import io
 import json
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from bench.common import machine_line
 from utils.metrics import DetectionEvaluator
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -236,9 +236,7 @@ def main() -> None:
     header = (
         f"{args.images} images, {args.classes} classes, {res['num_ground_truths']} objects "
         f"(+{num_difficult} difficult), {res['num_detections']} detections. "
-        f"Machine: {platform.machine()} {platform.processor() or ''} with "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"numpy {np.__version__}, Python {platform.python_version()}. "
+        f"{machine_line()}. "
         f"DetectionEvaluator (median of {args.repeats}): update {update_s:.3f} s + compute "
         f"{compute_s:.3f} s = {total:.3f} s; VOC07 mAP {res['map_voc07']:.6f}, "
         f"VOC12 mAP {res['map_voc12']:.6f}."

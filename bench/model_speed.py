@@ -9,8 +9,6 @@ per image. Writes bench/results/model_speed.{md,json}.
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from bench.common import machine_line  # noqa: E402
 from yolo.model import MODEL_NAMES, build_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -90,17 +89,6 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
             })  # fmt: skip
             print(f"{name} {device_name} {rows[-1]['dtype']} batch {batch_size}: {speed:.2f} img/s")
     return rows
-
-
-def machine_line() -> str:
-    line = (
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"torch threads, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end"
-    )
-    if torch.cuda.is_available():
-        line += f", GPU {torch.cuda.get_device_name()}"
-    return line
 
 
 def write_results(rows: list[dict], size: int) -> str:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.common import machine_line  # noqa: E402
 from utils.demo import generate_demo_dataset  # noqa: E402
 from yolo.build import (  # noqa: E402
     build_loaders,
@@ -115,26 +114,6 @@ def bench_model(name: str, root: Path, runtime: Runtime, args: argparse.Namespac
         "data_share": timed["data_s"] / total_s, "compute_share": timed["compute_s"] / total_s,
         "ms_per_batch": 1000 * total_s / args.batches,
     }  # fmt: skip
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    line = (
-        f"Machine: {cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads in the "
-        f"main process, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.1f} at the end"
-    )
-    if torch.cuda.is_available():
-        line += f", GPU {torch.cuda.get_device_name()}"
-    return line
 
 
 def write_results(rows: list[dict], settings: dict) -> str:
