@@ -1,5 +1,6 @@
-"""What the bench scripts share: the line naming the machine a result was measured on."""
+"""What the bench scripts share: the line naming the machine, and writing the results."""
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -8,7 +9,11 @@ import numpy as np
 import torch
 import torchvision
 
-__all__ = ["machine_line"]
+from utils.fileio import atomic_write_text
+
+__all__ = ["RESULTS", "machine_line", "save_results"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cpu_name() -> str:
@@ -35,3 +40,9 @@ def machine_line(torch_threads: str | None = None) -> str:
     if torch.cuda.is_available():
         line += f", GPU {torch.cuda.get_device_name()}"
     return line
+
+
+def save_results(name: str, text: str, payload: dict) -> None:
+    """Write ``bench/results/<name>.md`` (``text``) and ``.json`` (``payload``), atomically."""
+    atomic_write_text(RESULTS / f"{name}.md", text)
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")

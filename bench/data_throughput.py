@@ -17,7 +17,6 @@ Writes bench/results/data_throughput.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,12 +29,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from bench.common import machine_line
+from bench.common import machine_line, save_results
 from utils.data import VOCDataset, build_dataloader
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
 from utils.transforms import build_train_transform
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class FloorDataset(Dataset):
@@ -106,10 +103,8 @@ def write_results(rows: list[dict], settings: dict) -> str:
         f"px, batch {settings['batch_size']}, best of {settings['repeats']} epochs.\n"
         f"{settings['machine']}\n"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "data_throughput.md").write_text(text)
     payload = {"settings": settings, "rows": rows}
-    (RESULTS / "data_throughput.json").write_text(json.dumps(payload, indent=2) + "\n")
+    save_results("data_throughput", text, payload)
     return text
 
 

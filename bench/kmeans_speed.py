@@ -13,7 +13,6 @@ Writes bench/results/kmeans_speed.{md,json}.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,10 +23,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import machine_line  # noqa: E402
+from bench.common import machine_line, save_results  # noqa: E402
 from utils.kmeans import run_kmeans  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 IMAGE_SIZE = (500, 375)  # VOC's most common image size (width, height) in pixels
 # (median width, median height, log-normal sigma, share of the boxes), fractions of the image
 SHAPE_CLUSTERS = (
@@ -87,10 +85,8 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> str:
         "",
     ]
     text = "\n".join(lines)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "kmeans_speed.md").write_text(text)
     meta = {**vars(args), "total_seconds": total, "machine": machine_line(), "rows": rows}
-    (RESULTS / "kmeans_speed.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_results("kmeans_speed", text, meta)
     return text
 
 

@@ -13,7 +13,6 @@ events in time order; it includes the gradient of the raw output.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,13 +28,12 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torchvision.ops import batched_nms  # noqa: E402
 
-from bench.common import machine_line  # noqa: E402
+from bench.common import machine_line, save_results  # noqa: E402
 from utils.anchors import default_anchors  # noqa: E402
 from yolo.converter import decode  # noqa: E402
 from yolo.loss import YOLOv2Loss  # noqa: E402
 from yolo.nms import postprocess  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 NUM_CLASSES = 20
 
 
@@ -259,10 +257,8 @@ def write_results(loss_rows: list[dict], post_rows: list[dict]) -> str:
         "",
     ]
     text = "\n".join(lines)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "loss_speed.md").write_text(text)
     meta = {"machine": machine_line(), "loss": loss_rows, "postprocess": post_rows}
-    (RESULTS / "loss_speed.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_results("loss_speed", text, meta)
     return text
 
 

@@ -12,7 +12,6 @@ Run from the repository root: ``.venv/bin/python bench/metrics_speed.py``.
 import argparse
 import contextlib
 import io
-import json
 import statistics
 import sys
 import time
@@ -23,10 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from bench.common import machine_line
+from bench.common import machine_line, save_results
 from utils.metrics import DetectionEvaluator
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _image_objects(rng, num_classes: int, class_weights: np.ndarray) -> np.ndarray:
@@ -252,10 +249,8 @@ def main() -> None:
     )
     text = markdown(rows, total, res, header)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "metrics_speed.md").write_text(text)
     summary = {"header": header, "update_s": update_s, "compute_s": compute_s, "rows": rows}
-    (RESULTS / "metrics_speed.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_results("metrics_speed", text, summary)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ per image. Writes bench/results/model_speed.{md,json}.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,10 +18,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench.common import machine_line  # noqa: E402
+from bench.common import machine_line, save_results  # noqa: E402
 from yolo.model import MODEL_NAMES, build_model  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
 
 
 def count_gflops(model: torch.nn.Module, size: int) -> float:
@@ -112,10 +109,8 @@ def write_results(rows: list[dict], size: int) -> str:
         "",
     ]
     text = "\n".join(lines)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "model_speed.md").write_text(text)
     meta = {"size": size, "machine": machine_line(), "rows": rows}
-    (RESULTS / "model_speed.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_results("model_speed", text, meta)
     return text
 
 

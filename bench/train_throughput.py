@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import machine_line  # noqa: E402
+from bench.common import machine_line, save_results  # noqa: E402
 from utils.demo import generate_demo_dataset  # noqa: E402
 from yolo.build import (  # noqa: E402
     build_loaders,
@@ -47,7 +46,6 @@ from yolo.config import MODELS, TrainConfig  # noqa: E402
 from yolo.runtime import Runtime, seed_everything, setup_runtime  # noqa: E402
 from yolo.train import TrainState, train_one_epoch  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 SIZE = 416
 MIN_SIDE, MAX_SIDE = 375, 500
 # what the flags left unset default to, per device type
@@ -143,10 +141,8 @@ def write_results(rows: list[dict], settings: dict) -> str:
         "",
     ]
     text = "\n".join(lines)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_throughput.md").write_text(text)
     payload = {"settings": settings, "machine": machine_line(), "rows": rows}
-    (RESULTS / "train_throughput.json").write_text(json.dumps(payload, indent=2) + "\n")
+    save_results("train_throughput", text, payload)
     return text
 
 

@@ -1,6 +1,7 @@
 """The test scripts end to end (yolo.evaluate.run_test) and every entry script's --help."""
 
 import json
+import logging
 import runpy
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 import test_yolov2
-from utils.anchors import default_anchors
+from utils.anchors import default_anchors, save_anchors
 from utils.data import load_classes
+from yolo.build import load_trained_model
 from yolo.checkpoint import save_checkpoint
 from yolo.darknet import save_darknet_weights
 from yolo.evaluate import write_voc_results
@@ -124,6 +126,38 @@ def test_darknet_weights_give_what_the_same_checkpoint_gives(tmp_path, demo_root
     from_checkpoint = json.loads((tmp_path / "b" / "metrics.json").read_text())
     for key in (*METRIC_KEYS, "per_class"):
         assert from_darknet[key] == from_checkpoint[key], key
+
+
+def test_a_checkpoint_keeps_its_classes_and_anchors(tmp_path, demo_model, caplog):
+    classes_file = tmp_path / "classes.txt"
+    classes_file.write_text("".join(f"c{index}\n" for index in range(5)))
+    anchors = tmp_path / "anchors.json"
+    save_anchors(default_anchors()[:3] / 2, anchors)
+    weights = tmp_path / "tiny.weights"
+    save_darknet_weights(build_model("tiny", num_classes=5, num_anchors=3), weights)
+    _, classes, loaded = load_trained_model(
+        str(weights), model_name="tiny", classes_file=str(classes_file), anchors_file=str(anchors)
+    )
+    assert classes == tuple(f"c{index}" for index in range(5))
+    torch.testing.assert_close(loaded, default_anchors()[:3] / 2)
+    checkpoint = save_checkpoint(
+        {
+            "model": demo_model.state_dict(),
+            "config": {"model": "tiny"},
+            "classes": list("abcde"),
+            "anchors": default_anchors().tolist(),
+        },
+        tmp_path / "best.pt",
+    )
+    with caplog.at_level(logging.WARNING, logger="yolo.build"):
+        _, classes, loaded = load_trained_model(
+            str(checkpoint),
+            model_name="darknet19",
+            classes_file=str(classes_file),
+            anchors_file=None,
+        )
+    assert classes == tuple("abcde") and torch.equal(loaded, default_anchors())
+    assert "--classes/--anchors ignored: checkpoint" in caplog.text
 
 
 def test_unknown_classes_are_skipped_or_stop_a_strict_run(tmp_path, demo_root, caplog):

@@ -140,11 +140,13 @@ def build_train_model(config, num_classes: int, num_anchors: int) -> nn.Module:
 
 
 def load_trained_model(
-    weights: str, *, model_name: str, classes: tuple[str, ...] | None, anchors_file: str | None
+    weights: str, *, model_name: str, classes_file: str | None, anchors_file: str | None
 ) -> tuple[nn.Module, tuple[str, ...], torch.Tensor]:
     """A model ready for inference from a project checkpoint (.pt) or darknet .weights.
 
-    Returns ``(model, classes, anchors)``; a checkpoint supplies its own classes and anchors.
+    Returns ``(model, classes, anchors)``. darknet .weights take ``classes_file`` and
+    ``anchors_file`` (default VOC's classes and darknet's anchors); a checkpoint supplies its
+    own, and a warning says the files given are ignored.
     """
     path = Path(weights)
     if not path.is_file():
@@ -154,12 +156,14 @@ def load_trained_model(
             "(https://pjreddie.com/media/files/yolov2-voc.weights) with --weights."
         )
     if path.suffix == ".weights":
-        classes = classes or VOC_CLASSES
+        classes = resolve_classes(classes_file)
         anchors = resolve_anchors(anchors_file)
         model = build_model(
             model_name, num_classes=len(classes), num_anchors=len(anchors), pretrained=str(path)
         )
         return model.eval(), classes, anchors
+    if classes_file or anchors_file:
+        log.warning("--classes/--anchors ignored: checkpoint %s holds its own", path)
     state = load_checkpoint(path)
     saved = state["config"]
     classes = tuple(state["classes"])

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from utils.fileio import atomic_open
 from utils.transforms import build_eval_transform
 from utils.visualize import draw_detections
-from yolo.build import load_trained_model, resolve_classes
+from yolo.build import load_trained_model
 from yolo.config import MODELS, flag
 from yolo.nms import postprocess
 from yolo.runtime import select_amp_dtype, select_device
@@ -440,12 +440,10 @@ def _detect_frames(
 def build_detector(config: DetectConfig) -> Detector:
     """Load the weights (checkpoint or darknet) onto the configured device."""
     device = select_device(config.device)
-    if Path(config.weights).suffix != ".weights" and (config.classes or config.anchors):
-        log.warning("--classes/--anchors ignored: checkpoint %s holds its own", config.weights)
     model, class_names, anchors = load_trained_model(
         config.weights,
         model_name=config.model,
-        classes=resolve_classes(config.classes) if config.classes else None,
+        classes_file=config.classes,
         anchors_file=config.anchors,
     )
     log.info(

@@ -20,7 +20,7 @@ from utils.fileio import atomic_write_text
 from utils.metrics import DetectionEvaluator, to_json
 from utils.transforms import build_eval_transform
 from utils.visualize import draw_detections, format_ap_table, plot_pr_curves, save_figure
-from yolo.build import load_trained_model, resolve_classes, resolve_demo
+from yolo.build import load_trained_model, resolve_demo
 from yolo.nms import postprocess
 from yolo.runtime import Runtime, gather_to_main, setup_runtime, teardown_runtime
 
@@ -175,9 +175,11 @@ def run_test(config) -> dict:
 
 
 def _run_test(config, runtime: Runtime) -> dict:
-    classes = resolve_classes(config.classes) if config.classes else None
     model, classes, anchors = load_trained_model(
-        config.weights, model_name=config.model, classes=classes, anchors_file=config.anchors
+        config.weights,
+        model_name=config.model,
+        classes_file=config.classes,
+        anchors_file=config.anchors,
     )
     model = model.to(runtime.device)
     if runtime.device.type == "cuda":

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from utils.fileio import atomic_path
-from yolo.build import load_trained_model, resolve_classes
+from yolo.build import load_trained_model
 from yolo.config import MODELS, flag
 from yolo.converter import decode
 
@@ -278,12 +278,10 @@ def load_for_export(config: ExportConfig):
             "--weights is required: a checkpoint of this project (model/<run>/best.pt) or "
             "darknet's yolov2-voc.weights"
         )
-    if Path(config.weights).suffix != ".weights" and (config.classes or config.anchors):
-        log.warning("--classes/--anchors ignored: checkpoint %s holds its own", config.weights)
     model, classes, anchors = load_trained_model(
         config.weights,
         model_name=config.model,
-        classes=resolve_classes(config.classes) if config.classes else None,
+        classes_file=config.classes,
         anchors_file=config.anchors,
     )
     model = model.cpu().eval()
