@@ -63,6 +63,7 @@ def bench_sweep(wh: torch.Tensor, args: argparse.Namespace) -> list[dict]:
 
 
 def write_results(rows: list[dict], args: argparse.Namespace) -> str:
+    machine = machine_line()  # after the measurements
     total = sum(r["seconds"] for r in rows)
     lines = [
         f"# Anchor k-means: {args.boxes} VOC-like boxes, k = 1..{args.k_max}, "
@@ -81,11 +82,11 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> str:
         "",
         "Synthetic VOC-like shapes (see the script), so the IoUs are not the paper's VOC numbers.",
         f"{args.distinct_shapes} distinct (w, h) shapes among the {args.boxes} boxes.",
-        machine_line(),
+        machine,
         "",
     ]
     text = "\n".join(lines)
-    meta = {**vars(args), "total_seconds": total, "machine": machine_line(), "rows": rows}
+    meta = {**vars(args), "total_seconds": total, "machine": machine, "rows": rows}
     save_results("kmeans_speed", text, meta)
     return text
 

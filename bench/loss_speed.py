@@ -238,6 +238,7 @@ def postprocess_table(rows: list[dict]) -> list[str]:
 
 
 def write_results(loss_rows: list[dict], post_rows: list[dict]) -> str:
+    machine = machine_line()  # after the measurements
     lines = [
         "# Loss and postprocess cost (CPU, float32)",
         "",
@@ -253,11 +254,11 @@ def write_results(loss_rows: list[dict], post_rows: list[dict]) -> str:
         "",
         *postprocess_table(post_rows),
         "",
-        machine_line(),
+        machine,
         "",
     ]
     text = "\n".join(lines)
-    meta = {"machine": machine_line(), "loss": loss_rows, "postprocess": post_rows}
+    meta = {"machine": machine, "loss": loss_rows, "postprocess": post_rows}
     save_results("loss_speed", text, meta)
     return text
 

@@ -89,6 +89,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
 
 
 def write_results(rows: list[dict], size: int) -> str:
+    machine = machine_line()  # after the measurements
     lines = [
         f"# Model forward speed at {size}x{size}",
         "",
@@ -105,11 +106,11 @@ def write_results(rows: list[dict], size: int) -> str:
     lines += [
         "",
         "GFLOPs: torch.utils.flop_counter, 2 FLOPs per multiply-add, one image.",
-        machine_line(),
+        machine,
         "",
     ]
     text = "\n".join(lines)
-    meta = {"size": size, "machine": machine_line(), "rows": rows}
+    meta = {"size": size, "machine": machine, "rows": rows}
     save_results("model_speed", text, meta)
     return text
 

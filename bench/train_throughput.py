@@ -115,6 +115,7 @@ def bench_model(name: str, root: Path, runtime: Runtime, args: argparse.Namespac
 
 
 def write_results(rows: list[dict], settings: dict) -> str:
+    machine = machine_line()  # after the measurements
     lines = [
         f"# Training throughput at {SIZE}x{SIZE}",
         "",
@@ -137,11 +138,11 @@ def write_results(rows: list[dict], settings: dict) -> str:
         "px with the darknet training augmentation, each read once. Data wait: time spent "
         "waiting for the next batch. On the CPU the workers share the cores with the training "
         "step, so their cost shows as slower compute more than as data wait.",
-        machine_line(),
+        machine,
         "",
     ]
     text = "\n".join(lines)
-    payload = {"settings": settings, "machine": machine_line(), "rows": rows}
+    payload = {"settings": settings, "machine": machine, "rows": rows}
     save_results("train_throughput", text, payload)
     return text
 

@@ -279,7 +279,7 @@ def test_missing_anchor_file_and_bad_anchors_to_save(tmp_path):
 
 
 def test_read_voc_box_sizes_skips_difficult_and_degenerate(voc_writer, caplog):
-    voc_writer.annotation(
+    voc_writer.add(
         "a",
         [
             ("cat", (1, 1, 33, 25), 0),  # 32x24 of 64x48
@@ -287,50 +287,57 @@ def test_read_voc_box_sizes_skips_difficult_and_degenerate(voc_writer, caplog):
             ("cat", (5, 5, 5, 20), 0),  # zero width: dropped with a warning
         ],
     )
-    voc_writer.annotation("b", [("dog", (1, 1, 80, 13), None)], size=(64, 48))  # wider: clamped
+    voc_writer.add("b", [("dog", (1, 1, 80, 13), None)])  # wider than the image: clamped
     sets = voc_writer.write_set("trainval")
-    with caplog.at_level(logging.WARNING, logger="utils.anchors"):
+    with caplog.at_level(logging.WARNING):
         sizes = read_voc_box_sizes(voc_writer.root, sets, ["cat", "dog"])
-    torch.testing.assert_close(sizes, torch.tensor([[0.5, 0.5], [1.0, 0.25]]))
+    assert torch.equal(sizes, torch.tensor([[0.5, 0.5], [1.0, 0.25]]))
     assert "zero-area box" in caplog.text and "a.xml" in caplog.text
     with_difficult = read_voc_box_sizes(voc_writer.root, sets, ["cat", "dog"], keep_difficult=True)
     torch.testing.assert_close(with_difficult[1], torch.tensor([0.25, 0.75]))
     assert len(with_difficult) == 3
 
 
-def test_read_voc_box_sizes_match_the_training_dataset(voc_writer):
-    # the boxes k-means clusters are exactly those VOCDataset trains on, <size> or not
-    voc_writer.add("a", [("cat", (1, 1, 33, 25), 0), ("dog", (-5, 20, 50, 99), 0)])
-    voc_writer.add("b", [("dog", (3, 4, 60, 40), 1), ("cat", (9, 9, 9, 30), 0)], xml_size=None)
-    voc_writer.add("c", [("dog", (10, 2, 40, 47), 0)], size=(80, 60))
+def test_read_voc_box_sizes_are_the_training_targets(voc_writer):
+    # the image header's size wins over <size>, as in training; (w, h) = x2 - x1 of the
+    # float32 normalised targets, bit for bit
+    voc_writer.add("a", [("cat", (1, 1, 33, 25), 0)], xml_size=(48, 64))  # <size> is wrong
+    voc_writer.add("b", [("dog", (-5, 20, 50, 99), 0), ("cat", (3, 4, 60, 40), 1)], xml_size=None)
+    voc_writer.add("c", [("dog", (10, 2, 41, 47), 0)], size=(80, 60))
     sets = voc_writer.write_set("trainval")
+    sizes = read_voc_box_sizes(voc_writer.root, sets, ["cat", "dog"])
+    assert torch.equal(sizes[0], torch.tensor([0.5, 0.5]))
     for keep_difficult in (False, True):
         dataset = VOCDataset(voc_writer.root, sets, ["cat", "dog"], keep_difficult=keep_difficult)
-        expected = torch.cat([torch.from_numpy(r.boxes) for r in dataset.records])  # [M, 4]
+        targets = [dataset.get_target(i)["boxes"] for i in range(len(dataset))]  # [G, 4] each
+        expected = torch.cat([t[:, 2:] - t[:, :2] for t in targets])
         sizes = read_voc_box_sizes(
             voc_writer.root, sets, ["cat", "dog"], keep_difficult=keep_difficult
         )
-        torch.testing.assert_close(sizes, expected[:, 2:] - expected[:, :2])
+        assert torch.equal(sizes, expected)
+    assert len(sizes) == 4
 
 
 def test_read_voc_box_sizes_skip_bad_files_and_unknown_classes(voc_writer, caplog):
-    voc_writer.annotation("good", [("cat", (1, 1, 33, 25), 0), ("zebra", (1, 1, 10, 10), 0)])
+    voc_writer.add("good", [("cat", (1, 1, 33, 25), 0), ("zebra", (1, 1, 10, 10), 0)])
+    voc_writer.image("broken")
     voc_writer.raw_annotation("broken", "<annotation><object><name>cat</name>")
-    voc_writer.annotation("nan", [("cat", (1, "x", 10, 10), 0)])
-    voc_writer.annotation("nosize", [("cat", (1, 1, 10, 10), 0)], size=None)  # and no image
-    sets = voc_writer.write_set("trainval", ids=["good", "broken", "nan", "nosize", "ghost"])
-    with caplog.at_level(logging.WARNING, logger="utils.anchors"):
+    voc_writer.add("nan", [("cat", (1, "x", 10, 10), 0)])
+    voc_writer.annotation("noimage", [("cat", (1, 1, 10, 10), 0)])
+    voc_writer.image("ghost")
+    sets = voc_writer.write_set("trainval", ids=["good", "broken", "nan", "noimage", "ghost"])
+    with caplog.at_level(logging.WARNING):
         sizes = read_voc_box_sizes(voc_writer.root, sets, ["cat"])
-    torch.testing.assert_close(sizes, torch.tensor([[0.5, 0.5]]))
+    assert torch.equal(sizes, torch.tensor([[0.5, 0.5]]))
     for name, reason in [
-        ("good", "unknown class 'zebra'"),
-        ("broken", "malformed XML"),
-        ("nan", "bad coordinates"),
-        ("nosize", "no usable <size>"),
-        ("ghost", "missing annotation"),
+        ("good.xml", "unknown class 'zebra'"),
+        ("broken.xml", "malformed XML"),
+        ("nan.xml", "bad coordinates"),
+        ("noimage.jpg", "missing image"),
+        ("ghost.xml", "missing annotation"),
     ]:
-        assert any(f"{name}.xml" in line and reason in line for line in caplog.messages), name
-    assert "5 annotation files" in caplog.text and "{'zebra': 1}" in caplog.text
+        assert any(name in line and reason in line for line in caplog.messages), name
+    assert "{'zebra': 1}" in caplog.text
     with pytest.raises(ValueError, match=r"class 'zebra', which is not in the class list"):
         read_voc_box_sizes(voc_writer.root, sets, ["cat"], strict=True)
 
@@ -338,8 +345,8 @@ def test_read_voc_box_sizes_skip_bad_files_and_unknown_classes(voc_writer, caplo
 def test_read_voc_box_sizes_errors(voc_writer):
     with pytest.raises(FileNotFoundError, match="check --data-root"):
         read_voc_box_sizes(voc_writer.root, [("test", "val")], ["zebra"])
-    voc_writer.annotation("c", [], size=(64, 48))
-    voc_writer.annotation("d", [("zebra", (1, 1, 10, 10), 0)])
+    voc_writer.add("c", [])  # background only
+    voc_writer.add("d", [("zebra", (1, 1, 10, 10), 0)])
     voc_writer.write_set("empty", ids=["c", "d"])
     with pytest.raises(ValueError, match="no boxes found"):
         read_voc_box_sizes(voc_writer.root, [("test", "empty")], ["cat"])

@@ -154,10 +154,22 @@ def test_a_checkpoint_keeps_its_classes_and_anchors(tmp_path, demo_model, caplog
             str(checkpoint),
             model_name="darknet19",
             classes_file=str(classes_file),
-            anchors_file=None,
+            anchors_file=str(anchors),
         )
     assert classes == tuple("abcde") and torch.equal(loaded, default_anchors())
-    assert "--classes/--anchors ignored: checkpoint" in caplog.text
+    assert f"--classes {classes_file} ignored: checkpoint" in caplog.text
+    assert f"--anchors {anchors} ignored: checkpoint" in caplog.text
+    caplog.clear()
+    classes_file.write_text("a\nb\nc\nd\ne\n")  # what the checkpoint holds: nothing to say
+    save_anchors(default_anchors(), anchors)
+    with caplog.at_level(logging.WARNING, logger="yolo.build"):
+        load_trained_model(
+            str(checkpoint),
+            model_name="tiny",
+            classes_file=str(classes_file),
+            anchors_file=str(anchors),
+        )
+    assert "ignored" not in caplog.text
 
 
 def test_unknown_classes_are_skipped_or_stop_a_strict_run(tmp_path, demo_root, caplog):

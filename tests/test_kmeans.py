@@ -125,7 +125,7 @@ def test_unknown_flag_is_an_error(capsys):
 def test_user_errors_return_1_with_the_reason(demo_root, voc_writer, tmp_path, caplog):
     assert kmeans.main(["--data-root", str(tmp_path / "none"), "--out-dir", str(tmp_path)]) == 1
     assert "ImageSets/Main/trainval.txt does not exist: check --data-root" in caplog.text
-    voc_writer.annotation("a", [("cat", (1, 1, 33, 25), 0), ("cat", (1, 1, 9, 9), 0)])
+    voc_writer.add("a", [("cat", (1, 1, 33, 25), 0), ("cat", (1, 1, 9, 9), 0)])
     voc_writer.write_set("trainval")
     classes = voc_writer.root / "classes.txt"
     classes.write_text("cat\n")

@@ -8,19 +8,11 @@ are the seed's format: a JSON list of ``{"width": w, "height": h}``.
 import json
 import logging
 import os
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from utils.data import (
-    SkipFile,
-    VOCAnnotation,
-    parse_annotation,
-    probe_image,
-    read_image_ids,
-    select_objects,
-)
+from utils.data import VOCDataset
 from utils.fileio import atomic_write_text
 
 __all__ = [
@@ -114,75 +106,33 @@ def read_voc_box_sizes(
     keep_difficult: bool = False,
     strict: bool = False,
 ) -> torch.Tensor:
-    """Widths and heights of the boxes of a VOC-format dataset, as training sees them.
+    """Widths and heights of the boxes a :class:`utils.data.VOCDataset` of these sets trains on.
 
     A set ``("2007", "trainval")`` reads ``<root>/VOC2007/ImageSets/Main/trainval.txt`` and the
-    listed ``<root>/VOC2007/Annotations/<id>.xml``. The objects kept are those
-    :class:`utils.data.VOCDataset` trains on (:func:`utils.data.select_objects`): difficult
-    boxes left out unless ``keep_difficult`` (as darknet's ``voc_label.py``), boxes clamped to
-    the image, degenerate boxes dropped, objects of classes not in ``classes`` skipped
-    (``strict``: ValueError). The image size is the XML's ``<size>``, or the image's header
-    when ``<size>`` is missing. A file that cannot be used (missing, malformed XML, bad
-    coordinates, no size) is skipped; every skip is logged once per file, with a count at
-    the end.
+    listed annotations and image headers, through the dataset's own scan, so the boxes are
+    exactly the training targets before augmentation: difficult boxes left out unless
+    ``keep_difficult`` (as darknet's ``voc_label.py``), boxes clamped to the image, degenerate
+    boxes dropped, the image header's size, unusable files and objects of classes not in
+    ``classes`` skipped and reported (``strict``: ValueError on an unknown class).
 
     Returns float32 ``[M, 2]`` (w, h), fractions of the image.
     """
-    class_index = {name: index for index, name in enumerate(classes)}
-    sizes: list[torch.Tensor] = []
-    skipped: list[tuple[Path, str]] = []
-    unknown: Counter[str] = Counter()
     for name, split in sets:
-        folder = Path(root) / f"VOC{name}"
-        set_file = folder / "ImageSets" / "Main" / f"{split}.txt"
+        set_file = Path(root) / f"VOC{name}" / "ImageSets" / "Main" / f"{split}.txt"
         if not set_file.is_file():
             raise FileNotFoundError(
                 f"image list {set_file} does not exist: check --data-root ({root}) and the set "
                 f"{name}:{split} (expected <root>/VOC<name>/ImageSets/Main/<split>.txt)"
             )
-        for image_id in read_image_ids(set_file):
-            xml_path = folder / "Annotations" / f"{image_id}.xml"
-            try:
-                annotation = parse_annotation(xml_path)
-                width, height = _image_size(annotation, folder / "JPEGImages" / f"{image_id}.jpg")
-            except SkipFile as error:
-                skipped.append((xml_path, str(error)))
-                continue
-            kept = select_objects(
-                annotation,
-                xml_path,
-                width,
-                height,
-                class_index,
-                keep_difficult=keep_difficult,
-                strict=strict,
-            )
-            if kept.notes:
-                skipped.append((xml_path, "; ".join(kept.notes)))
-            unknown.update(kept.unknown_classes)
-            corners = torch.from_numpy(kept.corners)  # [G, 4] float64 pixels, 0-based xyxy
-            scale = torch.tensor([width, height], dtype=torch.float64)
-            sizes.append(((corners[:, 2:] - corners[:, :2]) / scale).float())  # [G, 2]
-    for path, reason in skipped:
-        logger.warning("%s: %s", path, reason)
-    if skipped:
-        logger.warning(
-            "%d annotation files had boxes or whole files skipped (reasons above)%s",
-            len(skipped),
-            f"; unknown classes skipped: {dict(unknown)}" if unknown else "",
-        )
-    wh = torch.cat(sizes) if sizes else torch.zeros(0, 2)  # [M, 2]
+    dataset = VOCDataset(root, sets, classes, keep_difficult=keep_difficult, strict=strict)
+    logger.info("boxes of %s", dataset.summary())
+    boxes = torch.cat([torch.from_numpy(record.boxes) for record in dataset.records])  # [M, 4]
+    wh = boxes[:, 2:] - boxes[:, :2]  # [M, 2] float32, as the training targets' (w, h)
     if not len(wh):
-        hint = "pass the dataset's classes with --classes FILE" if unknown else "check the dataset"
+        hint = (
+            "pass the dataset's classes with --classes FILE"
+            if dataset.unknown_classes
+            else "check the dataset"
+        )
         raise ValueError(f"no boxes found under {root} for sets {sets}: {hint}")
     return wh
-
-
-def _image_size(annotation: VOCAnnotation, image_path: Path) -> tuple[float, float]:
-    """(width, height) from ``<size>``, else from the image header; SkipFile when neither."""
-    if annotation.size is not None:
-        return annotation.size
-    try:
-        return probe_image(image_path)
-    except SkipFile as error:
-        raise SkipFile(f"no usable <size>, and the image: {error}") from None

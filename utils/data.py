@@ -56,21 +56,13 @@ from utils.boxes import xyxy_to_cxcywh
 __all__ = [
     "VOC_CLASSES",
     "VOC_TARBALLS",
-    "KeptObjects",
     "SeededSampler",
-    "SkipFile",
-    "VOCAnnotation",
     "VOCDataset",
-    "VOCObject",
     "build_dataloader",
     "collate_detection",
     "download_voc",
     "load_classes",
-    "parse_annotation",
     "parse_sets",
-    "probe_image",
-    "read_image_ids",
-    "select_objects",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,21 +114,15 @@ def parse_sets(specs: Sequence[str]) -> list[tuple[str, str]]:
 # Parsing
 
 
-class SkipFile(Exception):
+class _SkipFile(Exception):
     """The file cannot be used; the message says why."""
 
 
 @dataclass(frozen=True)
-class VOCObject:
+class _Object:
     name: str
     difficult: bool
     corners: tuple[float, float, float, float]  # xmin, ymin, xmax, ymax as written (1-based)
-
-
-@dataclass(frozen=True)
-class VOCAnnotation:
-    objects: list[VOCObject]
-    size: tuple[float, float] | None  # (width, height) of <size>; None if missing or not positive
 
 
 @dataclass(frozen=True)
@@ -150,66 +136,50 @@ class _Record:
     difficult: np.ndarray  # [G] bool
 
 
-def read_image_ids(set_file: Path) -> list[str]:
-    """Image ids of an ``ImageSets/Main/<split>.txt`` file: the first word of each non-blank line
-    (VOC's per-class lists add a ``1``/``-1`` column after it)."""
-    return [line.split()[0] for line in set_file.read_text().splitlines() if line.strip()]
-
-
-def parse_annotation(path: Path) -> VOCAnnotation:
-    """Objects and ``<size>`` of a VOC XML file; raises SkipFile when it cannot be trusted."""
+def _parse_annotation(path: Path) -> list[_Object]:
+    """Objects of a VOC XML file; raises _SkipFile when it cannot be trusted."""
     try:
         root = SafeET.parse(path).getroot()
     except FileNotFoundError:
-        raise SkipFile("missing annotation") from None
+        raise _SkipFile("missing annotation") from None
     except (SafeET.ParseError, DefusedXmlException, OSError) as error:
-        raise SkipFile(f"malformed XML ({type(error).__name__}: {error})") from None
+        raise _SkipFile(f"malformed XML ({type(error).__name__}: {error})") from None
     objects = []
     for index, node in enumerate(root.iter("object")):
         name = (node.findtext("name") or "").strip()
         if not name:
-            raise SkipFile(f"malformed XML (object {index} has no <name>)")
+            raise _SkipFile(f"malformed XML (object {index} has no <name>)")
         corners = []
         for key in ("xmin", "ymin", "xmax", "ymax"):
             text = node.findtext(f"bndbox/{key}")
             try:
                 corners.append(float(text))
             except (TypeError, ValueError):
-                raise SkipFile(f"bad coordinates (object {index} {key}={text!r})") from None
+                raise _SkipFile(f"bad coordinates (object {index} {key}={text!r})") from None
         if not all(np.isfinite(corners)):
-            raise SkipFile(f"bad coordinates (object {index}: {corners})")
+            raise _SkipFile(f"bad coordinates (object {index}: {corners})")
         flag = (node.findtext("difficult") or "0").strip()
         if flag not in ("0", "1"):
-            raise SkipFile(f"malformed XML (object {index} difficult={flag!r}, expected 0 or 1)")
-        objects.append(VOCObject(name, flag == "1", tuple(corners)))
-    return VOCAnnotation(objects, _xml_size(root))
+            raise _SkipFile(f"malformed XML (object {index} difficult={flag!r}, expected 0 or 1)")
+        objects.append(_Object(name, flag == "1", tuple(corners)))
+    return objects
 
 
-def _xml_size(root) -> tuple[float, float] | None:
-    """(width, height) of ``<size>``, or None when missing, not numeric or not positive."""
-    try:
-        size = float(root.findtext("size/width")), float(root.findtext("size/height"))
-    except (TypeError, ValueError):
-        return None
-    return size if all(np.isfinite(size)) and min(size) > 0 else None
-
-
-def probe_image(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header; raises SkipFile for a missing or non-image file."""
+def _probe_image(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header; raises _SkipFile for a missing or non-image file."""
     try:
         if path.stat().st_size == 0:
-            raise SkipFile("empty image file (0 bytes)")
+            raise _SkipFile("empty image file (0 bytes)")
         with Image.open(path) as image:
             return image.size
     except FileNotFoundError:
-        raise SkipFile("missing image") from None
+        raise _SkipFile("missing image") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise SkipFile(f"not an image ({type(error).__name__}: {error})") from None
+        raise _SkipFile(f"not an image ({type(error).__name__}: {error})") from None
 
 
-def _clamped_corners(obj: VOCObject, width: float, height: float) -> tuple[np.ndarray | None, str]:
-    """0-based pixel xyxy float64 ``[4]`` clamped to the image (or None when dropped) and a note
-    (why dropped/clamped, or '')."""
+def _object_box(obj: _Object, width: int, height: int) -> tuple[np.ndarray | None, str]:
+    """Normalised xyxy box (or None when dropped) and a note (why dropped/clamped, or '')."""
     xmin, ymin, xmax, ymax = obj.corners
     if xmax < xmin or ymax < ymin:
         return None, f"inverted box {obj.corners}, dropped"
@@ -220,69 +190,8 @@ def _clamped_corners(obj: VOCObject, width: float, height: float) -> tuple[np.nd
     clamped = np.clip(raw, 0.0, limits)
     if clamped[2] <= clamped[0] or clamped[3] <= clamped[1]:
         return None, f"box {obj.corners} outside the {width}x{height} image, dropped"
-    return clamped, "clamped" if not np.array_equal(raw, clamped) else ""
-
-
-@dataclass(frozen=True)
-class KeptObjects:
-    """What :func:`select_objects` keeps of an annotation's objects, and what it left out.
-
-    ``corners`` float64 ``[G, 4]`` 0-based pixel xyxy clamped to the image, ``labels`` ``[G]``
-    and ``difficult`` ``[G]`` per kept object; ``notes`` why objects were skipped or dropped;
-    ``unknown_classes`` the names of objects skipped for their class; ``num_clamped`` kept boxes
-    that were clamped to the image.
-    """
-
-    corners: np.ndarray
-    labels: list[int]
-    difficult: list[bool]
-    notes: list[str]
-    unknown_classes: list[str]
-    num_clamped: int
-
-
-def select_objects(
-    annotation: VOCAnnotation,
-    xml_path: Path,
-    width: float,
-    height: float,
-    class_index: dict[str, int],
-    *,
-    keep_difficult: bool,
-    strict: bool,
-) -> KeptObjects:
-    """The objects of ``annotation`` (read from ``xml_path``) a ``width`` x ``height`` image keeps.
-
-    Difficult objects are left out unless ``keep_difficult``; an object whose class is not in
-    ``class_index`` is skipped (``strict``: raises ValueError); zero-area, inverted and fully
-    outside boxes are dropped; boxes partly outside the image are clamped (darknet's
-    ``voc_label.py``: a box is ``xmax - xmin`` pixels wide).
-    """
-    corners, labels, difficult, notes, unknown_classes, num_clamped = [], [], [], [], [], 0
-    for index, obj in enumerate(annotation.objects):
-        if obj.difficult and not keep_difficult:
-            continue
-        label = class_index.get(obj.name)
-        if label is None:
-            if strict:
-                raise ValueError(
-                    f"{xml_path}: object {index} has class {obj.name!r}, which is not in the "
-                    f"class list {list(class_index)}: add it to the classes file, or leave "
-                    f"out --strict (strict=False) to skip such objects"
-                )
-            unknown_classes.append(obj.name)
-            notes.append(f"object {index}: unknown class {obj.name!r}, skipped")
-            continue
-        box, note = _clamped_corners(obj, width, height)
-        if box is None:
-            notes.append(f"object {index} ({obj.name}): {note}")
-            continue
-        num_clamped += note == "clamped"
-        corners.append(box)
-        labels.append(label)
-        difficult.append(obj.difficult)
-    corners = np.asarray(corners, dtype=np.float64).reshape(-1, 4)  # [G, 4]
-    return KeptObjects(corners, labels, difficult, notes, unknown_classes, num_clamped)
+    note = "clamped" if not np.array_equal(raw, clamped) else ""
+    return (clamped / limits).astype(np.float32), note
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -363,8 +272,9 @@ class VOCDataset(Dataset):
             raise FileNotFoundError(
                 f"{what} {missing} not found for set {name}:{split}: {_HOW_TO_GET_VOC}"
             )
+        ids = [line.split()[0] for line in set_file.read_text().splitlines() if line.strip()]
         records = []
-        for image_id in read_image_ids(set_file):
+        for image_id in ids:
             record = self._scan_one(folder, image_id)
             if record is not None:
                 records.append(record)
@@ -374,37 +284,48 @@ class VOCDataset(Dataset):
         xml_path = folder / "Annotations" / f"{image_id}.xml"
         image_path = folder / "JPEGImages" / f"{image_id}.jpg"
         try:
-            annotation = parse_annotation(xml_path)
-        except SkipFile as error:
+            objects = _parse_annotation(xml_path)
+        except _SkipFile as error:
             self._skip(xml_path, str(error))
             return None
         try:
-            width, height = probe_image(image_path)
-        except SkipFile as error:
+            width, height = _probe_image(image_path)
+        except _SkipFile as error:
             self._skip(image_path, str(error))
             return None
-        kept = select_objects(
-            annotation,
-            xml_path,
-            width,
-            height,
-            self._class_index,
-            keep_difficult=self.keep_difficult,
-            strict=self.strict,
-        )
-        self.unknown_classes.update(kept.unknown_classes)
-        self.num_clamped += kept.num_clamped
-        if kept.notes:
-            self._skip(xml_path, "; ".join(kept.notes))
-        limits = np.array([width, height, width, height], dtype=np.float64)
+        boxes, labels, difficult, notes = [], [], [], []
+        for index, obj in enumerate(objects):
+            if obj.difficult and not self.keep_difficult:
+                continue
+            label = self._class_index.get(obj.name)
+            if label is None:
+                if self.strict:
+                    raise ValueError(
+                        f"{xml_path}: object {index} has class {obj.name!r}, which is not in the "
+                        f"class list {list(self.classes)}: add it to the classes file, or leave "
+                        f"out --strict (strict=False) to skip such objects"
+                    )
+                self.unknown_classes[obj.name] += 1
+                notes.append(f"object {index}: unknown class {obj.name!r}, skipped")
+                continue
+            box, note = _object_box(obj, width, height)
+            self.num_clamped += note == "clamped"
+            if box is None:
+                notes.append(f"object {index} ({obj.name}): {note}")
+                continue
+            boxes.append(box)
+            labels.append(label)
+            difficult.append(obj.difficult)
+        if notes:
+            self._skip(xml_path, "; ".join(notes))
         return _Record(
             image_id,
             image_path,
             height,
             width,
-            (kept.corners / limits).astype(np.float32),  # [G, 4]
-            np.asarray(kept.labels, dtype=np.int64),
-            np.asarray(kept.difficult, dtype=bool),
+            np.asarray(boxes, dtype=np.float32).reshape(-1, 4),  # [G, 4]
+            np.asarray(labels, dtype=np.int64),
+            np.asarray(difficult, dtype=bool),
         )
 
     def _skip(self, path: Path, reason: str) -> None:

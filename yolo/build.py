@@ -146,7 +146,7 @@ def load_trained_model(
 
     Returns ``(model, classes, anchors)``. darknet .weights take ``classes_file`` and
     ``anchors_file`` (default VOC's classes and darknet's anchors); a checkpoint supplies its
-    own, and a warning says the files given are ignored.
+    own, and a warning says so where the files given differ from it.
     """
     path = Path(weights)
     if not path.is_file():
@@ -162,12 +162,14 @@ def load_trained_model(
             model_name, num_classes=len(classes), num_anchors=len(anchors), pretrained=str(path)
         )
         return model.eval(), classes, anchors
-    if classes_file or anchors_file:
-        log.warning("--classes/--anchors ignored: checkpoint %s holds its own", path)
     state = load_checkpoint(path)
     saved = state["config"]
     classes = tuple(state["classes"])
     anchors = torch.tensor(state["anchors"], dtype=torch.float32)
+    if classes_file and resolve_classes(classes_file) != classes:
+        log.warning("--classes %s ignored: checkpoint %s holds its own", classes_file, path)
+    if anchors_file and not torch.equal(resolve_anchors(anchors_file), anchors):
+        log.warning("--anchors %s ignored: checkpoint %s holds its own", anchors_file, path)
     model = build_model(saved["model"], num_classes=len(classes), num_anchors=len(anchors))
     load_model_weights(model, state["model"], str(path))
     return model.eval(), classes, anchors

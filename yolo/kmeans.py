@@ -1,7 +1,8 @@
 """Anchor search by k-means on the training boxes' shapes: the engine of ``kmeans.py``.
 
-Reads every box's (width, height) from a VOC-format dataset's XML (as darknet's
-``voc_label.py``: difficult boxes left out unless asked), runs :func:`utils.kmeans.run_kmeans`
+Reads the (width, height) of every training box of a VOC-format dataset
+(:func:`utils.anchors.read_voc_box_sizes`: the dataset's targets, difficult boxes left out
+unless asked, as darknet's ``voc_label.py``), runs :func:`utils.kmeans.run_kmeans`
 (distance 1 - IoU, k-means++ restarts) for each requested k and writes into ``out_dir``:
 
 - ``anchors-K.json`` for every k: the seed's anchor format (a list of ``{"width": w,
