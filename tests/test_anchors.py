@@ -22,8 +22,6 @@ from utils.kmeans import (
     _kmeanspp_init,
     _lloyd,
     _nearest_two,
-    kmeans_anchors,
-    kmeans_sweep,
     run_kmeans,
 )
 
@@ -87,9 +85,9 @@ def test_recovers_planted_clusters():
 
 def test_mean_iou_is_the_mean_best_iou_of_the_boxes():
     wh = planted_boxes(per_cluster=50, spread=0.2, seed=1)
-    anchors, mean_iou = kmeans_anchors(wh, 3, restarts=3, seed=2)
-    expected = wh_iou(wh[:, None], anchors[None]).amax(dim=1).mean()
-    assert mean_iou == pytest.approx(float(expected), abs=1e-6)
+    result = run_kmeans(wh, 3, restarts=3, seed=2)
+    expected = wh_iou(wh[:, None], result.anchors[None]).amax(dim=1).mean()
+    assert result.mean_iou == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_deterministic_for_a_seed():
@@ -194,12 +192,11 @@ def test_kmeanspp_draws_with_probability_of_squared_distance():
 
 def test_sweep_and_one_cluster():
     wh = planted_boxes(per_cluster=40, spread=0.2)
-    sweep = kmeans_sweep(wh, range(1, 4), restarts=2)
-    assert list(sweep) == [1, 2, 3]
-    assert [len(anchors) for anchors, _ in sweep.values()] == [1, 2, 3]
-    ious = [iou for _, iou in sweep.values()]
+    sweep = [run_kmeans(wh, k, restarts=2) for k in (1, 2, 3)]
+    assert [len(result.anchors) for result in sweep] == [1, 2, 3]
+    ious = [result.mean_iou for result in sweep]
     assert ious[0] < ious[1] < ious[2]
-    torch.testing.assert_close(sweep[1][0][0], wh.double().mean(dim=0).float())
+    torch.testing.assert_close(sweep[0].anchors[0], wh.double().mean(dim=0).float())
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ import torch
 
 from utils.boxes import wh_iou
 
-__all__ = ["KMeansResult", "kmeans_anchors", "kmeans_sweep", "run_kmeans"]
+__all__ = ["KMeansResult", "run_kmeans"]
 
 
 @dataclass(frozen=True)
@@ -65,21 +65,6 @@ def run_kmeans(
     best = int(torch.argmax(restart_ious))
     anchors = final[best][torch.argsort(final[best].prod(dim=1), stable=True)]  # [k, 2]
     return KMeansResult(anchors, float(restart_ious[best]), iterations, restart_ious)
-
-
-def kmeans_anchors(
-    wh: torch.Tensor, k: int, *, restarts: int = 10, max_iter: int = 300, seed: int = 0
-) -> tuple[torch.Tensor, float]:
-    """Anchors ``[k, 2]`` (sorted by area) and their mean IoU with the boxes ``wh`` ``[M, 2]``."""
-    result = run_kmeans(wh, k, restarts=restarts, max_iter=max_iter, seed=seed)
-    return result.anchors, result.mean_iou
-
-
-def kmeans_sweep(
-    wh: torch.Tensor, ks: list[int] | range, *, restarts: int = 10, seed: int = 0
-) -> dict[int, tuple[torch.Tensor, float]]:
-    """:func:`kmeans_anchors` for every k in ``ks``: ``{k: (anchors [k, 2], mean_iou)}``."""
-    return {k: kmeans_anchors(wh, k, restarts=restarts, seed=seed) for k in ks}
 
 
 def _check_box_sizes(wh: torch.Tensor, k: int, restarts: int, max_iter: int) -> torch.Tensor:
