@@ -1,6 +1,4 @@
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,14 +72,6 @@ def test_help_exits_zero_and_names_the_display_threshold(capsys):
     for flag in ("--weights", "--source", "--classes", "--max-frames", "--show"):
         assert flag in text
     assert "display threshold" in text
-
-
-def test_script_runs_as_main(monkeypatch):
-    script = Path(detect.__file__)
-    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
-    assert exit_info.value.code == 0
 
 
 def test_missing_weights_or_source_is_a_clear_error(tmp_path, tiny_checkpoint, caplog):

@@ -2,8 +2,6 @@
 
 import json
 import logging
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,14 +29,6 @@ def test_help_lists_the_flags(capsys):
         assert flag in text
     for flag in ("--keep-difficult", "--out-dir", "--grid-size", "--threads"):
         assert flag in text
-
-
-def test_script_runs_as_main(monkeypatch):
-    script = Path(kmeans.__file__)
-    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
-    assert exit_info.value.code == 0
 
 
 def test_end_to_end_on_the_demo_dataset(demo_root, tmp_path, caplog):
