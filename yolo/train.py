@@ -104,14 +104,18 @@ def _loss_terms(criterion, raw, targets, state: TrainState) -> dict[str, torch.T
     return terms
 
 
-def _check_finite(sums: dict[str, torch.Tensor], state: TrainState) -> None:
-    values = {k: float(v) for k, v in sums.items()}
+def _finite_values(means: dict[str, torch.Tensor], state: TrainState) -> dict[str, float]:
+    """The step's mean loss terms as floats, in one device-to-host copy; a non-finite term
+    stops the run."""
+    stacked = torch.stack([value.float() for value in means.values()])  # [T]
+    values = dict(zip(means, stacked.tolist(), strict=True))
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         raise FloatingPointError(
             f"non-finite loss at iteration {state.iteration} (epoch {state.epoch}): {bad}. "
             "Checkpoints were left as they were; try a lower --lr."
         )
+    return values
 
 
 def _optimizer_step(optimizer, scaler: torch.amp.GradScaler, lr: float) -> None:
@@ -122,9 +126,9 @@ def _optimizer_step(optimizer, scaler: torch.amp.GradScaler, lr: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _log_step(writer, means: dict[str, torch.Tensor], lr: float, size: int, step: int) -> None:
-    for key, value in means.items():
-        writer.add_scalar(f"train/loss_{key}", float(value), step)
+def _log_step(writer, values: dict[str, float], lr: float, size: int, step: int) -> None:
+    for key, value in values.items():
+        writer.add_scalar(f"train/loss_{key}", value, step)
     writer.add_scalar("train/lr", lr, step)
     writer.add_scalar("train/img_size", size, step)
 
@@ -191,13 +195,13 @@ def train_one_epoch(
             lr = lr_at(state.iteration, state.epoch)
             means = {k: v / accumulated for k, v in sums.items()}
             _optimizer_step(optimizer, scaler, lr)
-            _check_finite(means, state)
+            values = _finite_values(means, state)
             if writer is not None:
-                _log_step(writer, means, lr, size, state.iteration)
+                _log_step(writer, values, lr, size, state.iteration)
             state.iteration += 1
             sums.clear()
             accumulated = 0
-            shown = {k: f"{float(v):.3f}" for k, v in means.items() if k != "prior"}
+            shown = {k: f"{v:.3f}" for k, v in values.items() if k != "prior"}
             bar.set_postfix(
                 **shown,
                 lr=f"{lr:.2e}",
