@@ -119,10 +119,7 @@ def _nms_best_first(
     if count.numel() == 0 or int(count.max()) <= limit:
         return grouped_nms(boxes, scores, groups, iou_threshold)
     order = _sort_by(image, scores)  # [K] by image, then score: the NMS order within groups
-    start = (torch.cumsum(count, 0) - count).repeat_interleave(count)  # [K]
-    rank = torch.empty_like(order).index_copy_(
-        0, order, torch.arange(order.numel(), device=order.device) - start
-    )  # [K] rank within its image
+    rank = torch.empty_like(order).index_copy_(0, order, _rank_in_run(count))  # [K] in image
     kept = _grouped_nms_of(
         (rank < limit).nonzero().squeeze(1), boxes, scores, groups, iou_threshold
     )
@@ -212,10 +209,15 @@ def _top_per_image(
     kept_image = image.index_select(0, kept)  # [K']
     order = _sort_by(kept_image, scores.index_select(0, kept))  # [K'] by image, then score
     kept, kept_image = kept.index_select(0, order), kept_image.index_select(0, order)
-    count = torch.bincount(kept_image, minlength=batch_size)  # [N]
-    start = (torch.cumsum(count, 0) - count).repeat_interleave(count)  # [K']
-    rank = torch.arange(kept.numel(), device=kept.device) - start
+    rank = _rank_in_run(torch.bincount(kept_image, minlength=batch_size))  # [K']
     return kept.index_select(0, (rank < max_detections).nonzero().squeeze(1))
+
+
+def _rank_in_run(count: torch.Tensor) -> torch.Tensor:
+    """Runs of ``count`` ``[N]`` elements laid end to end -> each element's position within
+    its run, ``[sum(count)]`` int64."""
+    start = (torch.cumsum(count, 0) - count).repeat_interleave(count)  # [sum(count)]
+    return torch.arange(start.numel(), device=count.device) - start
 
 
 def _sort_by(major: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
