@@ -1,0 +1,48 @@
+"""yolo.schedule: darknet's burn-in and steps, capped for small datasets; multi-scale sizes."""
+
+import pytest
+
+from yolo.config import TrainConfig
+from yolo.schedule import build_schedule, learning_rate, multiscale_sizes, train_size
+
+
+def test_learning_rate_follows_darknet_burn_in_and_steps():
+    kwargs = {"burn_in": 1000, "lr_steps": (60, 90), "gamma": 0.1}
+    assert learning_rate(1e-3, iteration=0, epoch=0, **kwargs) == 0.0
+    assert learning_rate(1e-3, iteration=500, epoch=0, **kwargs) == pytest.approx(1e-3 / 16)
+    assert learning_rate(1e-3, iteration=1000, epoch=0, **kwargs) == pytest.approx(1e-3)
+    assert learning_rate(1e-3, iteration=5000, epoch=59, **kwargs) == pytest.approx(1e-3)
+    assert learning_rate(1e-3, iteration=5000, epoch=60, **kwargs) == pytest.approx(1e-4)
+    assert learning_rate(1e-3, iteration=9000, epoch=90, **kwargs) == pytest.approx(1e-5)
+
+
+def test_voc_keeps_darknets_burn_in_and_a_small_set_gets_a_few_epochs():
+    config = TrainConfig()
+    voc = build_schedule(config, steps_per_epoch=259)  # 16,551 images / 64
+    assert voc.burn_in == 1000 and voc.low_lr_share() < 0.5
+    small = build_schedule(config, steps_per_epoch=3)  # 160 photos / 64
+    assert small.burn_in == 12
+    assert small.lr_at(12, 0) == pytest.approx(1e-3) and small.low_lr_share() < 0.5
+    # darknet's 1000 steps uncapped would keep the lr below 10% for all of a small run
+    uncapped = build_schedule(TrainConfig(burn_in_epochs=1000), steps_per_epoch=5)
+    assert uncapped.burn_in == 1000 and uncapped.low_lr_share() > 0.5
+    assert uncapped.lr_at(5 * 160 - 1, 159) < 0.01 * 1e-3
+
+
+def test_describe_names_steps_burn_in_and_the_learning_rates():
+    text = build_schedule(TrainConfig(), steps_per_epoch=3).describe()
+    assert "160 epochs of 3 optimizer steps" in text and "burn-in 12 steps (4.0 epochs)" in text
+    assert "0.0001 at epoch 60" in text and "1e-05 at epoch 90" in text
+
+
+def test_multiscale_sizes_follow_min_and_max_size():
+    assert multiscale_sizes(TrainConfig()) == tuple(range(320, 609, 32))
+    assert multiscale_sizes(TrainConfig(min_size=224, max_size=288)) == (224, 256, 288)
+    assert multiscale_sizes(TrainConfig(max_size=704))[-1] == 704
+    assert multiscale_sizes(TrainConfig(multi_scale=False, img_size=256)) == (256,)
+    sizes = (224, 256, 288)
+    drawn = {train_size(b, seed=0, sizes=sizes, every=10) for b in range(0, 2000, 10)}
+    assert drawn == set(sizes)
+    assert train_size(3, seed=0, sizes=sizes, every=10) == train_size(
+        9, seed=0, sizes=sizes, every=10
+    )
