@@ -1,9 +1,19 @@
+import contextlib
+import dataclasses
+import errno
 import os
 
 import pytest
 import torch
 
-from yolo.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+import yolo.checkpoint
+from yolo.checkpoint import (
+    changed_settings,
+    check_resumable,
+    load_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
 from yolo.config import TrainConfig, config_to_dict
 
 
@@ -30,12 +40,17 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint({"model": {}, "config": {}, "epoch": 1}, path)
 
-    def broken_save(obj, handle):
-        handle.write(b"partial")
-        raise OSError("disk full")
+    real_open = yolo.checkpoint.atomic_open
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    @contextlib.contextmanager
+    def failing_midway(path, mode):
+        with real_open(path, mode) as handle:
+            handle.write(b"partial")
+            raise OSError(errno.EIO, "input/output error")
+            yield handle
+
+    monkeypatch.setattr(yolo.checkpoint, "atomic_open", failing_midway)
+    with pytest.raises(OSError, match="input/output error"):
         save_checkpoint({"model": {}, "config": {}, "epoch": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
@@ -84,3 +99,62 @@ def test_resume_check_names_every_mismatch():
         check_resumable(ckpt, other, ("a", "c"), anchors * 2, "x.pt")
     del ckpt["config"]["optimizer"]  # written before --optimizer existed: SGD
     check_resumable(ckpt, saved, ("a", "b"), anchors, "x.pt")
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.zeros(1000)}, "config": {}, "epoch": 1}, path)
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    @contextlib.contextmanager
+    def full(*args, **kwargs):
+        yield FullDisk()
+
+    monkeypatch.setattr(yolo.checkpoint, "atomic_open", full)
+    with pytest.raises(OSError) as info:
+        save_checkpoint({"model": {"w": torch.ones(1000)}, "config": {}, "epoch": 2}, path)
+    message = info.value.strerror
+    assert info.value.errno == errno.ENOSPC and str(path) in message
+    assert "disk is full" in message and "MB needed" in message and "MB free" in message
+    assert "--model-dir" in message and "\n" not in message
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_checkpoints_with_non_finite_weights_are_refused(tmp_path):
+    path = tmp_path / "diverged.pt"
+    weights = {"a": torch.zeros(3), "b": torch.tensor([1.0, float("nan")])}
+    save_checkpoint({"model": weights, "config": {}}, path)
+    with pytest.raises(ValueError, match=r"diverged\.pt holds non-finite weights .* in b"):
+        load_checkpoint(path)
+
+
+def test_checkpoints_before_grid_anchors_are_converted_and_said_so(tmp_path, caplog):
+    path = tmp_path / "old.pt"
+    grid = [[1.3221, 1.73145], [3.19275, 4.00944]]
+    fractions = [[w / 13, h / 13] for w, h in grid]
+    save_checkpoint({"model": {}, "config": {}, "anchors": fractions}, path)
+    ckpt = load_checkpoint(path)
+    torch.testing.assert_close(torch.tensor(ckpt["anchors"]), torch.tensor(grid))
+    assert ckpt["anchors_unit"] == "grid" and "read x13 as grid cells" in caplog.text
+    caplog.clear()
+    save_checkpoint({"model": {}, "config": {}, "anchors": grid, "format": 2}, path)
+    assert load_checkpoint(path)["anchors"] == grid and not caplog.text
+
+
+def test_resume_takes_the_runs_own_settings_and_only_the_flags_given(tmp_path):
+    saved = TrainConfig(model="tiny", run="r", epochs=30, lr=0.01, model_dir=str(tmp_path))
+    save_checkpoint({"model": {}, "config": config_to_dict(saved)}, tmp_path / "r" / "last.pt")
+    preset = TrainConfig(run="r", model_dir=str(tmp_path), resume="last", workers=2)
+    config = resume_settings(preset, frozenset({"run", "model_dir", "resume", "workers"}))
+    assert (config.model, config.epochs, config.lr) == ("tiny", 30, 0.01)
+    assert config.workers == 2 and config.resume == "last"
+    more = resume_settings(
+        dataclasses.replace(preset, epochs=40), frozenset({"run", "model_dir", "resume", "epochs"})
+    )
+    assert more.epochs == 40 and more.lr == 0.01
+    assert changed_settings(saved, more) == "--epochs 30 -> 40"
+    assert resume_settings(TrainConfig(), frozenset()) == TrainConfig()  # no --resume

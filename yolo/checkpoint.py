@@ -1,10 +1,18 @@
-"""Checkpoints: one plain dict, written atomically, read with ``weights_only=True``."""
+"""Checkpoints: one plain dict, written atomically, read with ``weights_only=True``.
+
+``FORMAT`` 2 holds anchors in grid cells (``"anchors_unit": "grid"``). A checkpoint written
+before (no ``"format"`` key) held them as fractions of a 416 image: :func:`load_checkpoint`
+converts it in memory (anchors x 13) and says so; the file itself is never changed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import logging
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -12,19 +20,38 @@ import torch
 from torch import nn
 
 from utils.fileio import atomic_open
-from yolo.config import config_to_dict
+from yolo.config import TrainConfig, config_from_dict, config_to_dict
 
 log = logging.getLogger(__name__)
+
+FORMAT = 2
+LEGACY_GRID_SIZE = 13  # format 1 anchors were fractions of a 416 image: 13 cells
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Write ``state`` to ``path`` through a temp file in the same folder and ``os.replace``.
 
-    A crash while writing leaves the previous file intact.
+    A crash while writing leaves the previous file intact. The checkpoint is serialised in
+    memory first, so a full disk is an ``OSError`` that names the path and the space needed.
     """
-    with atomic_open(path, "wb") as handle:
-        torch.save(state, handle)
-    return Path(path)
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    try:
+        with atomic_open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(
+            error.errno,
+            f"cannot write {path}: the disk is full ({len(data) / 1e6:.0f} MB needed, "
+            f"{free / 1e6:.0f} MB free); free some space or use another --model-dir, then "
+            "resume: the previous checkpoint is intact",
+        ) from None
+    return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -32,7 +59,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     ``torch.load(weights_only=True)`` never runs code from the file; a file that needs arbitrary
     unpickling (a checkpoint from another project, or a malicious one) is refused with an error
-    that says why.
+    that says why. Non-finite weights (a diverged run) are refused too.
     """
     path = Path(path)
     if not path.is_file():
@@ -61,7 +88,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"'config' keys, found {type(state).__name__}"
             + (f" with keys {sorted(state)[:8]}" if isinstance(state, dict) else "")
         )
+    check_finite_weights(state["model"], str(path))
+    return _upgrade(state, path)
+
+
+def _upgrade(state: dict, path: Path) -> dict:
+    """A checkpoint of an earlier format, in today's format (in memory only)."""
+    if state.get("format", 1) >= FORMAT:
+        return state
+    state = dict(state)
+    if "anchors" in state:
+        state["anchors"] = [[v * LEGACY_GRID_SIZE for v in pair] for pair in state["anchors"]]
+        log.warning(
+            "%s was written before anchors were stored in grid cells: its anchors (fractions "
+            "of a 416 image) are read x%d as grid cells",
+            path,
+            LEGACY_GRID_SIZE,
+        )
+    state["format"], state["anchors_unit"] = FORMAT, "grid"
     return state
+
+
+def check_finite_weights(state_dict: dict, source: str) -> None:
+    """Raise a ``ValueError`` naming the first tensor of ``state_dict`` holding NaN or inf."""
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
+            raise ValueError(
+                f"{source} holds non-finite weights (NaN or inf in {key}): it comes from a run "
+                "that diverged; use an earlier checkpoint"
+            )
 
 
 def capture_rng_state() -> dict:
@@ -79,17 +134,20 @@ def restore_rng_state(state: dict) -> None:
 
 
 def load_model_weights(model: nn.Module, state_dict: dict, source: str) -> None:
-    """Strict load with an error that says which shapes differ and from which file."""
+    """Strict load with an error that says which keys or shapes differ and from which file."""
     own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own)
     mismatched = [
         f"{k}: {tuple(v.shape)} in {source} vs {tuple(own[k].shape)} in the model"
         for k, v in state_dict.items()
         if k in own and own[k].shape != v.shape
     ]
+    if missing or unexpected:
+        mismatched.insert(0, f"{len(missing)} missing and {len(unexpected)} unexpected weights")
     if mismatched:
         raise ValueError(
-            f"{source} does not fit this model (another class count, anchor count or "
-            "backbone?): " + "; ".join(mismatched[:4])
+            f"{source} does not fit this {getattr(model, 'backbone_name', 'model')} model "
+            "(another backbone, class count or anchor count?): " + "; ".join(mismatched[:3])
         )
     model.load_state_dict(state_dict)
 
@@ -106,7 +164,8 @@ def check_resumable(ckpt: dict, config, classes, anchors: torch.Tensor, path) ->
         )
     if list(ckpt["classes"]) != list(classes):
         problems.append(f"classes {list(ckpt['classes'])[:5]}... vs {list(classes)[:5]}...")
-    if not torch.allclose(torch.tensor(ckpt["anchors"]), anchors.cpu()):
+    saved_anchors = torch.tensor(ckpt["anchors"])
+    if saved_anchors.shape != anchors.shape or not torch.allclose(saved_anchors, anchors.cpu()):
         problems.append(f"anchors {ckpt['anchors']} vs {anchors.tolist()}")
     if problems:
         raise ValueError(
@@ -119,23 +178,67 @@ def check_resumable(ckpt: dict, config, classes, anchors: torch.Tensor, path) ->
 def training_checkpoint(model, optimizer, scaler, state, config, classes, anchors) -> dict:
     """The one checkpoint dict: weights, optimizer, AMP scaler, counters, config, RNG."""
     return {
+        "format": FORMAT,
         "model": getattr(model, "module", model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "scheduler": {"iteration": state.iteration, "epoch": state.epoch},
         "state": dataclasses.asdict(state),
-        "finished": state.epoch >= config.epochs,
+        "finished": state.epoch >= config.epochs and not state.eval_pending,
         "config": config_to_dict(config),
         "classes": list(classes),
         "anchors": anchors.tolist(),
+        "anchors_unit": "grid",
         "rng": capture_rng_state(),
     }
 
 
-def restore_training(ckpt: dict, model, optimizer, scaler) -> dict:
+def restore_training(ckpt: dict, model, optimizer, scaler, source: str) -> dict:
     """Load weights, optimizer, scaler and RNG from ``ckpt``; returns the saved counters."""
-    load_model_weights(model, ckpt["model"], "checkpoint")
+    load_model_weights(model, ckpt["model"], source)
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     restore_rng_state(ckpt["rng"])
     return dict(ckpt["state"])
+
+
+def checkpoint_to_resume(config, run_dir: Path, classes, anchors) -> dict | None:
+    """The checkpoint ``--resume`` names (checked against this run), or None for a new run."""
+    if not config.resume:
+        if (run_dir / "last.pt").exists():
+            raise FileExistsError(
+                f"run {config.run!r} already has checkpoints in {run_dir}: continue it with "
+                f"--resume, start another with --run NAME, or delete {run_dir} to start over"
+            )
+        return None
+    path = run_dir / "last.pt" if config.resume == "last" else Path(config.resume)
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, config, classes, anchors, path)
+    changed = changed_settings(config_from_dict(TrainConfig, ckpt["config"]), config)
+    if changed:
+        log.warning("resuming %s with changed settings: %s", path, changed)
+    state = ckpt["state"]
+    if "epoch_images" not in state:  # written before runs resumed by images
+        state["epoch_images"] = state["batch"] * ckpt["config"]["batch_size"]
+    return ckpt
+
+
+def changed_settings(saved: TrainConfig, config: TrainConfig) -> str:
+    """``--flag old -> new`` for every setting that differs, the resume flag aside."""
+    old, new = config_to_dict(saved), config_to_dict(config)
+    return ", ".join(
+        f"--{name.replace('_', '-')} {old[name]} -> {new[name]}"
+        for name in new
+        if name != "resume" and old.get(name) != new[name]
+    )
+
+
+def resume_settings(config: TrainConfig, given: frozenset[str]) -> TrainConfig:
+    """For ``--resume``: the run's own saved settings, with only the flags given on the
+    command line changed (``given``), so a resumed run never falls back to a preset's value."""
+    if not config.resume:
+        return config
+    path = Path(config.model_dir) / config.run / "last.pt"
+    path = path if config.resume == "last" else Path(config.resume)
+    saved = config_from_dict(TrainConfig, load_checkpoint(path)["config"])
+    return dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
