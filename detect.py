@@ -9,25 +9,16 @@ python detect.py --weights yolov2-voc.weights --source clip.mp4 ;
 python detect.py --weights model/yolov2/best.pt --source 0 --show
 """
 
-import logging
 import sys
 
-from yolo.cli import USER_ERRORS, setup_logging
-from yolo.config import parse_config
+from yolo.cli import run
 from yolo.detect import DetectConfig, run_detect
 
-PRESET = DetectConfig(model="darknet19", img_size=416, conf_threshold=0.25, out="model/detect")
+PRESET = DetectConfig(model="darknet19", conf_threshold=0.25, out="model/detect")
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(PRESET, argv, __doc__)
-    setup_logging()
-    try:
-        run_detect(config)
-    except (*USER_ERRORS, ImportError) as error:
-        logging.getLogger("detect").error("%s", error)
-        return 1
-    return 0
+    return run(PRESET, argv, __doc__, run_detect)
 
 
 if __name__ == "__main__":

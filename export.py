@@ -12,25 +12,16 @@ python export.py --weights yolov2-voc.weights --out model/export/yolov2-voc.onnx
 python export.py --weights model/yolov2/best.pt --no-decode --img-size 608
 """
 
-import logging
 import sys
 
-from yolo.cli import USER_ERRORS, setup_logging
-from yolo.config import parse_config
-from yolo.export import ExportConfig, ParityError, run_export
+from yolo.cli import run
+from yolo.export import ExportConfig, run_export
 
-PRESET = ExportConfig(model="darknet19", img_size=416, out="model/export/yolov2.onnx")
+PRESET = ExportConfig(model="darknet19", out="model/export/yolov2.onnx")
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(PRESET, argv, __doc__)
-    setup_logging()
-    try:
-        run_export(config)
-    except (*USER_ERRORS, ImportError, ParityError) as error:
-        logging.getLogger("export").error("%s", error)
-        return 1
-    return 0
+    return run(PRESET, argv, __doc__, run_export)
 
 
 if __name__ == "__main__":

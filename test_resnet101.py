@@ -5,14 +5,15 @@ PR curves, drawn detections and FPS, written to --out.
 
 import sys
 
-from yolo.cli import run_testing
+from yolo.cli import run
 from yolo.config import TestConfig
+from yolo.evaluate import run_test
 
-PRESET = TestConfig(model="resnet101", img_size=544, out="model/test-resnet101")
+PRESET = TestConfig(model="resnet101", out="model/test-resnet101")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_testing(PRESET, argv, __doc__)
+    return run(PRESET, argv, __doc__, run_test)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,15 @@ PR curves, drawn detections and FPS, written to --out.
 
 import sys
 
-from yolo.cli import run_testing
+from yolo.cli import run
 from yolo.config import TestConfig
+from yolo.evaluate import run_test
 
-PRESET = TestConfig(model="resnet18", img_size=544, out="model/test-resnet18")
+PRESET = TestConfig(model="resnet18", out="model/test-resnet18")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_testing(PRESET, argv, __doc__)
+    return run(PRESET, argv, __doc__, run_test)
 
 
 if __name__ == "__main__":

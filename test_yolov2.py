@@ -6,14 +6,15 @@ Also takes darknet's own ``yolov2-voc.weights`` (--weights yolov2-voc.weights).
 
 import sys
 
-from yolo.cli import run_testing
+from yolo.cli import run
 from yolo.config import TestConfig
+from yolo.evaluate import run_test
 
-PRESET = TestConfig(model="darknet19", img_size=416, out="model/test-yolov2")
+PRESET = TestConfig(model="darknet19", out="model/test-yolov2")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_testing(PRESET, argv, __doc__)
+    return run(PRESET, argv, __doc__, run_test)
 
 
 if __name__ == "__main__":

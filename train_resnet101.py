@@ -7,8 +7,10 @@ copy of torchvision's ImageNet weights, ``--no-pretrained`` trains the backbone 
 
 import sys
 
-from yolo.cli import run_training
+from yolo.checkpoint import resume_settings
+from yolo.cli import run
 from yolo.config import TrainConfig
+from yolo.train import fit
 
 PRESET = TrainConfig(
     model="resnet101", run="yolov2-resnet101", pretrained="default", eval_img_size=544
@@ -16,7 +18,7 @@ PRESET = TrainConfig(
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_training(PRESET, argv, __doc__)
+    return run(PRESET, argv, __doc__, fit, prepare=resume_settings)
 
 
 if __name__ == "__main__":

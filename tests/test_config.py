@@ -70,7 +70,6 @@ def test_unknown_flag_is_an_error(capsys):
     ("argv", "message"),
     [
         (["--img-size", "400"], "multiple of 32"),
-        (["--model", "vgg16"], "choose one of"),
         (["--val-set", "2007"], "NAME:SPLIT"),
         (["--accum", "0"], "at least 1"),
         (["--model", "resnet18", "--darknet-weights", "x.weights"], "darknet model"),
@@ -80,6 +79,49 @@ def test_invalid_values_fail_with_the_flag_named(argv, message):
     with pytest.raises(SystemExit) as info:
         parse_config(TrainConfig(), argv)
     assert message in str(info.value)
+
+
+def test_enumerated_flags_list_their_choices(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_config(TrainConfig(), ["--model", "vgg16"])
+    assert info.value.code == 2
+    assert "invalid choice: 'vgg16' (choose from 'darknet19', 'tiny'" in capsys.readouterr().err
+    help_text = build_parser(TrainConfig()).format_help()
+    assert "{sgd,adamw}" in help_text and "{global,darknet}" in help_text
+
+
+def test_help_shows_each_default_once_as_typed():
+    help_text = " ".join(build_parser(TrainConfig()).format_help().split())
+    assert "(default: 2007:trainval 2012:trainval)" in help_text
+    assert "(default: 60 90)" in help_text and "(default: --multi-scale)" in help_text
+    assert "default: VOC's 20)" in help_text and "VOC's 20) (default" not in help_text
+    assert "('2007:trainval'" not in help_text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nms-threshold", "1.5"], "an IoU in [0, 1]"),
+        (["--conf-threshold", "-0.1"], "a score in [0, 1)"),
+        (["--lr", "inf"], "a positive number"),
+        (["--lr", "nan"], "a positive number"),
+        (["--run", ""], "--run ''"),
+        (["--run", "../x"], "--run '../x'"),
+        (["--min-size", "224", "--max-size", "300"], "--max-size 300: use a multiple of 32"),
+        (["--weights", "a.pt", "--resume"], "--weights and --resume together"),
+    ],
+)
+def test_values_are_checked_before_any_work(argv, message):
+    with pytest.raises(SystemExit) as info:
+        parse_config(TrainConfig(), argv)
+    assert message in str(info.value)
+
+
+def test_parse_args_says_which_flags_were_given():
+    from yolo.config import parse_args
+
+    config, given = parse_args(TrainConfig(), ["--epochs", "160", "--no-amp", "--debug"])
+    assert given == {"epochs", "amp", "debug"} and config.epochs == 160 and not config.amp
 
 
 def test_round_trip_through_json(tmp_path):

@@ -1,16 +1,21 @@
-"""What the entry scripts share: logging set-up, config parsing, and turning the errors a user
-can fix into one clear line and an exit code instead of a traceback."""
+"""What the entry scripts share: config parsing, logging set-up, and turning the errors a user
+can fix into one clear line and an exit code instead of a traceback (``--debug`` or
+``YOLO_DEBUG=1`` shows it)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
-from yolo.config import parse_config
+from yolo.config import parse_args
 
-# Errors whose message already says what to do; anything else keeps its traceback.
-USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, FloatingPointError)
-EXIT_INTERRUPTED = 130
+# Errors whose message already says what to do: a missing or unwritable file, a full disk, a
+# value out of range, a missing optional package, no network. Anything else keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+EXIT_ERROR = 1
+
+log = logging.getLogger("yolo")
 
 
 def setup_logging() -> None:
@@ -22,29 +27,37 @@ def setup_logging() -> None:
     )
 
 
-def run_training(preset, argv: list[str] | None, description: str | None) -> int:
-    """Parse ``argv`` over ``preset`` and train; 0 when done, 130 when stopped by a signal."""
-    from yolo.train import fit
+def run(
+    preset,
+    argv: list[str] | None,
+    description: str | None,
+    job: Callable,
+    prepare: Callable | None = None,
+) -> int:
+    """Parse ``argv`` over ``preset``, run ``job(config)`` and return the exit code.
 
-    config = parse_config(preset, argv, description)
+    ``prepare(config, given)``, when given, may rewrite the config from the set of flags the
+    command line gave (training uses it to resume with the run's own settings). A job's
+    result may carry ``"exit_code"`` (e.g. 130 after Ctrl-C); user errors give 1.
+    """
+    config, given = parse_args(preset, argv, description)
     setup_logging()
+    debug = "debug" in given or os.environ.get("YOLO_DEBUG") == "1"
     try:
-        summary = fit(config)
+        if prepare is not None:
+            config = prepare(config, given - {"debug"})
+        result = job(config)
     except USER_ERRORS as error:
-        logging.getLogger("train").error("%s", error)
-        return 1
-    return EXIT_INTERRUPTED if summary.get("interrupted") else 0
+        if debug:
+            log.exception("%s", error)
+        else:
+            log.error("%s", _one_line(error))
+        return EXIT_ERROR
+    return result.get("exit_code", 0) if isinstance(result, dict) else 0
 
 
-def run_testing(preset, argv: list[str] | None, description: str | None) -> int:
-    """Parse ``argv`` over ``preset`` and evaluate the weights it names."""
-    from yolo.evaluate import run_test
-
-    config = parse_config(preset, argv, description)
-    setup_logging()
-    try:
-        run_test(config)
-    except USER_ERRORS as error:
-        logging.getLogger("test").error("%s", error)
-        return 1
-    return 0
+def _one_line(error: BaseException) -> str:
+    """The error's message; an ``OSError`` without one says what failed on which file."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error) or type(error).__name__

@@ -1,8 +1,9 @@
 """Run configuration: frozen dataclasses whose fields are the command-line flags.
 
 Each field becomes one ``--kebab-case`` flag (booleans get ``--x/--no-x``, tuples take several
-values); unknown flags are an error. Entry scripts hold a preset instance and call
-:func:`parse_config`, so the three train scripts differ only in their presets.
+values, enumerated fields list their ``choices``); unknown flags are an error. Entry scripts
+hold a preset instance and call :func:`yolo.cli.run`, so the three train scripts differ only
+in their presets. Every value is checked in ``__post_init__``, before any work starts.
 """
 
 from __future__ import annotations
@@ -10,19 +11,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.fileio import atomic_write_text
+from yolo.converter import ASSIGNMENTS
+from yolo.model import MODEL_NAMES
 
-MODELS = ("darknet19", "tiny", "resnet18", "resnet50", "resnet101")
+MODELS = MODEL_NAMES
 OPTIMIZERS = ("sgd", "adamw")
 DEMO_ROOT = "data/demo"
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def flag(default, help_text: str, **extra):
-    """A config field that becomes the flag ``--<field-name>`` (see :func:`build_parser`)."""
+    """A config field that becomes the flag ``--<field-name>`` (see :func:`build_parser`);
+    ``choices=...`` lists the values argparse accepts."""
     return field(default=default, metadata={"help": help_text, **extra})
 
 
@@ -30,7 +37,7 @@ def flag(default, help_text: str, **extra):
 class TrainConfig:
     """Everything a training run depends on; stored in every checkpoint."""
 
-    model: str = flag("darknet19", f"backbone, one of {', '.join(MODELS)}")
+    model: str = flag("darknet19", "backbone", choices=MODELS)
     # --run-name too: torchrun's parser reads a bare --run as an abbreviation of its --run-path
     run: str = flag("yolov2", "run name: logs/<run>/ and model/<run>/", alias="--run-name")
     data_root: str = flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
@@ -43,18 +50,21 @@ class TrainConfig:
     batch_size: int = flag(16, "images per forward pass (per GPU)")
     accum: int = flag(4, "batches accumulated per optimizer step (64 = batch * accum * GPUs)")
     img_size: int = flag(416, "training size when multi-scale is off")
-    eval_img_size: int = flag(416, "evaluation size")
-    multi_scale: bool = flag(True, "a random size in 320..608 every --multi-scale-every batches")
+    eval_img_size: int = flag(416, "evaluation size (test, detect and export default to it)")
+    multi_scale: bool = flag(True, "a random size in --min-size..--max-size every few batches")
     multi_scale_every: int = flag(10, "batches between multi-scale size changes")
-    min_size: int = flag(320, "smallest multi-scale size")
-    max_size: int = flag(608, "largest multi-scale size")
-    optimizer: str = flag("sgd", "sgd (darknet's) | adamw (converges in fewer steps)")
+    min_size: int = flag(320, "smallest multi-scale size (a multiple of 32)")
+    max_size: int = flag(608, "largest multi-scale size (a multiple of 32)")
+    optimizer: str = flag(
+        "sgd", "sgd is darknet's; adamw converges in fewer steps", choices=OPTIMIZERS
+    )
     lr: float = flag(1e-3, "peak learning rate")
     momentum: float = flag(0.9, "SGD momentum; AdamW's beta1")
     weight_decay: float = flag(
         5e-4, "weight decay on conv/linear weights, not biases or BN (AdamW: decoupled)"
     )
     burn_in: int = flag(1000, "optimizer steps of darknet's burn-in, lr * (i / burn_in) ** 4")
+    burn_in_epochs: int = flag(4, "the burn-in lasts at most this many epochs (small datasets)")
     lr_steps: tuple[int, ...] = flag((60, 90), "epochs at which lr is multiplied by --lr-gamma")
     lr_gamma: float = flag(0.1, "lr factor at each of --lr-steps")
     jitter: float = flag(0.3, "darknet jitter of the random crop")
@@ -64,18 +74,22 @@ class TrainConfig:
     flip: float = flag(0.5, "horizontal flip probability")
     keep_difficult: bool = flag(False, "train on difficult objects too (darknet leaves them out)")
     strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
-    assignment: str = flag("global", "loss target assignment: global | darknet")
+    assignment: str = flag("global", "loss target assignment", choices=ASSIGNMENTS)
     conf_threshold: float = flag(0.005, "evaluation score threshold")
     nms_threshold: float = flag(0.45, "evaluation NMS IoU threshold")
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
     workers: int = flag(4, "data loader worker processes")
     seed: int = flag(0, "seed for shuffling, augmentation and initialisation")
     resume: str | None = flag(None, "resume model/<run>/last.pt, or the PATH given", const="last")
-    weights: str | None = flag(None, "initialise the model from a checkpoint of this project")
+    weights: str | None = flag(
+        None, "start from a checkpoint of this project or darknet weights (e.g. yolov2-voc)"
+    )
     pretrained: str | None = flag(
         None, "ImageNet backbone weights: torchvision's (no PATH) or a local PATH", const="default"
     )
-    darknet_weights: str | None = flag(None, "darknet .weights file, e.g. darknet19_448.conv.23")
+    darknet_weights: str | None = flag(
+        None, "darknet backbone .weights (a file, or the name darknet19_448.conv.23)"
+    )
     amp: bool = flag(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
     eval_every: int = flag(1, "evaluate every N epochs (and always after the last)")
     num_vis_images: int = flag(4, "validation images drawn to tensorboard each evaluation")
@@ -84,17 +98,24 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
-        _check(self.assignment in ("global", "darknet"), "--assignment: global or darknet")
+        _check(self.assignment in ASSIGNMENTS, f"--assignment: one of {ASSIGNMENTS}")
         _check(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: one of {OPTIMIZERS}")
+        _check_run_name(self.run)
         for name in ("img_size", "eval_img_size", "min_size", "max_size"):
-            value = getattr(self, name)
-            _check(value > 0 and value % 32 == 0, f"--{_kebab(name)} {value}: use a multiple of 32")
+            _check_size(name, getattr(self, name))
         _check(self.min_size <= self.max_size, "--min-size must not exceed --max-size")
         for name in ("epochs", "batch_size", "accum", "multi_scale_every", "eval_every"):
             _check(getattr(self, name) >= 1, f"--{_kebab(name)} must be at least 1")
-        _check(self.lr > 0, f"--lr {self.lr}: must be positive")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr}: a positive number")
+        for name in ("momentum", "weight_decay", "lr_gamma", "burn_in", "burn_in_epochs"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"--{_kebab(name)} {value}: must be >= 0")
+        _check(self.momentum < 1, f"--momentum {self.momentum}: must be below 1")
         _check(self.workers >= 0, "--workers must be >= 0")
         _check(list(self.lr_steps) == sorted(self.lr_steps), "--lr-steps must be increasing")
+        _check_thresholds(self.conf_threshold, self.nms_threshold)
+        _check(not (self.weights and self.resume), "--weights and --resume together: --resume "
+               "continues a run with its own weights; leave out --weights")  # fmt: skip
         if self.darknet_weights and self.model not in ("darknet19", "tiny"):
             raise ValueError(f"--darknet-weights needs a darknet model, not --model {self.model}")
         for spec in (*self.train_sets, self.val_set):
@@ -107,15 +128,18 @@ class TestConfig:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    weights: str | None = flag(None, "checkpoint .pt of this project, or darknet .weights")
-    model: str = flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
+    weights: str | None = flag(
+        None, "checkpoint .pt of this project, darknet .weights, or a name such as yolov2-voc"
+    )
+    model: str = flag("darknet19", "model for darknet .weights files", choices=MODELS)
     data_root: str = flag("data/VOCdevkit", "VOCdevkit folder")
     val_set: str = flag("2007:test", "NAME:SPLIT to evaluate")
     classes: str | None = flag(None, "classes file (default: the checkpoint's, else VOC's)")
     anchors: str | None = flag(None, "anchors JSON (default: the checkpoint's, else darknet's)")
     demo: bool = flag(False, "evaluate on the demo dataset's val split")
     strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
-    img_size: int = flag(416, "evaluation size")
+    img_size: int | None = flag(None, "evaluation size (default: the checkpoint's, else 416)")
+    letterbox: bool = flag(False, "resize keeping the aspect ratio (darknet's letterbox_image)")
     conf_threshold: float = flag(0.005, "score threshold")
     nms_threshold: float = flag(0.45, "NMS IoU threshold")
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
@@ -129,8 +153,11 @@ class TestConfig:
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
-        _check(self.img_size % 32 == 0, f"--img-size {self.img_size}: use a multiple of 32")
+        if self.img_size is not None:
+            _check_size("img_size", self.img_size)
         _check(self.batch_size >= 1 and self.workers >= 0, "--batch-size >= 1, --workers >= 0")
+        _check(self.fps_iters >= 1, "--fps-iters must be at least 1")
+        _check_thresholds(self.conf_threshold, self.nms_threshold)
         _check(self.val_set.count(":") == 1, f"--val-set {self.val_set!r}: write NAME:SPLIT")
 
 
@@ -139,23 +166,62 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_size(name: str, value: int) -> None:
+    _check(value > 0 and value % 32 == 0, f"--{_kebab(name)} {value}: use a multiple of 32")
+
+
+def _check_thresholds(conf_threshold: float, nms_threshold: float) -> None:
+    _check(0 <= conf_threshold < 1, f"--conf-threshold {conf_threshold}: a score in [0, 1)")
+    _check(0 <= nms_threshold <= 1, f"--nms-threshold {nms_threshold}: an IoU in [0, 1]")
+
+
+def _check_run_name(run: str) -> None:
+    _check(
+        bool(_RUN_NAME.fullmatch(run)),
+        f"--run {run!r}: use letters, digits, '.', '_' or '-' (it names model/<run>/ and "
+        "logs/<run>/)",
+    )
+
+
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _shown(value) -> str:
+    """A default as a user types it: tuples space-separated, booleans as the flag to pass."""
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def _help(item: dataclasses.Field, default) -> str:
+    text = item.metadata.get("help", "")
+    if default is None or isinstance(default, bool) or "default" in text:
+        return text
+    return f"{text} (default: {_shown(default)})"
+
+
 def build_parser(preset, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of ``preset``'s dataclass, defaulting to it."""
+    """An argparse parser with one flag per field of ``preset``'s dataclass.
+
+    Flags not given are absent from the parsed namespace (``default=SUPPRESS``), so
+    :func:`parse_args` knows which flags the user gave; the help shows the preset's values.
+    """
     parser = argparse.ArgumentParser(
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # a misspelt flag must fail, not match a longer one
+        argument_default=argparse.SUPPRESS,
     )
     hints = typing.get_type_hints(type(preset))
     for item in dataclasses.fields(preset):
         option, default = f"--{_kebab(item.name)}", getattr(preset, item.name)
-        kind, help_text = hints[item.name], item.metadata.get("help", "")
-        kwargs = {"dest": item.name, "default": default, "help": help_text}
+        kind = hints[item.name]
+        kwargs = {"dest": item.name, "help": _help(item, default)}
+        if "choices" in item.metadata:
+            kwargs["choices"] = item.metadata["choices"]
         if kind is bool:
+            kwargs["help"] += f" (default: {'--' if default else '--no-'}{_kebab(item.name)})"
             parser.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(kind) is tuple:
             elem = typing.get_args(kind)[0]
@@ -176,17 +242,28 @@ def build_parser(preset, description: str | None = None) -> argparse.ArgumentPar
             elem = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
             names = (option, item.metadata["alias"]) if "alias" in item.metadata else (option,)
             parser.add_argument(*names, type=elem, **kwargs)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     return parser
+
+
+def parse_args(preset, argv: list[str] | None = None, description: str | None = None):
+    """Apply command-line overrides to a preset -> ``(config, given)``: ``given`` is the set of
+    field names the command line set, and ``config.debug`` is not a field: ``--debug`` is in
+    ``given`` as "debug". Unknown flags and invalid values exit with an error."""
+    args = vars(build_parser(preset, description).parse_args(argv))
+    given = frozenset(args)
+    debug = args.pop("debug", False)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    try:
+        config = dataclasses.replace(preset, **values)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    return config, (given - {"debug"}) | ({"debug"} if debug else set())
 
 
 def parse_config(preset, argv: list[str] | None = None, description: str | None = None):
     """Apply command-line overrides to a preset; unknown flags exit with an error."""
-    args = build_parser(preset, description).parse_args(argv)
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
-    try:
-        return dataclasses.replace(preset, **values)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    return parse_args(preset, argv, description)[0]
 
 
 def config_to_dict(config) -> dict:

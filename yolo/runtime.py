@@ -6,12 +6,17 @@ import logging
 import os
 import random
 import signal
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 log = logging.getLogger(__name__)
+
+# The signals that stop a run cleanly at the next optimizer step; the exit code is 128 + signum.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -31,18 +36,51 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    def autocast(self) -> AbstractContextManager:
+        """Mixed precision for forward passes (a no-op in fp32)."""
+        return torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        )
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch on this device; channels_last on CUDA, where convolutions run faster so."""
+        images = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
 
 def select_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without it is an error, not a fallback."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {name}: CUDA is not available here; use --device cpu")
+            raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -94,16 +132,17 @@ def broadcast_flag(flag: bool, runtime: Runtime) -> bool:
     """True on every rank when any rank says True (used for stop requests)."""
     if not runtime.distributed:
         return flag
-    value = torch.tensor([int(flag)])
+    value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks at a safe point.
+    """Turns SIGINT, SIGTERM and SIGHUP into a flag the loop checks at a safe point.
 
-    A second signal of the same kind restores the default behaviour, so pressing Ctrl-C twice
-    still stops a run that is stuck.
+    A second signal of the same kind stops at once, as the default handler would (Ctrl-C twice
+    stops a run that is stuck). ``exit_code`` is the shell's ``128 + signal`` (130 for Ctrl-C,
+    143 for SIGTERM, 129 for SIGHUP).
     """
 
     def __init__(self) -> None:
@@ -111,7 +150,7 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -120,14 +159,24 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if self.signum == signum:
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
         self.signum = signum
         log.warning(
-            "%s received: saving a checkpoint at the next step, then stopping",
+            "%s received: saving a checkpoint at the next step, then stopping "
+            "(send it again to stop at once)",
             signal.Signals(signum).name,
         )
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum if self.signum is not None else 0
