@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
 import yolo.build
+import yolo.train
+from utils.data import VOCDataset
 from yolo.checkpoint import load_checkpoint
 from yolo.config import TrainConfig
+from yolo.rundir import RunLock
 from yolo.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +101,14 @@ def test_two_epochs_write_logs_checkpoints_and_metrics(straight_run):
         assert logged(log_dir, tag), tag
     sizes = {value for _, value in logged(log_dir, "train/img_size")}
     assert sizes <= {64.0, 96.0, 128.0}
+    assert logged(log_dir, "train/num_dropped")
+    history = ckpt["state"]["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert all(row["loss_total"] > 0 and 0 <= row["map_voc07"] <= 1 for row in history)
+    assert (run_dir / "results.png").read_bytes().startswith(b"\x89PNG")
+    best = load_checkpoint(run_dir / "best.pt")["state"]
+    assert best["best_map"] == ckpt["state"]["best_map"] == max(r["map_voc07"] for r in history)
+    assert best["epoch"] == ckpt["state"]["best_epoch"]
 
 
 def test_loss_goes_down_on_a_fixed_batch(tmp_path, demo_root):
@@ -110,11 +122,12 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, demo_root):
     assert len(losses) == 10 and losses[-1] < 0.6 * losses[0], losses
 
 
-def test_resume_is_exact(tmp_path, demo_root, straight_run):
+def test_resume_is_exact(tmp_path, demo_root, straight_run, caplog):
     reference, _ = straight_run
     config = make_config(tmp_path, demo_root, epochs=1)
     fit(config)
     summary = fit(dataclasses.replace(config, epochs=2, resume="last"))
+    assert "changed settings: --epochs 1 -> 2" in caplog.text
     assert summary["finished"]
     assert_same_weights(
         weights_of(tmp_path / "model/t/last.pt"),
@@ -150,19 +163,25 @@ def _signal_at_batch(monkeypatch, batch: int, signum: int) -> None:
     _hook_training_model(monkeypatch, hook)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
 def test_signal_saves_and_resume_mid_epoch_is_exact(
-    tmp_path, demo_root, straight_run, monkeypatch, signum, capsys
+    tmp_path, demo_root, straight_run, monkeypatch, signum, caplog
 ):
     reference, _ = straight_run
     config = make_config(tmp_path, demo_root)
     _signal_at_batch(monkeypatch, batch=5, signum=signum)
     summary = fit(config)
-    assert summary["interrupted"]
+    assert summary["interrupted"] and summary["exit_code"] == 128 + signum
     state = load_checkpoint(tmp_path / "model/t/last.pt")["state"]
     assert (state["epoch"], state["batch"], state["iteration"]) == (1, 2, 5)
+    assert state["epoch_images"] == 16
+    command = caplog.text.split("Resume with:\n")[1].split("\n")[0].split()
+    assert command[2:] == ["--run-name", "t", "--resume", "--model-dir", config.model_dir]
     monkeypatch.undo()
+    orphan = tmp_path / "model/t/.last.pt.x1y2.tmp"  # what a write killed midway leaves
+    orphan.write_bytes(b"partial")
     fit(dataclasses.replace(config, resume="last"))
+    assert not orphan.exists()
     assert_same_weights(
         weights_of(tmp_path / "model/t/last.pt"),
         weights_of(Path(reference.model_dir) / "t/last.pt"),
@@ -170,6 +189,8 @@ def test_signal_saves_and_resume_mid_epoch_is_exact(
     assert logged(tmp_path / "logs/t", "train/loss_total") == logged(
         Path(reference.log_dir) / "t", "train/loss_total"
     )
+    # epoch 1 ran whole; epoch 2 was cut in two, so it has no epoch time
+    assert [step for step, _ in logged(tmp_path / "logs/t", "time/epoch_s")] == [3]
 
 
 def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path, demo_root, monkeypatch):
@@ -184,7 +205,7 @@ def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path, demo_root,
         return output
 
     _hook_training_model(monkeypatch, poison)
-    with pytest.raises(FloatingPointError, match=r"iteration 4 .*epoch 1") as info:
+    with pytest.raises(FloatingPointError, match=r"iteration 4 .*epoch 2") as info:
         fit(config)
     assert "nan" in str(info.value).lower()
     assert load_checkpoint(tmp_path / "model/t/last.pt")["state"]["epoch"] == 1
@@ -249,3 +270,142 @@ def test_ddp_with_two_gloo_processes(tmp_path, demo_root):
     # 24 images over 2 ranks: 12 each, batch 8 -> 2 batches per rank, 24 images seen in all
     assert (state["epoch"], state["iteration"], state["seen"]) == (1, 2, 24)
     assert logged(tmp_path / "logs/t", "val/map_voc07")
+
+
+def _run_killed(tmp_path: Path, demo_root: Path, after: str) -> subprocess.CompletedProcess:
+    """Train one epoch in a subprocess that kill -9s itself right after writing ``after``."""
+    driver = f"""
+import os, signal
+from pathlib import Path
+import yolo.train
+from tests.test_train import make_config
+write = yolo.train.save_checkpoint
+def save(state, path):
+    write(state, path)
+    if Path(path).name == {after!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+yolo.train.save_checkpoint = save
+yolo.train.fit(make_config(Path({str(tmp_path)!r}), Path({str(demo_root)!r}), epochs=1))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", driver], cwd=REPO, env=env, capture_output=True, timeout=240
+    )
+
+
+def test_kill_between_best_and_last_keeps_the_pair_consistent(tmp_path, demo_root):
+    result = _run_killed(tmp_path, demo_root, after="best.pt")
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    run_dir = tmp_path / "model/t"
+    last = load_checkpoint(run_dir / "last.pt")["state"]
+    assert last["epoch"] == 1 and last["eval_pending"] and last["best_map"] is None
+    summary = fit(make_config(tmp_path, demo_root, epochs=1, resume="last"))
+    assert summary["finished"]
+    last, best = (load_checkpoint(run_dir / name) for name in ("last.pt", "best.pt"))
+    assert not last["state"]["eval_pending"] and last["finished"]
+    assert last["state"]["best_map"] == best["state"]["best_map"] == summary["best_map"]
+    assert_same_weights(last["model"], best["model"])  # one epoch: the best is the last
+
+
+def test_sigterm_during_evaluation_saves_the_trained_epoch(
+    tmp_path, demo_root, straight_run, monkeypatch
+):
+    reference, _ = straight_run
+    config = make_config(tmp_path, demo_root)
+    evaluate = yolo.train.evaluate
+
+    def interrupted_evaluation(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(yolo.train, "evaluate", interrupted_evaluation)
+    summary = fit(config)
+    assert summary["interrupted"] and summary["exit_code"] == 143
+    ckpt = load_checkpoint(tmp_path / "model/t/last.pt")
+    assert ckpt["state"]["epoch"] == 1 and ckpt["state"]["eval_pending"]
+    assert not (tmp_path / "model/t/best.pt").exists()
+    monkeypatch.undo()
+    fit(dataclasses.replace(config, resume="last"))
+    assert_same_weights(
+        weights_of(tmp_path / "model/t/last.pt"),
+        weights_of(Path(reference.model_dir) / "t/last.pt"),
+    )
+    ours = load_checkpoint(tmp_path / "model/t/last.pt")["state"]["history"]
+    theirs = load_checkpoint(Path(reference.model_dir) / "t/last.pt")["state"]["history"]
+    assert [row["map_voc07"] for row in ours] == [row["map_voc07"] for row in theirs]
+
+
+def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path, demo_root, monkeypatch):
+    build = yolo.build.build_training
+
+    def patched(*args, **kwargs):
+        model, criterion, optimizer, scaler = build(*args, **kwargs)
+        steps = {"n": 0}
+
+        def poison(optimizer, *_):
+            steps["n"] += 1
+            if steps["n"] == 3:  # the epoch's last step: before the fix, saved and evaluated
+                next(model.parameters()).data.fill_(float("inf"))
+
+        optimizer.register_step_post_hook(poison)
+        return model, criterion, optimizer, scaler
+
+    monkeypatch.setattr(yolo.train, "build_training", patched)
+    with pytest.raises(FloatingPointError, match=r"made the weights non-finite at iteration 2"):
+        fit(make_config(tmp_path, demo_root))
+    assert not list((tmp_path / "model/t").glob("*.pt"))
+
+
+def test_a_second_run_in_the_same_folder_stops_at_once(tmp_path, demo_root):
+    config = make_config(tmp_path, demo_root)
+    with RunLock(tmp_path / "model/t"), pytest.raises(FileExistsError, match=r"in use by pid"):
+        fit(config)
+    assert not (tmp_path / "model/t/last.pt").exists()
+
+
+def test_resume_mid_epoch_with_another_batch_size_trains_the_right_images(
+    tmp_path, demo_root, monkeypatch
+):
+    # a dead run's events (no checkpoint): a fresh start must not append to them
+    with SummaryWriter(tmp_path / "logs/t") as writer:
+        for step in range(8):
+            writer.add_scalar("train/loss_total", 999.0, step)
+    config = make_config(tmp_path, demo_root, eval_every=2)
+    _signal_at_batch(monkeypatch, batch=2, signum=signal.SIGINT)
+    fit(config)
+    assert load_checkpoint(tmp_path / "model/t/last.pt")["state"]["epoch_images"] == 16
+    monkeypatch.undo()
+    fit(dataclasses.replace(config, resume="last", batch_size=4))
+    state = load_checkpoint(tmp_path / "model/t/last.pt")["state"]
+    # epoch 1: 2 steps of 8 images, then the other 8 images in 2 steps of 4; epoch 2: 6 steps
+    assert (state["seen"], state["iteration"]) == (48, 10)
+    steps = [step for step, _ in logged(tmp_path / "logs/t", "train/loss_total")]
+    assert steps == list(range(10))
+    assert 999.0 not in {value for _, value in logged(tmp_path / "logs/t", "train/loss_total")}
+
+
+def test_a_killed_data_worker_saves_the_run_and_says_how_to_resume(
+    tmp_path, demo_root, straight_run, monkeypatch
+):
+    reference, _ = straight_run
+    config = make_config(tmp_path, demo_root, workers=1)
+    original = VOCDataset.__getitem__
+    calls = {"n": 0}
+
+    def dying(self, key):  # runs in the worker process, which inherits the patch by fork
+        calls["n"] += 1
+        if calls["n"] == 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, key)
+
+    monkeypatch.setattr(VOCDataset, "__getitem__", dying)
+    with pytest.raises(ChildProcessError, match=r"worker.*resume with fewer workers.*--workers 0"):
+        fit(config)
+    state = load_checkpoint(tmp_path / "model/t/last.pt")["state"]
+    assert state["iteration"] == state["batch"] >= 1 and state["epoch_images"] == 8 * state["batch"]
+    monkeypatch.undo()
+    fit(dataclasses.replace(config, resume="last", workers=0))
+    assert_same_weights(
+        weights_of(tmp_path / "model/t/last.pt"),
+        weights_of(Path(reference.model_dir) / "t/last.pt"),
+    )

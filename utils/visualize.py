@@ -26,6 +26,7 @@ __all__ = [
     "plot_anchor_clusters",
     "plot_iou_vs_k",
     "plot_pr_curves",
+    "plot_training_history",
     "save_figure",
 ]
 
@@ -121,6 +122,35 @@ def format_ap_table(res: dict, class_names=None) -> str:
     total = str(res.get("num_ground_truths", "-"))
     lines.append(f"{'mean':<{width}} {total:>6} " + " ".join(f"{_cell(m):>7}" for m in means))
     return "\n".join(lines)
+
+
+HISTORY_PANELS = (
+    ("loss_total", "loss (total)"),
+    ("loss_coord", "loss coord"),
+    ("loss_obj", "loss obj"),
+    ("loss_noobj", "loss noobj"),
+    ("loss_cls", "loss cls"),
+    ("lr", "learning rate"),
+    ("map_voc07", "VOC07 mAP"),
+    ("map_coco", "COCO mAP .5:.95"),
+)
+
+
+def plot_training_history(history: list[dict]) -> Figure:
+    """A training run's curves per epoch: the mean loss terms, the learning rate and the
+    validation mAP (evaluated epochs only). ``history`` holds one dict per epoch with an
+    ``"epoch"`` key and any of the keys of ``HISTORY_PANELS``; missing values are skipped."""
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(HISTORY_PANELS) // 2).ravel()
+    for ax, (key, title) in zip(axes, HISTORY_PANELS, strict=True):
+        points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.grid(True, alpha=0.3)
+    return fig
 
 
 def class_colour(label: int) -> tuple[int, int, int]:

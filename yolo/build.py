@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from yolo.runtime import Runtime
 log = logging.getLogger(__name__)
 
 DEMO_CLASSES_FILE = "demo_classes.txt"
+DARKNET_IMG_SIZE = 416  # what yolov2-voc.cfg evaluates at
 
 
 def resolve_demo(config):
@@ -42,7 +44,7 @@ def resolve_classes(classes_file: str | None) -> tuple[str, ...]:
 
 
 def resolve_anchors(anchors_file: str | None) -> torch.Tensor:
-    """``[A, 2]`` anchors as fractions of the image: the file's, else darknet's VOC set."""
+    """``[A, 2]`` anchors in grid cells: the file's, else darknet's VOC set."""
     return load_anchors(anchors_file) if anchors_file else default_anchors()
 
 
@@ -71,42 +73,6 @@ def build_optimizer(
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
-def learning_rate(
-    base_lr: float,
-    *,
-    iteration: int,
-    epoch: int,
-    burn_in: int,
-    lr_steps: tuple[int, ...],
-    gamma: float,
-) -> float:
-    """Darknet's burn-in ``lr * (i / burn_in) ** 4`` for the first optimizer steps, then steps.
-
-    ``iteration`` counts optimizer steps (darknet's batches of 64 images); ``lr_steps`` are
-    epochs, as the paper states its schedule (/10 at epochs 60 and 90).
-    """
-    factor = gamma ** sum(epoch >= step for step in lr_steps)
-    if iteration < burn_in:
-        factor *= (iteration / burn_in) ** 4
-    return base_lr * factor
-
-
-def lr_schedule(config):
-    """``lr_at(iteration, epoch)``: the learning rate of the config's schedule (burn-in, steps)."""
-
-    def lr_at(iteration: int, epoch: int) -> float:
-        return learning_rate(
-            config.lr,
-            iteration=iteration,
-            epoch=epoch,
-            burn_in=config.burn_in,
-            lr_steps=config.lr_steps,
-            gamma=config.lr_gamma,
-        )
-
-    return lr_at
-
-
 def build_training(config, num_classes: int, anchors: torch.Tensor, runtime: Runtime):
     """Model (on the device; channels_last on CUDA), loss, optimizer and AMP scaler of a run."""
     device = runtime.device
@@ -125,6 +91,11 @@ def build_training(config, num_classes: int, anchors: torch.Tensor, runtime: Run
     return model, criterion, optimizer, scaler
 
 
+def initial_weights(model: nn.Module, weights: str) -> None:
+    """``--weights`` of a new run: start from a checkpoint of this project."""
+    load_model_weights(model, load_checkpoint(weights)["model"], weights)
+
+
 def build_train_model(config, num_classes: int, num_anchors: int) -> nn.Module:
     """The model a training run starts from: darknet weights, ImageNet weights or scratch."""
     pretrained: bool | str = False
@@ -139,21 +110,30 @@ def build_train_model(config, num_classes: int, num_anchors: int) -> nn.Module:
     )
 
 
+class TrainedModel(NamedTuple):
+    """A model ready for inference and what it needs: its class names, its anchors ``[A, 2]``
+    (grid cells) and the input size it was evaluated at in training."""
+
+    model: nn.Module
+    classes: tuple[str, ...]
+    anchors: torch.Tensor
+    img_size: int
+
+
 def load_trained_model(
     weights: str, *, model_name: str, classes_file: str | None, anchors_file: str | None
-) -> tuple[nn.Module, tuple[str, ...], torch.Tensor]:
-    """A model ready for inference from a project checkpoint (.pt) or darknet .weights.
+) -> TrainedModel:
+    """A model in eval mode from a project checkpoint (.pt) or darknet .weights.
 
-    Returns ``(model, classes, anchors)``. darknet .weights take ``classes_file`` and
-    ``anchors_file`` (default VOC's classes and darknet's anchors); a checkpoint supplies its
-    own, and a warning says so where the files given differ from it.
+    darknet .weights take ``classes_file`` and ``anchors_file`` (default VOC's classes and
+    darknet's anchors) and are evaluated at 416; a checkpoint supplies its own classes,
+    anchors and evaluation size, and a warning says so where the files given differ from it.
     """
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(
-            f"weights {path} not found. Train a model (it lands in model/<run>/best.pt), put "
-            "released weights into ./model, or pass darknet's yolov2-voc.weights "
-            "(https://pjreddie.com/media/files/yolov2-voc.weights) with --weights."
+            f"weights {path} not found. Train a model (it lands in model/<run>/best.pt), or "
+            "pass darknet's weights by name (e.g. --weights yolov2-voc) or file"
         )
     if path.suffix == ".weights":
         classes = resolve_classes(classes_file)
@@ -161,7 +141,7 @@ def load_trained_model(
         model = build_model(
             model_name, num_classes=len(classes), num_anchors=len(anchors), pretrained=str(path)
         )
-        return model.eval(), classes, anchors
+        return TrainedModel(model.eval(), classes, anchors, DARKNET_IMG_SIZE)
     state = load_checkpoint(path)
     saved = state["config"]
     classes = tuple(state["classes"])
@@ -172,7 +152,35 @@ def load_trained_model(
         log.warning("--anchors %s ignored: checkpoint %s holds its own", anchors_file, path)
     model = build_model(saved["model"], num_classes=len(classes), num_anchors=len(anchors))
     load_model_weights(model, state["model"], str(path))
-    return model.eval(), classes, anchors
+    img_size = saved.get("eval_img_size", DARKNET_IMG_SIZE)
+    return TrainedModel(model.eval(), classes, anchors, img_size)
+
+
+def require_weights(config) -> None:
+    """Test, detect and export need ``--weights``; say which kinds it takes."""
+    if not config.weights:
+        raise ValueError(
+            "--weights is required: a checkpoint of this project (model/<run>/best.pt), "
+            "darknet's .weights file, or a name such as yolov2-voc"
+        )
+
+
+def build_val_loader(config, classes, transform, *, workers: int, runtime: Runtime):
+    """The validation set of ``config.val_set`` and its (sharded, unshuffled) loader."""
+    dataset = VOCDataset(
+        config.data_root,
+        parse_sets([config.val_set]),
+        classes,
+        keep_difficult=True,
+        strict=config.strict,
+        transform=transform,
+    )
+    if runtime.is_main:
+        log.info("val set: %s", dataset.summary())
+    return build_dataloader(
+        dataset, batch_size=config.batch_size, shuffle=False, seed=0, workers=workers,
+        num_replicas=runtime.world_size, rank=runtime.rank,
+    )  # fmt: skip
 
 
 def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
@@ -192,23 +200,13 @@ def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
             flip_p=config.flip,
         ),
     )
-    val_set = VOCDataset(
-        config.data_root,
-        parse_sets([config.val_set]),
-        classes,
-        keep_difficult=True,
-        strict=config.strict,
-        transform=build_eval_transform(config.eval_img_size),
-    )
-    for name, dataset in (("train", train_set), ("val", val_set)):
-        if runtime.is_main:
-            log.info("%s set: %s", name, dataset.summary())
-    common = {
-        "workers": config.workers,
-        "seed": config.seed,
-        "num_replicas": runtime.world_size,
-        "rank": runtime.rank,
-    }
-    train_loader = build_dataloader(train_set, batch_size=config.batch_size, shuffle=True, **common)
-    val_loader = build_dataloader(val_set, batch_size=config.batch_size, shuffle=False, **common)
+    if runtime.is_main:
+        log.info("train set: %s", train_set.summary())
+    train_loader = build_dataloader(
+        train_set, batch_size=config.batch_size, shuffle=True, workers=config.workers,
+        seed=config.seed, num_replicas=runtime.world_size, rank=runtime.rank,
+    )  # fmt: skip
+    transform = build_eval_transform(config.eval_img_size)
+    val_loader = build_val_loader(config, classes, transform, workers=config.workers,
+                                  runtime=runtime)  # fmt: skip
     return train_loader, val_loader

@@ -15,24 +15,23 @@ from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from utils.data import VOCDataset, build_dataloader, parse_sets
 from utils.fileio import atomic_write_text
 from utils.metrics import DetectionEvaluator, to_json
 from utils.transforms import build_eval_transform
 from utils.visualize import draw_detections, format_ap_table, plot_pr_curves, save_figure
-from yolo.build import load_trained_model, resolve_demo
+from yolo.build import build_val_loader, load_trained_model, require_weights, resolve_demo
 from yolo.nms import postprocess
-from yolo.runtime import Runtime, gather_to_main, setup_runtime, teardown_runtime
+from yolo.rundir import check_writable
+from yolo.runtime import (
+    Runtime,
+    broadcast_flag,
+    gather_to_main,
+    setup_runtime,
+    teardown_runtime,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
-
-
-def _autocast(runtime: Runtime):
-    return torch.autocast(
-        runtime.device.type,
-        dtype=runtime.amp_dtype or torch.float32,
-        enabled=runtime.amp_dtype is not None,
-    )
 
 
 @torch.no_grad()
@@ -47,35 +46,38 @@ def evaluate(
     nms_threshold: float = 0.45,
     num_vis_images: int = 0,
     records: list | None = None,
+    stop=None,
 ) -> tuple[dict | None, list]:
     """Detections on a validation loader scored by :class:`DetectionEvaluator`.
 
     Each rank evaluates its shard; detections are gathered (and de-duplicated by image id, since
     a sharded sampler may repeat images to even out the ranks) so that the main rank scores the
-    whole set; other ranks get ``None``. Returns ``(metrics, samples)`` with up to
-    ``num_vis_images`` samples ``(image [3,H,W], detections [K,6], ground truth [G,6])``.
+    whole set; other ranks get ``None``. An image the dataset could not read counts with no
+    detections, so its objects are misses (``res["unreadable_images"]`` lists them). Returns
+    ``(metrics, samples)`` with up to ``num_vis_images`` samples ``(image [3,H,W], detections
+    [K,6], ground truth [G,6])``; ``(None, [])`` when ``stop`` was requested meanwhile.
     ``records``, when given, receives ``(image_id, orig_size, detections)`` for every image.
     """
-    model = (model.module if hasattr(model, "module") else model).eval()
-    device, anchors = runtime.device, anchors.to(runtime.device)
+    model = unwrap(model).eval()
+    anchors = anchors.to(runtime.device)
     local, samples = [], []
     for images, _, metas in tqdm(loader, desc="eval", disable=not runtime.is_main, leave=False):
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(runtime):
+        if stop is not None and stop.requested:
+            break
+        images = runtime.to_device(images)
+        with runtime.autocast():
             raw = model(images)
         detections = postprocess(
-            raw.float(),
-            anchors,
-            conf_threshold=conf_threshold,
-            nms_threshold=nms_threshold,
-            max_detections=100,
+            raw.float(), anchors, conf_threshold=conf_threshold, nms_threshold=nms_threshold
         )
         for image, dets, meta in zip(images, detections, metas, strict=True):
-            local.append((meta["image_id"], tuple(meta["orig_size"]), dets.cpu(), meta["gt"]))
+            dets = dets[:0] if meta.get("unreadable") else dets.cpu()
+            local.append((meta["image_id"], tuple(meta["orig_size"]), dets, meta["gt"],
+                          bool(meta.get("unreadable"))))  # fmt: skip
             if len(samples) < num_vis_images:
-                samples.append((image.float().cpu(), dets.cpu(), meta["gt"]))
+                samples.append((image.float().cpu(), dets, meta["gt"]))
+    if stop is not None and broadcast_flag(stop.requested, runtime):
+        return None, []
     gathered = {rec[0]: rec for rec in gather_to_main(local, runtime)}
     if not runtime.is_main:
         return None, samples
@@ -83,7 +85,18 @@ def evaluate(
     evaluator.update([r[2] for r in gathered.values()], [r[3] for r in gathered.values()])
     if records is not None:
         records.extend((r[0], r[1], r[2]) for r in gathered.values())
-    return evaluator.compute(), samples
+    res = evaluator.compute()
+    res["unreadable_images"] = sorted(r[0] for r in gathered.values() if r[4])
+    if res["unreadable_images"]:
+        log.warning("%d unreadable images counted with no detections: %s",
+                    len(res["unreadable_images"]), res["unreadable_images"][:10])  # fmt: skip
+    return res, samples
+
+
+def summary_line(res: dict) -> str:
+    """The five headline numbers as one JSON line."""
+    keys = ("map_voc07", "map_voc12", "map_coco", "ap50_coco", "ap75_coco")
+    return json.dumps({k: round(res[k], 4) for k in keys})
 
 
 def log_evaluation(writer, res: dict, samples: list, classes, step: int) -> None:
@@ -117,9 +130,7 @@ def measure_fps(
     """Batch-1 frames per second: the model alone (as the seed's table) and end to end with
     postprocess; synchronised on CUDA so the clock measures the GPU's work."""
     device = runtime.device
-    image = torch.rand(1, 3, img_size, img_size, device=device)
-    if device.type == "cuda":
-        image = image.contiguous(memory_format=torch.channels_last)
+    image = runtime.to_device(torch.rand(1, 3, img_size, img_size))
     anchors = anchors.to(device)
     results = {}
     for name, with_post in (("fps_model", False), ("fps_end_to_end", True)):
@@ -127,15 +138,14 @@ def measure_fps(
             if i == warmup:
                 _sync(device)
                 start = time.perf_counter()
-            with _autocast(runtime):
+            with runtime.autocast():
                 raw = model(image)
             if with_post:
                 postprocess(raw.float(), anchors)
         _sync(device)
         results[name] = iters / (time.perf_counter() - start)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[runtime.amp_dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return {**results, "device": name, "precision": precision, "img_size": img_size}
+    return {**results, "device": name, "precision": runtime.precision, "img_size": img_size}
 
 
 def write_voc_results(records: list, classes: tuple[str, ...], out_dir: str | Path) -> None:
@@ -161,12 +171,9 @@ def write_voc_results(records: list, classes: tuple[str, ...], out_dir: str | Pa
 
 def run_test(config) -> dict:
     """Evaluate ``config.weights`` on ``config.val_set``; write metrics, plots and samples."""
-    if not config.weights:
-        raise ValueError(
-            "--weights is required: a checkpoint of this project (model/<run>/best.pt) or "
-            "darknet's yolov2-voc.weights (https://pjreddie.com/media/files/yolov2-voc.weights)"
-        )
+    require_weights(config)
     config = resolve_demo(config)
+    check_writable(Path(config.out), "--out")
     runtime = setup_runtime(config.device, config.amp)
     try:
         return _run_test(config, runtime)
@@ -175,27 +182,19 @@ def run_test(config) -> dict:
 
 
 def _run_test(config, runtime: Runtime) -> dict:
-    model, classes, anchors = load_trained_model(
+    trained = load_trained_model(
         config.weights,
         model_name=config.model,
         classes_file=config.classes,
         anchors_file=config.anchors,
     )
-    model = model.to(runtime.device)
+    classes, anchors = trained.classes, trained.anchors
+    img_size = config.img_size or trained.img_size
+    model = trained.model.to(runtime.device)
     if runtime.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    dataset = VOCDataset(
-        config.data_root,
-        parse_sets([config.val_set]),
-        classes,
-        keep_difficult=True,
-        strict=config.strict,
-        transform=build_eval_transform(config.img_size),
-    )
-    log.info("val set: %s", dataset.summary())
-    loader = build_dataloader(
-        dataset, batch_size=config.batch_size, shuffle=False, seed=0, workers=config.workers
-    )
+    transform = build_eval_transform(img_size)
+    loader = build_val_loader(config, classes, transform, workers=config.workers, runtime=runtime)
     records: list = []
     res, samples = evaluate(
         model,
@@ -209,13 +208,11 @@ def _run_test(config, runtime: Runtime) -> dict:
         records=records,
     )
     out = Path(config.out)
-    (out / "detections").mkdir(parents=True, exist_ok=True)
-    fps = measure_fps(
-        model, anchors, img_size=config.img_size, runtime=runtime, iters=config.fps_iters
-    )
+    fps = measure_fps(model, anchors, img_size=img_size, runtime=runtime, iters=config.fps_iters)
     metrics = {**to_json(res), **fps, "weights": str(config.weights)}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     save_figure(plot_pr_curves(res, classes), out / "pr_curves.png")
+    (out / "detections").mkdir(parents=True, exist_ok=True)
     for i, (image, dets, gt) in enumerate(samples):
         draw_detections(image, dets, classes, ground_truths=gt).save(
             out / "detections" / f"{i:03d}.jpg", quality=90
@@ -224,7 +221,7 @@ def _run_test(config, runtime: Runtime) -> dict:
         write_voc_results(records, classes, config.save_voc_results)
     sys.stdout.write(format_ap_table(res, classes) + "\n")
     sys.stdout.write(
-        f"FPS at {config.img_size} on {fps['device']} ({fps['precision']}), batch 1: model "
+        f"FPS at {img_size} on {fps['device']} ({fps['precision']}), batch 1: model "
         f"{fps['fps_model']:.1f}, end to end {fps['fps_end_to_end']:.1f}\nwrote {out}/\n"
     )
     return metrics

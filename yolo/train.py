@@ -1,24 +1,27 @@
-"""Training engine: :func:`fit` runs a training, :func:`train_one_epoch` and :func:`evaluate` are
-its parts. Objects are built once in :func:`fit` and passed in explicitly.
+"""Training engine: :func:`fit` runs a training, :func:`train_one_epoch` and
+:func:`yolo.evaluate.evaluate` are its parts. Objects are built once at the top of ``fit`` and
+passed in explicitly; the epoch loop below them is the whole life of a run.
 
 Every tensorboard tag is logged against the optimizer step (darknet's iteration), so that a
 resumed run purges exactly the steps an interrupted one logged after its checkpoint.
+
+What a run survives: ``last.pt`` is written at every epoch's end *before* the evaluation (a
+stop during it loses nothing; the evaluation runs again on resume), ``best.pt`` is written
+before the ``last.pt`` that records its mAP, so the two always agree; SIGINT, SIGTERM, SIGHUP
+and a killed data loader worker save at the last optimizer step; weights that become
+non-finite stop the run before anything is saved; one process at a time holds the run folder.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
-import random
-import shlex
-import sys
 import time
 from collections import defaultdict
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -26,29 +29,33 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from utils.transforms import (
-    MULTISCALE_SIZES,
-    resize_batch,
-)
-from utils.visualize import format_ap_table
+from utils.transforms import resize_batch
 from yolo.build import (
     build_loaders,
     build_training,
-    lr_schedule,
+    initial_weights,
     resolve_anchors,
     resolve_classes,
     resolve_demo,
 )
 from yolo.checkpoint import (
-    check_resumable,
-    load_checkpoint,
-    load_model_weights,
+    checkpoint_to_resume,
     restore_training,
     save_checkpoint,
     training_checkpoint,
 )
-from yolo.config import config_to_dict, save_config_json
-from yolo.evaluate import evaluate, log_evaluation
+from yolo.config import TrainConfig, save_config_json
+from yolo.evaluate import evaluate
+from yolo.report import (
+    config_text,
+    record_epoch,
+    record_evaluation,
+    report_end,
+    report_epoch,
+    report_start,
+    resume_command,
+)
+from yolo.rundir import RunLock, check_writable, remove_stale_temp_files
 from yolo.runtime import (
     Runtime,
     StopRequest,
@@ -56,81 +63,56 @@ from yolo.runtime import (
     seed_everything,
     setup_runtime,
     teardown_runtime,
+    unwrap,
 )
+from yolo.schedule import Schedule, build_schedule, multiscale_sizes, train_size
 
 log = logging.getLogger(__name__)
-
-LOSS_TERMS = ("total", "coord", "obj", "noobj", "cls", "prior")
 
 
 @dataclass
 class TrainState:
-    """Counters that locate a run in its schedule; all saved in the checkpoint."""
+    """Where a run is in its schedule; all of it is saved in the checkpoint."""
 
-    epoch: int = 0  # the epoch in progress (or the next one, between epochs)
-    batch: int = 0  # batches of ``epoch`` already done
+    epoch: int = 0  # epochs trained
+    batch: int = 0  # batches of the epoch in progress done by this process
+    epoch_images: int = 0  # images of the epoch in progress done by all processes
     iteration: int = 0  # optimizer steps so far
     batches: int = 0  # batches so far, over all epochs (drives multi-scale)
     seen: int = 0  # images seen by the whole run (drives the loss's prior term)
     best_map: float | None = None  # best val map_voc07 so far
+    best_epoch: int | None = None
+    eval_pending: bool = False  # epoch ``epoch`` is trained but not yet evaluated
+    history: list[dict] = field(default_factory=list)  # one row per epoch, for results.png
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+class DataLoaderDied(RuntimeError):
+    """A data loader worker died (usually killed for memory); the state is the last step's."""
 
 
-def train_size(batches: int, *, seed: int, sizes: tuple[int, ...], every: int) -> int:
-    """Multi-scale size of batch number ``batches``: one random size per block of ``every``,
-    drawn from (seed, block) alone, so every rank and a resumed run agree."""
-    return random.Random(seed * 1_000_003 + batches // every).choice(sizes)
+class MetricLogger:
+    """Running means of the loss terms and the time split of an epoch (torchvision's
+    ``MetricLogger`` idea): ``update`` per optimizer step, ``means()`` at the end."""
 
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self.images = 0
+        self.data_s = 0.0
+        self.compute_s = 0.0
+        self.started = time.perf_counter()
 
-def _multiscale_sizes(config) -> tuple[int, ...]:
-    if not config.multi_scale:
-        return (config.img_size,)
-    return tuple(s for s in MULTISCALE_SIZES if config.min_size <= s <= config.max_size) or (
-        config.img_size,
-    )
+    def update(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] += value
+        self.steps += 1
 
+    def means(self) -> dict[str, float]:
+        return {key: total / max(self.steps, 1) for key, total in self.sums.items()}
 
-def _loss_terms(criterion, raw, targets, state: TrainState) -> dict[str, torch.Tensor]:
-    try:
-        terms = criterion(raw, targets, seen=state.seen)
-    except ValueError as error:
-        raise FloatingPointError(
-            f"stopping at iteration {state.iteration} (epoch {state.epoch}, batch "
-            f"{state.batch}): {error}. Checkpoints were left as they were; try a lower --lr."
-        ) from None
-    return terms
-
-
-def _finite_values(means: dict[str, torch.Tensor], state: TrainState) -> dict[str, float]:
-    """The step's mean loss terms as floats, in one device-to-host copy; a non-finite term
-    stops the run."""
-    stacked = torch.stack([value.float() for value in means.values()])  # [T]
-    values = dict(zip(means, stacked.tolist(), strict=True))
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        raise FloatingPointError(
-            f"non-finite loss at iteration {state.iteration} (epoch {state.epoch}): {bad}. "
-            "Checkpoints were left as they were; try a lower --lr."
-        )
-    return values
-
-
-def _optimizer_step(optimizer, scaler: torch.amp.GradScaler, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scaler.step(optimizer)  # skips the step when AMP found inf/NaN gradients
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _log_step(writer, values: dict[str, float], lr: float, size: int, step: int) -> None:
-    for key, value in values.items():
-        writer.add_scalar(f"train/loss_{key}", value, step)
-    writer.add_scalar("train/lr", lr, step)
-    writer.add_scalar("train/img_size", size, step)
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.started, 1e-9)
 
 
 def train_one_epoch(
@@ -141,278 +123,246 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     state: TrainState,
     *,
-    config,
+    schedule: Schedule,
+    sizes: tuple[int, ...],
+    size_every: int,
+    seed: int,
+    accum: int,
     runtime: Runtime,
-    lr_at,
-    writer=None,
+    writer: SummaryWriter | None = None,
     stop: StopRequest | None = None,
-) -> dict:
-    """One epoch (or its rest, after a mid-epoch resume); stops early at an optimizer step when
-    a stop is requested. ``lr_at(iteration, epoch)`` gives the learning rate."""
+) -> tuple[MetricLogger, bool]:
+    """One epoch (or its rest, after a mid-epoch resume) -> (metrics, interrupted).
+
+    Steps the optimizer every ``accum`` batches; the batch is resized to a multi-scale size
+    drawn from ``sizes`` every ``size_every`` batches. Stops early at an optimizer step when
+    ``stop`` is requested. A dead data loader worker raises :class:`DataLoaderDied` with
+    ``state`` set back to the last optimizer step, where the weights are.
+    """
     model.train()
-    device, sizes = runtime.device, _multiscale_sizes(config)
-    num_batches, accumulated = len(loader), 0
-    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    timing, images_done = {"data_s": 0.0, "compute_s": 0.0}, 0
-    bar = tqdm(
-        total=num_batches,
-        desc=f"epoch {state.epoch + 1}/{config.epochs}",
-        disable=not runtime.is_main,
-        dynamic_ncols=True,
-        leave=False,
-    )
-    interrupted, tick = False, time.perf_counter()
-    for index, (images, targets, _) in enumerate(loader):
-        fetched = time.perf_counter()
-        timing["data_s"] += fetched - tick
-        size = train_size(
-            state.batches, seed=config.seed, sizes=sizes, every=config.multi_scale_every
+    metrics, sums, accumulated = MetricLogger(), {}, 0
+    committed, interrupted, in_step = dataclasses.replace(state), False, False
+    bar = tqdm(total=len(loader), desc=f"epoch {state.epoch + 1}", disable=not runtime.is_main,
+               dynamic_ncols=True, leave=False)  # fmt: skip
+    tick = time.perf_counter()
+    try:
+        for index, (images, targets, _) in enumerate(loader):
+            fetched = time.perf_counter()
+            size = train_size(state.batches, seed=seed, sizes=sizes, every=size_every)
+            images = resize_batch(runtime.to_device(images), size)
+            targets = targets.to(runtime.device, non_blocking=True)
+            step_now = accumulated + 1 == accum or index + 1 == len(loader)
+            sync = nullcontext() if step_now or not runtime.distributed else model.no_sync()
+            with sync:
+                with runtime.autocast():
+                    raw = model(images)
+                terms = _loss_terms(criterion, raw, targets, state)
+                scaler.scale(terms["total"] / accum).backward()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0) + value.detach()
+            accumulated += 1
+            done = images.shape[0] * runtime.world_size
+            state.batch, state.batches = state.batch + 1, state.batches + 1
+            state.epoch_images, state.seen = state.epoch_images + done, state.seen + done
+            metrics.images += images.shape[0]
+            if step_now:
+                lr = schedule.lr_at(state.iteration, state.epoch)
+                in_step = True
+                _optimizer_step(optimizer, scaler, lr)
+                in_step = False
+                values = _checked_values(sums, accumulated, model, state)
+                if writer is not None:
+                    _log_step(writer, values, lr, size, state.iteration)
+                state.iteration += 1
+                committed = dataclasses.replace(state)
+                sums, accumulated = {}, 0
+                metrics.update(values)
+                bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}", size=size,
+                                img_s=f"{metrics.images_per_s:.1f}")  # fmt: skip
+                interrupted = stop is not None and broadcast_flag(stop.requested, runtime)
+            bar.update(1)
+            tick, metrics.data_s = time.perf_counter(), metrics.data_s + fetched - tick
+            metrics.compute_s += tick - fetched
+            if interrupted:
+                break
+    except RuntimeError as error:
+        if "DataLoader worker" not in str(error) or in_step:
+            raise
+        for name, value in dataclasses.asdict(committed).items():
+            setattr(state, name, value)
+        raise DataLoaderDied(str(error)) from None
+    finally:
+        bar.close()
+    return metrics, interrupted
+
+
+def _loss_terms(criterion, raw, targets, state: TrainState) -> dict[str, torch.Tensor]:
+    try:
+        return criterion(raw, targets, seen=state.seen)
+    except ValueError as error:
+        raise FloatingPointError(
+            f"stopping at iteration {state.iteration} (epoch {state.epoch + 1}, batch "
+            f"{state.batch + 1}): {error}. Checkpoints were left as they were; try a lower --lr."
+        ) from None
+
+
+def _optimizer_step(optimizer, scaler: torch.amp.GradScaler, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)  # skips the step when AMP found inf/NaN gradients
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _checked_values(sums: dict, count: int, model: nn.Module, state: TrainState) -> dict:
+    """The step's mean loss terms as floats, in one device-to-host copy with a check that the
+    weights the step wrote are finite; a non-finite term or weight stops the run."""
+    weights = [t for t in unwrap(model).state_dict().values() if t.is_floating_point()]
+    finite = torch.stack([t.detach().abs().amax() for t in weights]).isfinite().all()
+    stacked = torch.stack([value.float() / count for value in sums.values()])  # [T]
+    *values, weights_ok = torch.cat([stacked, finite.float()[None]]).tolist()
+    values = dict(zip(sums, values, strict=True))
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad or not weights_ok:
+        what = f"non-finite loss {bad}" if bad else "the optimizer step made the weights non-finite"
+        raise FloatingPointError(
+            f"{what} at iteration {state.iteration} (epoch {state.epoch + 1}). Checkpoints "
+            "were left as they were; try a lower --lr."
         )
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if images.shape[-1] != size or images.shape[-2] != size:
-            images = resize_batch(images, size)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        step_now = accumulated + 1 == config.accum or index + 1 == num_batches
-        sync = nullcontext() if step_now or not runtime.distributed else model.no_sync()
-        with sync:
-            with torch.autocast(
-                device.type,
-                dtype=runtime.amp_dtype or torch.float32,
-                enabled=runtime.amp_dtype is not None,
-            ):
-                raw = model(images)
-            terms = _loss_terms(criterion, raw, targets, state)
-            scaler.scale(terms["total"] / config.accum).backward()
-        for key in LOSS_TERMS:
-            sums[key] += terms[key].detach()
-        accumulated += 1
-        images_done += images.shape[0]
-        state.batch, state.batches = state.batch + 1, state.batches + 1
-        state.seen += images.shape[0] * runtime.world_size
-        if step_now:
-            lr = lr_at(state.iteration, state.epoch)
-            means = {k: v / accumulated for k, v in sums.items()}
-            _optimizer_step(optimizer, scaler, lr)
-            values = _finite_values(means, state)
-            if writer is not None:
-                _log_step(writer, values, lr, size, state.iteration)
-            state.iteration += 1
-            sums.clear()
-            accumulated = 0
-            shown = {k: f"{v:.3f}" for k, v in values.items() if k != "prior"}
-            bar.set_postfix(
-                **shown,
-                lr=f"{lr:.2e}",
-                size=size,
-                img_s=f"{images_done / max(bar.format_dict['elapsed'], 1e-9):.1f}",
-            )
-            interrupted = stop is not None and broadcast_flag(stop.requested, runtime)
-        bar.update(1)
-        tick = time.perf_counter()
-        timing["compute_s"] += tick - fetched
-        if interrupted:
-            break
-    bar.close()
-    return {"images": images_done, "interrupted": interrupted, **timing}
+    return values
+
+
+def _log_step(writer, values: dict[str, float], lr: float, size: int, step: int) -> None:
+    for key, value in values.items():
+        writer.add_scalar(f"train/loss_{key}" if key != "num_dropped" else "train/num_dropped",
+                          value, step)  # fmt: skip
+    writer.add_scalar("train/lr", lr, step)
+    writer.add_scalar("train/img_size", size, step)
 
 
 def set_loader_epoch(loader, epoch: int, start: int = 0) -> None:
     """Tell the loader's seeded sampler which epoch it is and how many items to skip."""
-    for sampler in (
-        loader.sampler,
-        loader.batch_sampler,
-        getattr(loader.batch_sampler, "sampler", None),
-    ):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch, start=start)
-            return
-    raise TypeError("the training loader has no seeded sampler with set_epoch()")
+    loader.sampler.set_epoch(epoch, start=start)
 
 
-def print_locations(run: str, log_dir: str, model_dir: str) -> None:
-    """Where the results are, for the person at the terminal."""
-    sys.stdout.write(
-        f"\nlogs:        {log_dir}/{run}\ncheckpoints: {model_dir}/{run}/{{last,best}}.pt\n"
-        f"tensorboard: tensorboard --logdir {log_dir}\n"
-    )
+def _items_to_skip(state: TrainState, runtime: Runtime) -> int:
+    """This process's items of the epoch already trained (resume by images, not batches)."""
+    if state.epoch_images % runtime.world_size:
+        raise ValueError(
+            f"cannot resume mid-epoch: {state.epoch_images} images of epoch {state.epoch + 1} "
+            f"were done, which {runtime.world_size} processes cannot share evenly; resume with "
+            "the number of processes the run had"
+        )
+    return state.epoch_images // runtime.world_size
 
 
-def summary_line(res: dict) -> str:
-    keys = ("map_voc07", "map_voc12", "map_coco", "ap50_coco", "ap75_coco")
-    return json.dumps({k: round(res[k], 4) for k in keys})
-
-
-def _resume_command() -> str:
-    args = [a for a in sys.argv[1:] if a != "--resume"]
-    return shlex.join(["python", sys.argv[0], *args, "--resume"])
-
-
-def fit(config) -> dict:
-    """Train as ``config`` says; returns a summary (best map, last metrics, paths)."""
+def fit(config: TrainConfig) -> dict:
+    """Train as ``config`` says; returns a summary (best mAP, paths, ``exit_code``)."""
     config = resolve_demo(config)
+    run_dir, log_dir = Path(config.model_dir) / config.run, Path(config.log_dir) / config.run
     runtime = setup_runtime(config.device, config.amp)
-    try:
-        return _fit(config, runtime)
-    finally:
-        teardown_runtime(runtime)
+    with ExitStack() as stack:
+        stack.callback(teardown_runtime, runtime)
+        if runtime.is_main:
+            check_writable(run_dir, "--model-dir")
+            check_writable(log_dir, "--log-dir")
+            stack.enter_context(RunLock(run_dir))
+            remove_stale_temp_files(run_dir)
+        seed_everything(config.seed)
+        classes, anchors = resolve_classes(config.classes), resolve_anchors(config.anchors)
+        ckpt = checkpoint_to_resume(config, run_dir, classes, anchors)
+        if ckpt is not None and ckpt["finished"] and ckpt["state"]["epoch"] >= config.epochs:
+            log.info("run %s already finished %d epochs: nothing to resume; raise --epochs to "
+                     "train further", config.run, ckpt["state"]["epoch"])  # fmt: skip
+            return {"finished": True, "best_map": ckpt["state"]["best_map"], "exit_code": 0}
+        train_loader, val_loader = build_loaders(config, classes, runtime)
+        model, criterion, optimizer, scaler = build_training(config, len(classes), anchors, runtime)
+        state = TrainState()
+        if ckpt is not None:
+            state = TrainState(**restore_training(ckpt, model, optimizer, scaler, config.resume))
+        elif config.weights:
+            initial_weights(model, config.weights)
+        schedule = build_schedule(config, math.ceil(len(train_loader) / config.accum))
+        if runtime.is_main:
+            report_start(config, schedule)
+        ddp = _wrap_ddp(model, runtime)
+        writer = None
+        if runtime.is_main:
+            save_config_json(config, run_dir / "config.json")
+            writer = stack.enter_context(SummaryWriter(log_dir, purge_step=state.iteration))
+            writer.add_text("config", f"```\n{config_text(config)}\n```", state.iteration)
+        stop = stack.enter_context(StopRequest())
 
-
-@dataclass(kw_only=True)
-class Run:
-    """Everything a training run is made of, built once by :func:`fit` for the epoch loop."""
-
-    config: Any
-    runtime: Runtime
-    model: nn.Module
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    state: TrainState
-    train_loader: Any
-    val_loader: Any
-    classes: tuple[str, ...]
-    anchors: torch.Tensor
-    writer: SummaryWriter | None
-    run_dir: Path  # model/<run>/
-
-
-def _checkpoint_to_resume(config, run_dir: Path, classes, anchors) -> dict | None:
-    """The checkpoint ``--resume`` names (checked against this run), or None for a new run."""
-    if not config.resume:
-        if (run_dir / "last.pt").exists():
-            raise FileExistsError(
-                f"run {config.run!r} already has checkpoints in {run_dir}: continue it with "
-                f"--resume, start another with --run NAME, or delete {run_dir} to start over"
-            )
-        return None
-    path = run_dir / "last.pt" if config.resume == "last" else Path(config.resume)
-    ckpt = load_checkpoint(path)
-    check_resumable(ckpt, config, classes, anchors, path)
-    return ckpt
-
-
-def _open_writer(config, run_dir: Path, log_dir: str, step: int) -> SummaryWriter:
-    """Rank 0's tensorboard writer (steps after ``step`` purged) and the saved config."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config_json(config, run_dir / "config.json")
-    writer = SummaryWriter(log_dir, purge_step=step or None)
-    text = json.dumps(config_to_dict(config), indent=2)
-    writer.add_text("config", f"```\n{text}\n```", step)
-    return writer
-
-
-def _fit(config, runtime: Runtime) -> dict:
-    seed_everything(config.seed)
-    classes, anchors = resolve_classes(config.classes), resolve_anchors(config.anchors)
-    run_dir = Path(config.model_dir) / config.run
-    summary = {"run_dir": str(run_dir), "log_dir": str(Path(config.log_dir) / config.run)}
-    ckpt = _checkpoint_to_resume(config, run_dir, classes, anchors)
-    if ckpt is not None and ckpt["state"]["epoch"] >= config.epochs:
-        log.info(
-            "run %s already finished %d epochs: nothing to resume; raise --epochs to train further",
-            config.run,
-            ckpt["state"]["epoch"],
-        )
-        return {**summary, "finished": True, "best_map": ckpt["state"]["best_map"]}
-    if runtime.is_main:
-        log.info("config:\n%s", json.dumps(config_to_dict(config), indent=2))
-    train_loader, val_loader = build_loaders(config, classes, runtime)
-    model, criterion, optimizer, scaler = build_training(config, len(classes), anchors, runtime)
-    state = TrainState()
-    if ckpt is not None:
-        state = TrainState(**restore_training(ckpt, model, optimizer, scaler))
-    elif config.weights:
-        load_model_weights(model, load_checkpoint(config.weights)["model"], config.weights)
-    if runtime.distributed:
-        device = runtime.device
-        model = DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-    writer = None
-    if runtime.is_main:
-        writer = _open_writer(config, run_dir, summary["log_dir"], state.iteration)
-    run = Run(
-        config=config, runtime=runtime, model=model, criterion=criterion, optimizer=optimizer,
-        scaler=scaler, state=state, train_loader=train_loader, val_loader=val_loader,
-        classes=classes, anchors=anchors, writer=writer, run_dir=run_dir,
-    )  # fmt: skip
-    try:
-        return {**summary, **_loop(run)}
-    finally:
-        if writer is not None:
-            writer.close()
-
-
-def _save_epoch(run: Run, res: dict | None, started: float) -> None:
-    """Rank 0: ``last.pt`` (and ``best.pt`` on a new best), the epoch time."""
-    state = run.state
-    ckpt = training_checkpoint(
-        run.model, run.optimizer, run.scaler, state, run.config, run.classes, run.anchors
-    )
-    save_checkpoint(ckpt, run.run_dir / "last.pt")
-    if res is not None and res.get("is_best"):
-        save_checkpoint(ckpt, run.run_dir / "best.pt")
-    if run.writer is not None:
-        run.writer.add_scalar("time/epoch_s", time.perf_counter() - started, state.iteration)
-        run.writer.flush()
-
-
-def _loop(run: Run) -> dict:
-    config, runtime, state = run.config, run.runtime, run.state
-    lr_at = lr_schedule(config)
-    with StopRequest() as stop:
-        while state.epoch < config.epochs:
-            started, res = time.perf_counter(), None
-            set_loader_epoch(run.train_loader, state.epoch, start=state.batch * config.batch_size)
-            stats = train_one_epoch(
-                run.model, run.criterion, run.train_loader, run.optimizer, run.scaler, state,
-                config=config, runtime=runtime, lr_at=lr_at, writer=run.writer, stop=stop,
-            )  # fmt: skip
-            if not stats["interrupted"]:
-                state.epoch, state.batch = state.epoch + 1, 0
-                if state.epoch % config.eval_every == 0 or state.epoch == config.epochs:
-                    res = _evaluate_epoch(run)
+        def save(name: str) -> None:
             if runtime.is_main:
-                _save_epoch(run, res, started)
-            if stats["interrupted"] or broadcast_flag(stop.requested, runtime):
-                log.warning(
-                    "stopped; checkpoint saved to %s. Resume with:\n  %s",
-                    run.run_dir / "last.pt",
-                    _resume_command(),
+                saved = training_checkpoint(
+                    model, optimizer, scaler, state, config, classes, anchors
                 )
-                return {"interrupted": True, "best_map": state.best_map}
+                save_checkpoint(saved, run_dir / name)
+
+        def evaluate_epoch() -> bool:
+            """Evaluate the trained epoch; False when a stop cut the evaluation short."""
+            res, samples = evaluate(
+                ddp, val_loader, anchors, runtime=runtime, class_names=classes,
+                conf_threshold=config.conf_threshold, nms_threshold=config.nms_threshold,
+                num_vis_images=config.num_vis_images if writer else 0, stop=stop,
+            )  # fmt: skip
+            if broadcast_flag(stop.requested, runtime):
+                return False
+            state.eval_pending = False
+            if res is not None:
+                record_evaluation(state, res, classes, writer, samples)
+                if state.best_epoch == state.epoch:
+                    save("best.pt")  # before the last.pt that records it as the best
+            save("last.pt")
+            return True
+
+        def train_epoch() -> bool:
+            """Train the rest of the epoch; True when a stop cut it short."""
+            set_loader_epoch(train_loader, state.epoch, start=_items_to_skip(state, runtime))
+            whole = state.epoch_images == 0
+            try:
+                metrics, stopped = train_one_epoch(
+                    ddp, criterion, train_loader, optimizer, scaler, state, schedule=schedule,
+                    sizes=multiscale_sizes(config), size_every=config.multi_scale_every,
+                    seed=config.seed, accum=config.accum, runtime=runtime, writer=writer,
+                    stop=stop,
+                )  # fmt: skip
+            except DataLoaderDied as error:
+                save("last.pt")
+                raise ChildProcessError(
+                    f"{error}: a data loader worker was killed (out of memory?). The run is "
+                    f"saved at iteration {state.iteration}; resume with fewer workers: "
+                    f"{resume_command(config)} --workers {config.workers // 2}"
+                ) from None
+            if not stopped:
+                state.epoch, state.batch, state.epoch_images = state.epoch + 1, 0, 0
+                state.eval_pending = state.epoch % config.eval_every == 0 or (
+                    state.epoch == config.epochs
+                )
+                record_epoch(state, metrics, schedule, writer, whole)
+            return stopped
+
+        interrupted = False
+        while not interrupted and (state.eval_pending or state.epoch < config.epochs):
+            if not state.eval_pending:  # pending: a resumed run that stopped in its evaluation
+                interrupted = train_epoch()
+                save("last.pt")  # the trained epoch is safe before its evaluation starts
+            if not interrupted and state.eval_pending:
+                interrupted = not evaluate_epoch()
+            if runtime.is_main and not interrupted:
+                report_epoch(state, config, run_dir)
+    if interrupted:
+        log.warning("stopped; checkpoint saved to %s. Resume with:\n  %s", run_dir / "last.pt",
+                    resume_command(config))  # fmt: skip
+        return {"interrupted": True, "best_map": state.best_map, "exit_code": stop.exit_code}
     if runtime.is_main:
-        print_locations(config.run, config.log_dir, config.model_dir)
-    return {"interrupted": False, "best_map": state.best_map, "finished": True}
+        report_end(state, config, run_dir, log_dir)
+    return {"interrupted": False, "finished": True, "best_map": state.best_map, "exit_code": 0}
 
 
-def _evaluate_epoch(run: Run) -> dict | None:
-    config, state, writer, classes = run.config, run.state, run.writer, run.classes
-    res, samples = evaluate(
-        run.model,
-        run.val_loader,
-        run.anchors,
-        runtime=run.runtime,
-        class_names=classes,
-        conf_threshold=config.conf_threshold,
-        nms_threshold=config.nms_threshold,
-        num_vis_images=config.num_vis_images if writer else 0,
-    )
-    if res is None:
-        return None
-    value = res["map_voc07"]
-    res["is_best"] = math.isfinite(value) and (state.best_map is None or value > state.best_map)
-    if res["is_best"]:
-        state.best_map = value
-    log.info(
-        "epoch %d/%d: %s\n%s",
-        state.epoch,
-        config.epochs,
-        summary_line(res),
-        format_ap_table(res, classes),
-    )
-    if writer is not None:
-        log_evaluation(writer, res, samples, classes, state.iteration)
-    return res
+def _wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
+    if not runtime.distributed:
+        return model
+    device = runtime.device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -1,0 +1,113 @@
+"""What a training run tells its user: the settings and schedule at the start, one line and
+``results.png`` per epoch, the AP table per evaluation, and at the end where everything is and
+the command to run next."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from utils.visualize import format_ap_table, plot_training_history, save_figure
+from yolo.config import TrainConfig, config_to_dict
+from yolo.evaluate import log_evaluation, summary_line
+from yolo.schedule import LOW_LR_FRACTION, Schedule
+
+log = logging.getLogger("yolo.train")
+
+
+def config_text(config) -> str:
+    return "\n".join(f"{name}: {value}" for name, value in config_to_dict(config).items())
+
+
+def report_start(config: TrainConfig, schedule: Schedule) -> None:
+    log.info("config:\n%s", config_text(config))
+    log.info("%s", schedule.describe())
+    low = schedule.low_lr_share()
+    if low > 0.5:
+        log.warning(
+            "the learning rate stays below %.0f%% of --lr %.2g for %.0f%% of the run: raise "
+            "--epochs or lower --burn-in / --lr-steps (steps are epochs)",
+            100 * LOW_LR_FRACTION, config.lr, 100 * low,
+        )  # fmt: skip
+
+
+def record_epoch(state, metrics, schedule: Schedule, writer, whole: bool) -> None:
+    """Append the epoch's row to the history (and its time to tensorboard if it ran whole)."""
+    seconds = time.perf_counter() - metrics.started
+    row = {"epoch": state.epoch, **{f"loss_{k}": v for k, v in metrics.means().items()}}
+    row.update(lr=schedule.lr_at(max(state.iteration - 1, 0), state.epoch - 1),
+               images_per_s=metrics.images_per_s, epoch_s=seconds if whole else None)  # fmt: skip
+    state.history.append(row)
+    if writer is not None and whole:
+        writer.add_scalar("time/epoch_s", seconds, state.iteration)
+
+
+def record_evaluation(state, res: dict, classes, writer, samples) -> None:
+    """Best mAP so far, the history row's mAP, the AP table and tensorboard."""
+    value = res["map_voc07"]
+    if math.isfinite(value) and (state.best_map is None or value > state.best_map):
+        state.best_map, state.best_epoch = value, state.epoch
+    if state.history and state.history[-1]["epoch"] == state.epoch:
+        state.history[-1].update({k: res[k] for k in ("map_voc07", "map_voc12", "map_coco")})
+    log.info("epoch %d: %s\n%s", state.epoch, summary_line(res), format_ap_table(res, classes))
+    if writer is not None:
+        log_evaluation(writer, res, samples, classes, state.iteration)
+
+
+def report_epoch(state, config: TrainConfig, run_dir: Path) -> None:
+    """One console line per epoch, and results.png redrawn in the run folder."""
+    row = state.history[-1] if state.history else {}
+    parts = [f"epoch {state.epoch}/{config.epochs}"]
+    if "loss_total" in row:
+        parts.append(f"loss {row['loss_total']:.3f}")
+        parts.append(f"lr {row['lr']:.2e}")
+        parts.append(f"{row['images_per_s']:.1f} img/s")
+    if row.get("epoch_s") is not None:
+        parts.append(f"{row['epoch_s']:.0f} s")
+    if row.get("map_voc07") is not None:
+        parts.append(f"mAP07 {row['map_voc07']:.4f} (best {state.best_map:.4f} at epoch "
+                     f"{state.best_epoch})")  # fmt: skip
+    log.info("%s", "  ".join(parts))
+    if state.history:
+        save_figure(plot_training_history(state.history), run_dir / "results.png")
+
+
+def report_end(state, config: TrainConfig, run_dir: Path, log_dir: Path) -> None:
+    """Where everything is, the best epoch, and the command to run next."""
+    evaluated = [row["map_voc07"] for row in state.history if "map_voc07" in row]
+    lines = [f"finished {state.epoch} epochs of run {config.run}"]
+    if state.best_map is not None and evaluated:
+        lines.append(
+            f"best VOC07 mAP {state.best_map:.4f} at epoch {state.best_epoch}, last "
+            f"{evaluated[-1]:.4f}"
+        )
+    lines += [
+        f"checkpoints: {run_dir / 'best.pt'} (best mAP), {run_dir / 'last.pt'}",
+        f"curves:      {run_dir / 'results.png'}; tensorboard --logdir {log_dir.parent}",
+        f"next:        {_test_command(config, run_dir / 'best.pt')}",
+    ]
+    sys.stdout.write("\n" + "\n".join(lines) + "\n")
+
+
+def _test_command(config: TrainConfig, weights: Path) -> str:
+    script = "test_resnet101.py" if config.model == "resnet101" else (
+        "test_resnet18.py" if config.model.startswith("resnet") else "test_yolov2.py"
+    )  # fmt: skip
+    args = ["python", script, "--weights", str(weights)]
+    if config.demo:
+        args.append("--demo")
+    else:
+        args += ["--data-root", config.data_root, "--val-set", config.val_set]
+    return shlex.join(args)
+
+
+def resume_command(config: TrainConfig) -> str:
+    """The command that continues this run with its own settings."""
+    args = ["python", Path(sys.argv[0]).name, "--run-name", config.run, "--resume"]
+    if config.model_dir != "model":
+        args += ["--model-dir", config.model_dir]
+    return shlex.join(args)
