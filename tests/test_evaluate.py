@@ -135,9 +135,10 @@ def test_a_checkpoint_keeps_its_classes_and_anchors(tmp_path, demo_model, caplog
     save_anchors(default_anchors()[:3] / 2, anchors)
     weights = tmp_path / "tiny.weights"
     save_darknet_weights(build_model("tiny", num_classes=5, num_anchors=3), weights)
-    _, classes, loaded = load_trained_model(
+    _, classes, loaded, img_size = load_trained_model(
         str(weights), model_name="tiny", classes_file=str(classes_file), anchors_file=str(anchors)
     )
+    assert img_size == 416  # darknet's files are evaluated at 416
     assert classes == tuple(f"c{index}" for index in range(5))
     torch.testing.assert_close(loaded, default_anchors()[:3] / 2)
     checkpoint = save_checkpoint(
@@ -150,7 +151,7 @@ def test_a_checkpoint_keeps_its_classes_and_anchors(tmp_path, demo_model, caplog
         tmp_path / "best.pt",
     )
     with caplog.at_level(logging.WARNING, logger="yolo.build"):
-        _, classes, loaded = load_trained_model(
+        _, classes, loaded, _ = load_trained_model(
             str(checkpoint),
             model_name="darknet19",
             classes_file=str(classes_file),
@@ -194,7 +195,8 @@ def test_missing_and_unsafe_weights_are_clear_errors(tmp_path, demo_root, caplog
     assert test_yolov2.main(["--out", str(out)]) == 1
     assert "--weights is required" in caplog.text
     assert run_test_script(tmp_path / "nowhere.pt", demo_root, out) == 1
-    assert "nowhere.pt not found" in caplog.text and "model/<run>/best.pt" in caplog.text
+    assert "'nowhere.pt' are neither a file nor a known name" in caplog.text
+    assert "yolov2-voc" in caplog.text and "model/<run>/best.pt" in caplog.text
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": {}, "x": _Payload()}, evil)
     assert run_test_script(evil, demo_root, out) == 1

@@ -19,6 +19,7 @@ from yolo.config import DEMO_ROOT
 from yolo.loss import YOLOv2Loss
 from yolo.model import build_model
 from yolo.runtime import Runtime
+from yolo.weights import ResolvedWeights, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,15 @@ def build_training(config, num_classes: int, anchors: torch.Tensor, runtime: Run
 
 def initial_weights(model: nn.Module, weights: str) -> None:
     """``--weights`` of a new run: start from a checkpoint of this project."""
-    load_model_weights(model, load_checkpoint(weights)["model"], weights)
+    path = find_weights(weights).path
+    load_model_weights(model, load_checkpoint(path)["model"], str(path))
 
 
 def build_train_model(config, num_classes: int, num_anchors: int) -> nn.Module:
     """The model a training run starts from: darknet weights, ImageNet weights or scratch."""
     pretrained: bool | str = False
     if config.darknet_weights:
-        pretrained = config.darknet_weights
+        pretrained = str(find_weights(config.darknet_weights).path)
     elif config.pretrained == "default":
         pretrained = True
     elif config.pretrained:
@@ -120,21 +122,32 @@ class TrainedModel(NamedTuple):
     img_size: int
 
 
+def find_weights(weights: str) -> ResolvedWeights:
+    """``--weights``: a file, or the name of darknet's published weights (downloaded once)."""
+    try:
+        return resolve_weights(weights)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; a run's own weights are model/<run>/best.pt") from None
+
+
 def load_trained_model(
     weights: str, *, model_name: str, classes_file: str | None, anchors_file: str | None
 ) -> TrainedModel:
-    """A model in eval mode from a project checkpoint (.pt) or darknet .weights.
+    """A model in eval mode from a project checkpoint (.pt), a darknet .weights file or the
+    name of darknet's published weights (e.g. ``yolov2-voc``).
 
-    darknet .weights take ``classes_file`` and ``anchors_file`` (default VOC's classes and
-    darknet's anchors) and are evaluated at 416; a checkpoint supplies its own classes,
-    anchors and evaluation size, and a warning says so where the files given differ from it.
+    A darknet file takes ``model_name``, ``classes_file`` and ``anchors_file`` (default VOC's
+    classes and darknet's anchors) and is evaluated at 416; a named release and a checkpoint
+    supply their own model, classes, anchors and evaluation size, and a warning says so where
+    the files given differ from them.
     """
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"weights {path} not found. Train a model (it lands in model/<run>/best.pt), or "
-            "pass darknet's weights by name (e.g. --weights yolov2-voc) or file"
-        )
+    found = find_weights(weights)
+    path = found.path
+    if found.classes is not None:  # a named darknet release
+        _warn_ignored(classes_file, anchors_file, found.classes, found.anchors, found.name)
+        model = build_model(found.model, num_classes=len(found.classes),
+                            num_anchors=len(found.anchors), pretrained=str(path))  # fmt: skip
+        return TrainedModel(model.eval(), found.classes, found.anchors, found.img_size)
     if path.suffix == ".weights":
         classes = resolve_classes(classes_file)
         anchors = resolve_anchors(anchors_file)
@@ -143,17 +156,22 @@ def load_trained_model(
         )
         return TrainedModel(model.eval(), classes, anchors, DARKNET_IMG_SIZE)
     state = load_checkpoint(path)
-    saved = state["config"]
     classes = tuple(state["classes"])
     anchors = torch.tensor(state["anchors"], dtype=torch.float32)
-    if classes_file and resolve_classes(classes_file) != classes:
-        log.warning("--classes %s ignored: checkpoint %s holds its own", classes_file, path)
-    if anchors_file and not torch.equal(resolve_anchors(anchors_file), anchors):
-        log.warning("--anchors %s ignored: checkpoint %s holds its own", anchors_file, path)
-    model = build_model(saved["model"], num_classes=len(classes), num_anchors=len(anchors))
+    _warn_ignored(classes_file, anchors_file, classes, anchors, f"checkpoint {path}")
+    model = build_model(state["config"]["model"], num_classes=len(classes),
+                        num_anchors=len(anchors))  # fmt: skip
     load_model_weights(model, state["model"], str(path))
-    img_size = saved.get("eval_img_size", DARKNET_IMG_SIZE)
+    img_size = state["config"].get("eval_img_size", DARKNET_IMG_SIZE)
     return TrainedModel(model.eval(), classes, anchors, img_size)
+
+
+def _warn_ignored(classes_file, anchors_file, classes, anchors, source: str) -> None:
+    """Say where ``--classes``/``--anchors`` name other values than the weights hold."""
+    if classes_file and resolve_classes(classes_file) != classes:
+        log.warning("--classes %s ignored: %s holds its own", classes_file, source)
+    if anchors_file and not torch.equal(resolve_anchors(anchors_file), anchors):
+        log.warning("--anchors %s ignored: %s holds its own", anchors_file, source)
 
 
 def require_weights(config) -> None:

@@ -440,7 +440,7 @@ def _detect_frames(
 def build_detector(config: DetectConfig) -> Detector:
     """Load the weights (checkpoint or darknet) onto the configured device."""
     device = select_device(config.device)
-    model, class_names, anchors = load_trained_model(
+    model, class_names, anchors, _ = load_trained_model(
         config.weights,
         model_name=config.model,
         classes_file=config.classes,

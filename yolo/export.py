@@ -278,7 +278,7 @@ def load_for_export(config: ExportConfig):
             "--weights is required: a checkpoint of this project (model/<run>/best.pt) or "
             "darknet's yolov2-voc.weights"
         )
-    model, classes, anchors = load_trained_model(
+    model, classes, anchors, _ = load_trained_model(
         config.weights,
         model_name=config.model,
         classes_file=config.classes,
