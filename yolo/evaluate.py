@@ -15,11 +15,13 @@ from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from utils.data import VOCDataset, build_dataloader, parse_sets
+from utils.data import VOCDataset
 from utils.fileio import atomic_write_text
+from utils.loader import build_dataloader
 from utils.metrics import DetectionEvaluator, to_json
 from utils.transforms import build_eval_transform
 from utils.visualize import draw_detections, format_ap_table, plot_pr_curves, save_figure
+from utils.voc import parse_sets
 from yolo.build import load_trained_model, resolve_demo
 from yolo.nms import postprocess
 from yolo.runtime import Runtime, gather_to_main, setup_runtime, teardown_runtime
