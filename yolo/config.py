@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.download import VOC_TARBALLS, check_mirror
 from utils.fileio import atomic_write_text
 
 MODELS = ("darknet19", "tiny", "resnet18", "resnet50", "resnet101")
@@ -208,3 +209,20 @@ def config_from_dict(cls, data: dict):
 def save_config_json(config, path: str | Path) -> None:
     """Write the resolved config beside the checkpoints (atomically)."""
     atomic_write_text(path, json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Pascal VOC download into ROOT/VOCdevkit (download_voc.py)."""
+
+    root: str = flag("data", "folder to extract into: ROOT/VOCdevkit/VOC2007, .../VOC2012")
+    items: tuple[str, ...] = flag(tuple(VOC_TARBALLS), f"any of {', '.join(VOC_TARBALLS)}")
+    mirror: str | None = flag(None, "http(s):// or file:// URL of a folder holding the tarballs")
+    tarballs: str | None = flag(None, "folder holding tarballs downloaded by hand (md5-checked)")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.items) - set(VOC_TARBALLS))
+        _check(bool(self.items) and not unknown, f"--items {unknown}: any of {list(VOC_TARBALLS)}")
+        if self.mirror is not None:
+            check_mirror(self.mirror)
+        _check(bool(self.root), "--root: give a folder, e.g. data")
