@@ -226,3 +226,24 @@ class DownloadConfig:
         if self.mirror is not None:
             check_mirror(self.mirror)
         _check(bool(self.root), "--root: give a folder, e.g. data")
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """Labelling-tool output (images + VOC XML folders) into the VOCdevkit layout
+    (import_voc.py); --images, --annotations and --out are required."""
+
+    images: str | None = flag(None, "folder of the images (.jpg, .jpeg, .png, .bmp)")
+    annotations: str | None = flag(None, "folder of the VOC XML files, one per image")
+    out: str | None = flag(None, "new folder data/NAME; NAME becomes the set name (NAME:train)")
+    val: float = flag(0.2, "share of the images in the val split")
+    seed: int = flag(0, "seed of the train/val split")
+    link: bool = flag(False, "symlink the images instead of copying them")
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val < 1.0, f"--val {self.val}: give a share between 0 and 1, e.g. 0.2")
+
+    def missing_flags(self) -> list[str]:
+        """The required flags not given."""
+        names = ("images", "annotations", "out")
+        return [f"--{name}" for name in names if getattr(self, name) is None]
