@@ -245,6 +245,8 @@ def test_some_obtained_some_missing(tmp_path, mirror, monkeypatch):
 def test_bad_items_and_mirrors_are_refused(tmp_path):
     with pytest.raises(ValueError, match="2013-trainval"):
         download_voc(tmp_path, items=["2013-trainval"])
+    with pytest.raises(FileNotFoundError, match="--tarballs"):
+        download_voc(tmp_path, items=["2007-test"], tarball_dirs=[tmp_path / "nope"])
     for bad in ("ftp://host/voc", "/some/folder", "host/voc"):
         with pytest.raises(ValueError, match=r"--mirror .*--tarballs"):
             download_voc(tmp_path, items=["2007-test"], mirror=bad)

@@ -34,7 +34,15 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-__all__ = ["MIRROR_SCHEMES", "VOC_TARBALLS", "DownloadError", "VocTarball", "download_voc"]
+__all__ = [
+    "MIRROR_SCHEMES",
+    "VOC_BASE_URL",
+    "VOC_TARBALLS",
+    "DownloadError",
+    "VocTarball",
+    "check_mirror",
+    "download_voc",
+]
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +217,9 @@ def download_voc(
     if unknown or not items:
         raise ValueError(f"VOC items {unknown}: choose from {list(VOC_TARBALLS)}")
     base = check_mirror(mirror) if mirror else None
+    for folder in tarball_dirs:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"--tarballs {folder}: no such folder")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     missing = []

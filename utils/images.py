@@ -105,7 +105,10 @@ def probe_image(path: str | os.PathLike) -> tuple[int, int]:
 
 @contextmanager
 def _truncated_files_allowed() -> Iterator[None]:
-    """PIL decodes a file that ends early as far as it goes, for this block only."""
+    """PIL decodes a file that ends early as far as it goes, for this block only.
+
+    PIL reads the flag from its module, so a thread decoding at the same moment would accept a
+    truncated file too (DataLoader workers are processes, each with its own flag)."""
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
