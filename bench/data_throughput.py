@@ -30,8 +30,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from bench.common import machine_line, save_results
-from utils.data import VOCDataset, build_dataloader
+from utils.data import VOCDataset
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
+from utils.loader import build_dataloader
 from utils.transforms import build_train_transform
 
 

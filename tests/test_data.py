@@ -1,32 +1,22 @@
-"""utils.data: VOC parsing, bad input, seeded items, sampler, collate, loader, download."""
+"""utils.data: the VOC dataset, its box frame, image lookup, bad input, unreadable images, seeds."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import tarfile
-import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from tests.conftest import VocWriter
-from utils import data
-from utils.data import (
-    VOC_CLASSES,
-    SeededSampler,
-    VOCDataset,
-    build_dataloader,
-    collate_detection,
-    download_voc,
-    load_classes,
-    parse_sets,
-)
+from utils.data import VOC_CLASSES, VOCDataset
 from utils.demo import DEMO_CLASSES
+from utils.loader import build_dataloader, collate_detection
 from utils.transforms import build_eval_transform, build_train_transform
+from utils.voc import parse_sets
 
 CLASSES = ("cat", "dog")
 
@@ -36,38 +26,13 @@ def _dataset(writer: VocWriter, **kwargs) -> VOCDataset:
     return VOCDataset(writer.root, writer.write_set(), **kwargs)
 
 
-# --------------------------------------------------------------------------------- classes, sets
+# ------------------------------------------------------------------------------------ classes
 
 
 def test_voc_classes_standard_order():
     assert len(VOC_CLASSES) == 20 and len(set(VOC_CLASSES)) == 20
     assert VOC_CLASSES[0] == "aeroplane" and VOC_CLASSES[14] == "person"
     assert VOC_CLASSES[-1] == "tvmonitor"
-
-
-def test_load_classes(tmp_path):
-    path = tmp_path / "classes.txt"
-    path.write_text("cat\n\n  dog \n\n")
-    assert load_classes(path) == ("cat", "dog")
-    with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
-        load_classes(tmp_path / "missing.txt")
-    path.write_text("\n \n")
-    with pytest.raises(ValueError, match="empty"):
-        load_classes(path)
-    path.write_text("cat\ndog\ncat\n")
-    with pytest.raises(ValueError, match="'cat'"):
-        load_classes(path)
-
-
-def test_parse_sets():
-    assert parse_sets(["2007:trainval", "2012:trainval"]) == [
-        ("2007", "trainval"),
-        ("2012", "trainval"),
-    ]
-    assert parse_sets(["demo:val"]) == [("demo", "val")]
-    for bad in ("2007", "2007:", ":test", "2007:test:x", ""):
-        with pytest.raises(ValueError, match="NAME:SPLIT"):
-            parse_sets([bad])
 
 
 # ------------------------------------------------------------------------------------ the dataset
@@ -88,12 +53,24 @@ def test_demo_items(demo_root):
     assert "24 images" in ds.summary()
 
 
-def test_box_convention_follows_voc_label(voc_writer):
-    voc_writer.add("a", [("dog", (11, 21, 31, 41), 0)], size=(100, 50))
-    _, target = _dataset(voc_writer)[0]
-    expected = torch.tensor([[10 / 100, 20 / 50, 30 / 100, 40 / 50]])
+def test_boxes_follow_the_voc_pixel_frame(voc_writer):
+    voc_writer.add("a", [("dog", (11, 21, 31, 41), 0), ("cat", (1, 1, 100, 50), 0)], size=(100, 50))
+    ds = _dataset(voc_writer)
+    _, target = ds[0]
+    expected = torch.tensor([[10 / 100, 20 / 50, 31 / 100, 41 / 50], [0.0, 0.0, 1.0, 1.0]])
     torch.testing.assert_close(target["boxes"], expected)
-    assert target["labels"].tolist() == [1] and target["difficult"].tolist() == [False]
+    assert target["labels"].tolist() == [1, 0] and target["difficult"].tolist() == [False] * 2
+    assert target["unreadable"] is False and not ds.num_clamped  # the whole image: no clamping
+
+
+@pytest.mark.parametrize("corners", [(10, 10, 10, 30), (10, 10, 30, 10), (64, 48, 64, 48)])
+def test_one_pixel_wide_objects_are_kept(voc_writer, corners):
+    voc_writer.add("a", [("cat", corners, 0)], size=(64, 48))
+    ds = _dataset(voc_writer)
+    xmin, ymin, xmax, ymax = corners
+    expected = torch.tensor([[(xmin - 1) / 64, (ymin - 1) / 48, xmax / 64, ymax / 48]])
+    torch.testing.assert_close(ds[0][1]["boxes"], expected)
+    assert not ds.skipped
 
 
 def test_keep_difficult_flag(voc_writer):
@@ -111,9 +88,9 @@ def test_sets_concatenate(demo_root):
 
 
 def test_missing_set_file_says_how_to_get_voc(tmp_path, demo_root):
-    with pytest.raises(FileNotFoundError, match=r"VOC2007.*--download"):
+    with pytest.raises(FileNotFoundError, match=r"VOC2007.*download_voc\.py.*import_voc\.py"):
         VOCDataset(tmp_path, [("2007", "trainval")])
-    with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/nosuch\.txt.*--download"):
+    with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/nosuch\.txt.*download_voc"):
         VOCDataset(demo_root, [("demo", "nosuch")], DEMO_CLASSES)
 
 
@@ -182,7 +159,7 @@ def test_missing_size_uses_the_image(voc_writer):
     _, target = _dataset(voc_writer)[0]
     assert target["orig_size"] == (40, 80)
     torch.testing.assert_close(
-        target["boxes"], torch.tensor([[10 / 80, 10 / 40, 30 / 80, 20 / 40]])
+        target["boxes"], torch.tensor([[10 / 80, 10 / 40, 31 / 80, 21 / 40]])
     )
 
 
@@ -201,12 +178,13 @@ def test_partly_outside_boxes_are_clamped(voc_writer):
 @pytest.mark.parametrize(
     ("corners", "why"),
     [
-        ((10, 10, 10, 30), "zero-area"),
-        ((10, 10, 30, 10), "zero-area"),
         ((30, 10, 10, 30), "inverted"),
+        ((11, 10, 10, 30), "inverted"),
         ((10, 30, 30, 10), "inverted"),
         ((100, 10, 120, 30), "outside"),
+        ((65, 10, 70, 30), "outside"),  # starts right of the last pixel column (64)
         ((-40, -40, -20, -20), "outside"),
+        ((0, 5, 0, 9), "outside"),  # column 0 is left of the first pixel (1-based)
     ],
 )
 def test_degenerate_boxes_are_dropped(voc_writer, corners, why):
@@ -271,7 +249,9 @@ def test_missing_image_or_annotation_is_skipped(voc_writer):
         voc_writer.root, voc_writer.write_set(ids=["good", "no_image", "no_xml"]), CLASSES
     )
     assert len(ds) == 1
-    assert sorted(reason for _, reason in ds.skipped) == ["missing annotation", "missing image"]
+    reasons = sorted(reason for _, reason in ds.skipped)
+    assert reasons[0] == "missing annotation" and reasons[1].startswith("missing image (tried")
+    assert "no_image.jpg, no_image.{jpg,jpeg,png,bmp}" in reasons[1]
 
 
 def _truncated_jpeg(writer: VocWriter, image_id: str) -> Path:
@@ -281,26 +261,45 @@ def _truncated_jpeg(writer: VocWriter, image_id: str) -> Path:
     return path
 
 
-def test_truncated_image_is_replaced_by_the_next_and_reported(voc_writer, caplog):
+def test_truncated_image_is_decoded_and_reported_once(voc_writer, caplog):
+    voc_writer.add("a", [("cat", (2, 2, 20, 20), 0)])
+    voc_writer.add("b", [("dog", (2, 2, 20, 20), 0)])
+    bad = _truncated_jpeg(voc_writer, "b")
+    ds = _dataset(voc_writer, transform=build_eval_transform(32))
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        for _ in range(3):  # three epochs
+            ids = [ds[(index, 7)][1]["image_id"] for index in range(2)]
+            assert ids == ["a", "b"]  # kept, not replaced
+    assert caplog.text.count(str(bad)) == 1 and "ends early" in caplog.text
+    assert not ds.skipped and not ds[1][1]["unreadable"]
+
+
+def _spoil_after_scan(writer: VocWriter, image_id: str) -> Path:
+    """Replace an image by bytes no decoder reads (a file changed after the scan)."""
+    return writer.raw_image(image_id, b"\xff\xd8 not a JPEG any more")
+
+
+def test_undecodable_image_is_replaced_by_the_next_and_reported(voc_writer, caplog):
     voc_writer.add("a", [("cat", (2, 2, 20, 20), 0)])
     voc_writer.add("b", [("dog", (2, 2, 20, 20), 0)])
     voc_writer.add("c", [("cat", (5, 5, 9, 9), 0)])
-    bad = _truncated_jpeg(voc_writer, "b")
     ds = _dataset(voc_writer, transform=build_eval_transform(32))
-    assert len(ds) == 3 and not ds.skipped  # the header still reads: found at decode time
+    bad = _spoil_after_scan(voc_writer, "b")
     with caplog.at_level(logging.WARNING, logger="utils.data"):
         ids = [ds[(index, 7)][1]["image_id"] for index in range(3)]
     assert ids == ["a", "c", "c"]
     assert ds.skipped == [(str(bad), ds.skipped[0][1])] and "decode failed" in ds.skipped[0][1]
     assert caplog.text.count(str(bad)) == 1  # once per file
     torch.testing.assert_close(ds[(1, 5)][0], ds[(2, 5)][0])  # same seed, same substitute
+    assert not ds.unreadable and not ds[(1, 5)][1]["unreadable"]
 
 
 def test_an_epoch_survives_a_bad_file(voc_writer):
     for index in range(6):
         voc_writer.add(f"i{index}", [("cat", (2, 2, 20, 20), 0)])
-    _truncated_jpeg(voc_writer, "i5")
+    _truncated_jpeg(voc_writer, "i4")
     ds = _dataset(voc_writer, transform=build_train_transform(32))
+    _spoil_after_scan(voc_writer, "i5")
     loader = build_dataloader(ds, batch_size=4, shuffle=True, seed=0, workers=0)
     images = [batch[0] for batch in loader]
     assert sum(len(batch) for batch in images) == 6
@@ -397,235 +396,152 @@ def test_seeded_items_match_between_main_process_and_workers(demo_root):
     torch.testing.assert_close(from_workers, in_main, rtol=0, atol=0)
 
 
-# ------------------------------------------------------------------------------------ the sampler
+# --------------------------------------------------------------------------- image files, lookup
 
 
-def _epoch(sampler: SeededSampler, epoch: int, start: int = 0) -> list[tuple[int, int]]:
-    sampler.set_epoch(epoch, start)
-    pairs = list(sampler)
-    assert len(pairs) == len(sampler)
-    return pairs
+def _write_image(writer: VocWriter, name: str, size=(64, 48), fmt="JPEG", exif=None) -> Path:
+    pixels = np.random.default_rng(1).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    path = writer.folder / "JPEGImages" / name
+    Image.fromarray(pixels).save(path, format=fmt, **({"exif": exif} if exif else {}))
+    return path
 
 
-def test_sampler_is_a_seeded_permutation():
-    sampler = SeededSampler(50, shuffle=True, seed=3)
-    epoch0 = _epoch(sampler, 0)
-    assert sorted(index for index, _ in epoch0) == list(range(50))
-    assert epoch0 == _epoch(SeededSampler(50, shuffle=True, seed=3), 0)
-    assert [i for i, _ in epoch0] != [i for i, _ in _epoch(sampler, 1)]
-    assert [i for i, _ in epoch0] != [
-        i for i, _ in _epoch(SeededSampler(50, shuffle=True, seed=4), 0)
+def _xml(filename: str | None, size=(64, 48), objects="") -> str:
+    named = f"<filename>{filename}</filename>" if filename else ""
+    sized = f"<size><width>{size[0]}</width><height>{size[1]}</height></size>" if size else ""
+    return f"<annotation>{named}{sized}{objects}</annotation>"
+
+
+def _cat(xmin, ymin, xmax, ymax) -> str:
+    corners = f"<xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax>"
+    return f"<object><name>cat</name><bndbox>{corners}</bndbox></object>"
+
+
+def test_images_found_through_filename_then_id_with_any_suffix(voc_writer):
+    _write_image(voc_writer, "holiday photo.PNG", size=(40, 30), fmt="PNG")
+    voc_writer.raw_annotation("by_name", _xml("holiday photo.PNG", (40, 30)))
+    _write_image(voc_writer, "upper.JPEG", size=(50, 30))
+    voc_writer.raw_annotation("upper", _xml("elsewhere/upper.jpg", None))  # stale <filename>
+    _write_image(voc_writer, "bitmap.BMP", size=(20, 30), fmt="BMP")
+    voc_writer.raw_annotation("bitmap", _xml(None, None))
+    _write_image(voc_writer, "plain.png", size=(30, 30), fmt="PNG")
+    voc_writer.raw_annotation("plain", _xml("plain.png"))
+    ds = _dataset(voc_writer)
+    assert not ds.skipped and len(ds) == 4
+    sizes = [ds[index][0].size for index in range(4)]
+    assert sizes == [(40, 30), (50, 30), (20, 30), (30, 30)]
+    assert [ds.get_target(i)["orig_size"] for i in range(4)] == [
+        (30, 40),
+        (30, 50),
+        (30, 20),
+        (30, 30),
     ]
-    assert len({seed for _, seed in epoch0}) == 50
-    ordered = _epoch(SeededSampler(7, shuffle=False, seed=0), 2)
-    assert [index for index, _ in ordered] == list(range(7))
 
 
-def test_item_seed_depends_on_seed_epoch_index_only():
-    seeds_a = dict(_epoch(SeededSampler(30, shuffle=True, seed=1), 4))
-    seeds_b = dict(_epoch(SeededSampler(30, shuffle=False, seed=1), 4))
-    assert seeds_a == seeds_b
-    assert seeds_a != dict(_epoch(SeededSampler(30, shuffle=False, seed=1), 5))
-
-
-@pytest.mark.parametrize(
-    ("length", "replicas", "drop_last"),
-    [(10, 3, False), (10, 3, True), (9, 3, False), (2, 4, False)],
-)
-def test_sampler_shards_like_distributed_sampler(length, replicas, drop_last):
-    shards = [
-        [
-            index
-            for index, _ in _epoch(
-                SeededSampler(
-                    length,
-                    shuffle=True,
-                    seed=0,
-                    num_replicas=replicas,
-                    rank=rank,
-                    drop_last=drop_last,
-                ),
-                1,
-            )
-        ]
-        for rank in range(replicas)
-    ]
-    per_rank = length // replicas if drop_last else -(-length // replicas)
-    assert all(len(shard) == per_rank for shard in shards)
-    seen = [index for shard in shards for index in shard]
-    if drop_last:
-        assert len(set(seen)) == len(seen)
-    else:
-        assert set(seen) == set(range(length))
-    reference = torch.utils.data.DistributedSampler(
-        range(length), num_replicas=replicas, rank=0, shuffle=False, drop_last=drop_last
+def test_exif_orientation_6_gives_the_upright_size_and_boxes(voc_writer):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 64 wide x 48 high, upright 48 wide x 64 high
+    _write_image(voc_writer, "phone.jpg", size=(64, 48), exif=exif)
+    voc_writer.raw_annotation("phone", _xml("phone.jpg", (48, 64), _cat(13, 17, 36, 48)))
+    ds = _dataset(voc_writer)
+    image, target = ds[0]
+    assert image.size == (48, 64) and target["orig_size"] == (64, 48)
+    torch.testing.assert_close(
+        target["boxes"], torch.tensor([[12 / 48, 16 / 64, 36 / 48, 48 / 64]])
     )
-    unshuffled = SeededSampler(
-        length, shuffle=False, seed=0, num_replicas=replicas, drop_last=drop_last
-    )
-    assert [index for index, _ in unshuffled] == list(reference)
+    assert not ds.num_clamped and not ds.skipped
 
 
-def test_sampler_start_resumes_mid_epoch():
-    sampler = SeededSampler(20, shuffle=True, seed=9, num_replicas=2, rank=1)
-    full = _epoch(sampler, 3)
-    assert _epoch(sampler, 3, start=4) == full[4:]
-    assert _epoch(sampler, 3, start=10) == []
-    with pytest.raises(ValueError, match="start"):
-        sampler.set_epoch(3, start=11)
+def test_an_image_over_the_decompression_bomb_limit_is_skipped_and_reported(
+    voc_writer, monkeypatch
+):
+    _good(voc_writer)
+    voc_writer.add("huge", [("cat", (2, 2, 20, 20), 0)], size=(200, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 200 x 100 is over it, 64 x 48 not
+    ds = _dataset(voc_writer)
+    assert len(ds) == 1 and ds.skipped[0][0].endswith("huge.jpg")
+    assert ds.skipped[0][1].startswith("too large: 200x100") and "downscale" in ds.skipped[0][1]
 
 
-def test_sampler_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="rank"):
-        SeededSampler(10, shuffle=True, seed=0, num_replicas=2, rank=2)
-    with pytest.raises(ValueError, match="positive"):
-        SeededSampler(0, shuffle=True, seed=0)
+# ------------------------------------------------------------------------------------ split files
 
 
-# ------------------------------------------------------------------------------ collate, loader
+def test_split_file_with_bom_and_crlf(voc_writer):
+    _good(voc_writer)
+    voc_writer.add("other", [("dog", (3, 3, 30, 30), 0)])
+    path = voc_writer.folder / "ImageSets" / "Main" / "trainval.txt"
+    path.write_bytes(b"\xef\xbb\xbfgood\r\nother\r\n")
+    ds = VOCDataset(voc_writer.root, [("test", "trainval")], CLASSES)
+    assert [ds.get_target(i)["image_id"] for i in range(2)] == ["good", "other"]
 
 
-def _target(boxes, labels, difficult=None, image_id="x"):
-    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    labels = torch.tensor(labels, dtype=torch.int64)
-    difficult = torch.zeros(len(labels), dtype=torch.bool) if difficult is None else difficult
-    return {
-        "boxes": boxes,
-        "labels": labels,
-        "difficult": difficult,
-        "image_id": image_id,
-        "orig_size": (10, 20),
-    }
+def test_split_file_in_another_encoding_is_an_error_naming_it(voc_writer):
+    _good(voc_writer)
+    path = voc_writer.folder / "ImageSets" / "Main" / "trainval.txt"
+    path.write_bytes("good\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"trainval\.txt is not UTF-8"):
+        VOCDataset(voc_writer.root, [("test", "trainval")], CLASSES)
 
 
-def test_collate_pads_and_converts_to_centre_form():
-    batch = [
-        (torch.rand(3, 32, 32), _target([[0.1, 0.2, 0.5, 0.6]], [3], torch.tensor([True]), "a")),
-        (torch.rand(3, 32, 32), _target([[0, 0, 1, 1], [0.5, 0.5, 0.75, 1.0]], [0, 1], None, "b")),
-        (torch.rand(3, 32, 32), _target([], [], None, "c")),
-    ]
-    images, targets, metas = collate_detection(batch)
-    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
-    assert targets.shape == (3, 2, 5) and targets.dtype == torch.float32
-    torch.testing.assert_close(targets[0, 0], torch.tensor([3.0, 0.3, 0.4, 0.4, 0.4]))
-    torch.testing.assert_close(targets[0, 1], torch.tensor([-1.0, 0, 0, 0, 0]))
-    torch.testing.assert_close(targets[1, 1], torch.tensor([1.0, 0.625, 0.75, 0.25, 0.5]))
-    assert (targets[2, :, 0] == -1).all()
-    assert [meta["image_id"] for meta in metas] == ["a", "b", "c"]
-    torch.testing.assert_close(metas[0]["gt"], torch.tensor([[0.1, 0.2, 0.5, 0.6, 3.0, 1.0]]))
-    assert metas[1]["gt"].shape == (2, 6) and metas[2]["gt"].shape == (0, 6)
-    assert metas[0]["orig_size"] == (10, 20)
+def test_duplicate_ids_are_kept_once_and_reported_once(voc_writer, caplog):
+    _good(voc_writer)
+    voc_writer.add("other", [("dog", (3, 3, 30, 30), 0)])
+    sets = voc_writer.write_set(ids=["good", "other", "good", "good", "other"])
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        ds = VOCDataset(voc_writer.root, sets, CLASSES)
+    assert len(ds) == 2
+    assert len(ds.skipped) == 1 and ds.skipped[0][0].endswith("trainval.txt")
+    assert ds.skipped[0][1].startswith("duplicate ids: 3 repeats dropped, each id kept once")
+    assert "good x3" in ds.skipped[0][1] and "other x2" in ds.skipped[0][1]
+    assert caplog.text.count("duplicate ids") == 1
 
 
-def test_collate_all_empty_has_one_padding_row():
-    _, targets, _ = collate_detection([(torch.rand(3, 8, 8), _target([], []))])
-    assert targets.shape == (1, 1, 5) and targets[0, 0, 0] == -1
+# ------------------------------------------------------------------------ unreadable, evaluation
 
 
-def test_build_dataloader_is_deterministic_across_worker_counts(demo_root):
-    ds = VOCDataset(
-        demo_root, [("demo", "train")], DEMO_CLASSES, transform=build_train_transform(64)
-    )
-
-    def run(workers):
-        loader = build_dataloader(ds, batch_size=5, shuffle=True, seed=1, workers=workers)
-        assert isinstance(loader.sampler, SeededSampler) and not loader.pin_memory
-        loader.sampler.set_epoch(2, start=3)
-        return [(images, targets) for images, targets, _ in loader]
-
-    serial, parallel = run(0), run(2)
-    assert [len(images) for images, _ in serial] == [5, 5, 5, 5, 1]  # 24 - 3 items
-    for (images_a, targets_a), (images_b, targets_b) in zip(serial, parallel, strict=True):
-        torch.testing.assert_close(images_a, images_b, rtol=0, atol=0)
-        torch.testing.assert_close(targets_a, targets_b, rtol=0, atol=0)
+def _unreadable_set(writer: VocWriter) -> None:
+    """good; missing (no image file); garbage (not an image); nosize (no image, no <size>)."""
+    _good(writer)
+    writer.annotation("missing", [("dog", (11, 21, 31, 41), 0)], size=(100, 50))
+    writer.raw_image("garbage", b"no pixels here")
+    writer.annotation("garbage", [("cat", (1, 1, 10, 10), 0)], size=(20, 10))
+    writer.annotation("nosize", [("cat", (1, 1, 10, 10), 0)], size=None)
+    writer.write_set()
 
 
-def test_build_dataloader_drop_last_and_shards(demo_root):
-    ds = VOCDataset(
-        demo_root, [("demo", "train")], DEMO_CLASSES, transform=build_eval_transform(32)
-    )
-    loader = build_dataloader(
-        ds, batch_size=5, shuffle=False, seed=0, workers=0, drop_last=True, num_replicas=2, rank=1
-    )
-    assert len(loader) == 2
-    ids = [meta["image_id"] for _, _, metas in loader for meta in metas]
-    assert ids == [f"{index:06d}" for index in range(1, 20, 2)]
+def test_keep_unreadable_keeps_their_ground_truth(voc_writer):
+    _unreadable_set(voc_writer)
+    ds = _dataset(voc_writer, keep_unreadable=True)
+    assert [ds.get_target(i)["image_id"] for i in range(len(ds))] == ["good", "missing", "garbage"]
+    assert ds.unreadable == ["missing", "garbage"]
+    reasons = dict(ds.skipped)
+    assert any("nosize" in path and "no <size>" in why for path, why in reasons.items())
+    image, target = ds[1]
+    assert image.size == (100, 50) and (np.asarray(image) == 128).all()
+    assert target["unreadable"] is True and target["orig_size"] == (50, 100)
+    torch.testing.assert_close(target["boxes"], torch.tensor([[0.1, 0.4, 0.31, 0.82]]))
+    assert ds[0][1]["unreadable"] is False
+    batch = [build_eval_transform(32)(*ds[i]) for i in range(3)]
+    _, _, metas = collate_detection(batch)
+    assert [meta["unreadable"] for meta in metas] == [False, True, True]
+    assert "2 unreadable images kept" in ds.summary()
 
 
-# ------------------------------------------------------------------------------------- download
+def test_training_default_skips_unreadable_images(voc_writer):
+    _unreadable_set(voc_writer)
+    ds = _dataset(voc_writer)
+    assert len(ds) == 1 and not ds.unreadable and len(ds.skipped) == 3
 
 
-def _tiny_tar(path: Path, members: dict[str, bytes]) -> str:
-    with tarfile.open(path, "w") as archive:
-        for name, payload in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _patch_table(monkeypatch, md5: str, name: str = "VOCtrainval_06-Nov-2007.tar"):
-    table = dict(data.VOC_TARBALLS)
-    table["2007-trainval"] = (name, "voc2007", md5, "VOC2007/ImageSets/Main/trainval.txt")
-    monkeypatch.setattr(data, "VOC_TARBALLS", table)
-
-
-def _offline(*args, **kwargs):
-    raise urllib.error.URLError("no network in tests")
-
-
-def test_download_from_mirror_extracts_and_then_skips(tmp_path, monkeypatch):
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    md5 = _tiny_tar(
-        mirror / "VOCtrainval_06-Nov-2007.tar",
-        {
-            "VOCdevkit/VOC2007/ImageSets/Main/trainval.txt": b"000001\n",
-            "VOCdevkit/VOC2007/Annotations/000001.xml": b"<annotation/>",
-        },
-    )
-    _patch_table(monkeypatch, md5)
-    root = tmp_path / "VOCdevkit"
-    assert download_voc(root, items=["2007-trainval"], mirror=mirror.as_uri()) == root
-    assert (root / "VOC2007/ImageSets/Main/trainval.txt").read_bytes() == b"000001\n"
-    assert (root / "VOCtrainval_06-Nov-2007.tar").is_file()
-    assert not [path for path in root.iterdir() if path.name.startswith(".")]  # no temp left
-    monkeypatch.setattr(data.urllib.request, "urlopen", _offline)
-    download_voc(root, items=["2007-trainval"])  # extracted already: no network needed
-    (root / "VOC2007/ImageSets/Main/trainval.txt").unlink()
-    download_voc(root, items=["2007-trainval"])  # the tarball with the right md5 is reused
-    assert (root / "VOC2007/ImageSets/Main/trainval.txt").is_file()
-
-
-def test_download_md5_mismatch_leaves_nothing(tmp_path, monkeypatch):
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    _tiny_tar(mirror / "VOCtrainval_06-Nov-2007.tar", {"VOCdevkit/VOC2007/x.txt": b"x"})
-    _patch_table(monkeypatch, "0" * 32)
-    root = tmp_path / "VOCdevkit"
-    with pytest.raises(ValueError, match=r"md5 .* expected 0{32}"):
-        download_voc(root, items=["2007-trainval"], mirror=mirror.as_uri())
-    assert list(root.iterdir()) == []
-
-
-def test_download_offline_says_what_to_fetch_and_where(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.urllib.request, "urlopen", _offline)
-    root = tmp_path / "VOCdevkit"
-    with pytest.raises(ConnectionError) as info:
-        download_voc(root, items=["2012-trainval"])
-    message = str(info.value)
-    assert "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar" in message
-    assert str(root / "VOCtrainval_11-May-2012.tar") in message
-    assert str(root / "VOC2012/ImageSets/Main/trainval.txt") in message
-    with pytest.raises(ValueError, match="unknown VOC item"):
-        download_voc(root, items=["2013-trainval"])
-
-
-def test_download_refuses_path_traversal(tmp_path, monkeypatch):
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    md5 = _tiny_tar(mirror / "VOCtrainval_06-Nov-2007.tar", {"VOCdevkit/../../escaped.txt": b"x"})
-    _patch_table(monkeypatch, md5)
-    with pytest.raises(ValueError, match="unsafe member"):
-        download_voc(tmp_path / "VOCdevkit", items=["2007-trainval"], mirror=mirror.as_uri())
-    assert not (tmp_path / "escaped.txt").exists()
+def test_keep_unreadable_at_decode_time(voc_writer, caplog):
+    _good(voc_writer)
+    voc_writer.add("later", [("dog", (2, 2, 20, 20), 0)], size=(40, 30))
+    ds = _dataset(voc_writer, keep_unreadable=True, transform=build_eval_transform(32))
+    bad = _spoil_after_scan(voc_writer, "later")
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        for _ in range(2):
+            image, target = ds[(1, 3)]
+            assert target["image_id"] == "later" and target["unreadable"] is True
+            torch.testing.assert_close(image, torch.full((3, 32, 32), 128 / 255))
+    assert ds.unreadable == ["later"] and caplog.text.count(str(bad)) == 1
+    assert "count as misses" in caplog.text

@@ -5,11 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from utils.data import VOCDataset, load_classes
-from utils.demo import DEMO_CLASSES, generate_demo_dataset, main
+from tests.conftest import VocWriter
+from utils.data import VOCDataset
+from utils.demo import (
+    DEMO_CLASSES,
+    _annotation_xml,
+    _render,
+    _shape_mask,
+    generate_demo_dataset,
+    main,
+)
+from utils.voc import load_classes
 
 SMALL = {"num_train": 6, "num_val": 3, "seed": 4}
 
@@ -70,6 +80,34 @@ def test_rejects_bad_parameters(tmp_path):
         generate_demo_dataset(tmp_path, num_train=0)
     with pytest.raises(ValueError, match="min_size"):
         generate_demo_dataset(tmp_path, min_size=300, max_size=200)
+
+
+@pytest.mark.parametrize("label", range(len(DEMO_CLASSES)))
+@pytest.mark.parametrize(("width", "height"), [(23, 17), (6, 40), (64, 64)])
+def test_every_shape_touches_the_four_sides_of_its_box(label, width, height):
+    ys, xs = np.nonzero(np.asarray(_shape_mask(label, width, height)))  # painted pixels
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (0, width, 0, height)
+
+
+def test_xml_boxes_load_back_as_the_pixels_of_their_shapes(tmp_path):
+    writer = VocWriter(tmp_path)
+    expected = {}
+    for index in range(6):
+        rng = np.random.default_rng([7, index])
+        canvas, objects = _render(rng, 120 + index, 90)
+        canvas.save(writer.folder / "JPEGImages" / f"{index:06d}.jpg")
+        writer.raw_annotation(
+            f"{index:06d}", _annotation_xml(f"{index:06d}", 120 + index, 90, objects)
+        )
+        size = np.array([120 + index, 90, 120 + index, 90], dtype=np.float64)
+        expected[f"{index:06d}"] = [np.array(obj["box"]) / size for obj in objects]
+    ds = VOCDataset(tmp_path, writer.write_set(), DEMO_CLASSES)
+    assert not ds.skipped and not ds.num_clamped
+    for index in range(len(ds)):
+        target = ds.get_target(index)
+        boxes = np.array(expected[target["image_id"]], dtype=np.float32).reshape(-1, 4)
+        np.testing.assert_array_equal(target["boxes"].numpy(), boxes)  # [x0, x1) -> x0/W, x1/W
+    assert sum(len(boxes) for boxes in expected.values()) > 6
 
 
 def test_content_is_varied_and_loads_cleanly(demo_root):

@@ -11,7 +11,7 @@ import torch
 
 import test_yolov2
 from utils.anchors import default_anchors, save_anchors
-from utils.data import load_classes
+from utils.voc import load_classes
 from yolo.build import load_trained_model
 from yolo.checkpoint import save_checkpoint
 from yolo.darknet import save_darknet_weights

@@ -162,7 +162,9 @@ def _render(rng: np.random.Generator, width: int, height: int):
 
 
 def _annotation_xml(image_id: str, width: int, height: int, objects: list) -> str:
-    """VOC XML text; corners 1-based inclusive as VOC writes them."""
+    """VOC XML text; corners 1-based inclusive as VOC writes them: a shape on the 0-based pixels
+    ``[x0, x1)`` is ``xmin = x0 + 1, xmax = x1``, which the VOC pixel frame (:mod:`utils.voc`)
+    reads back as ``(x0 / W, x1 / W)``."""
     parts = [
         "<annotation>",
         "  <folder>VOCdemo</folder>",

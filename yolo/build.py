@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from utils.anchors import default_anchors, load_anchors
-from utils.data import VOC_CLASSES, VOCDataset, build_dataloader, load_classes, parse_sets
+from utils.data import VOC_CLASSES, VOCDataset
 from utils.demo import generate_demo_dataset
+from utils.loader import build_dataloader
 from utils.transforms import build_eval_transform, build_train_transform
+from utils.voc import load_classes, parse_sets
 from yolo.checkpoint import load_checkpoint, load_model_weights
 from yolo.config import DEMO_ROOT
 from yolo.loss import YOLOv2Loss

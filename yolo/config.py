@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.download import VOC_TARBALLS, check_mirror
 from utils.fileio import atomic_write_text
 from yolo.converter import ASSIGNMENTS
 from yolo.model import MODEL_NAMES
@@ -285,3 +286,41 @@ def config_from_dict(cls, data: dict):
 def save_config_json(config, path: str | Path) -> None:
     """Write the resolved config beside the checkpoints (atomically)."""
     atomic_write_text(path, json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Pascal VOC download into ROOT/VOCdevkit (download_voc.py)."""
+
+    root: str = flag("data", "folder to extract into: ROOT/VOCdevkit/VOC2007, .../VOC2012")
+    items: tuple[str, ...] = flag(tuple(VOC_TARBALLS), f"any of {', '.join(VOC_TARBALLS)}")
+    mirror: str | None = flag(None, "http(s):// or file:// URL of a folder holding the tarballs")
+    tarballs: str | None = flag(None, "folder holding tarballs downloaded by hand (md5-checked)")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.items) - set(VOC_TARBALLS))
+        _check(bool(self.items) and not unknown, f"--items {unknown}: any of {list(VOC_TARBALLS)}")
+        if self.mirror is not None:
+            check_mirror(self.mirror)
+        _check(bool(self.root), "--root: give a folder, e.g. data")
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """Labelling-tool output (images + VOC XML folders) into the VOCdevkit layout
+    (import_voc.py); --images, --annotations and --out are required."""
+
+    images: str | None = flag(None, "folder of the images (.jpg, .jpeg, .png, .bmp)")
+    annotations: str | None = flag(None, "folder of the VOC XML files, one per image")
+    out: str | None = flag(None, "new folder data/NAME; NAME becomes the set name (NAME:train)")
+    val: float = flag(0.2, "share of the images in the val split")
+    seed: int = flag(0, "seed of the train/val split")
+    link: bool = flag(False, "symlink the images instead of copying them")
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val < 1.0, f"--val {self.val}: give a share between 0 and 1, e.g. 0.2")
+
+    def missing_flags(self) -> list[str]:
+        """The required flags not given."""
+        names = ("images", "annotations", "out")
+        return [f"--{name}" for name in names if getattr(self, name) is None]

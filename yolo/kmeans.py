@@ -27,11 +27,12 @@ import torch
 from tqdm import tqdm
 
 from utils.anchors import read_voc_box_sizes, save_anchors
-from utils.data import VOC_CLASSES, load_classes, parse_sets
+from utils.data import VOC_CLASSES
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
 from utils.fileio import atomic_write_text
 from utils.kmeans import KMeansResult, run_kmeans
 from utils.visualize import PAPER_CLUSTER_IOU, plot_anchor_clusters, plot_iou_vs_k, save_figure
+from utils.voc import load_classes, parse_sets
 from yolo.config import DEMO_ROOT, config_to_dict, flag
 
 log = logging.getLogger(__name__)

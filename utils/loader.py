@@ -1,0 +1,168 @@
+"""Sampling, batching and loading for :class:`utils.data.VOCDataset`.
+
+``SeededSampler`` yields ``(index, item_seed)`` pairs (so augmentation depends only on the
+seed, the epoch and the index, in any worker), ``collate_detection`` makes the padded target
+tensor and the per-image metadata, ``build_dataloader`` puts them together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from utils.boxes import xyxy_to_cxcywh
+
+__all__ = ["SeededSampler", "build_dataloader", "collate_detection", "seed_worker"]
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers: stable across processes, platforms and Python versions."""
+    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class SeededSampler(Sampler):
+    """Yields ``(index, item_seed)`` pairs for ``VOCDataset``; resumable, shardable.
+
+    The order is a permutation drawn from (seed, epoch) when ``shuffle``, else ``0..n-1``;
+    ``item_seed`` is derived from (seed, epoch, index). With ``num_replicas > 1`` it shards as
+    ``DistributedSampler`` does: the order is padded by repetition (or, with ``drop_last``,
+    truncated) to a multiple of ``num_replicas`` and rank ``r`` takes every ``num_replicas``-th
+    item from ``r``. ``set_epoch(epoch, start)`` picks the epoch and skips the first ``start``
+    items of this rank's order (to resume mid-epoch: ``start`` counts items, not batches).
+    ``len()`` is the number of items this rank yields from ``start``.
+    """
+
+    def __init__(
+        self,
+        dataset_len: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ):
+        if dataset_len <= 0:
+            raise ValueError(f"dataset_len must be positive, got {dataset_len}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        if drop_last and dataset_len < num_replicas:
+            raise ValueError(f"drop_last with {dataset_len} items leaves none for some ranks")
+        self.dataset_len, self.shuffle, self.seed = dataset_len, shuffle, seed
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+        if drop_last:
+            self.num_samples = dataset_len // num_replicas
+        else:
+            self.num_samples = -(-dataset_len // num_replicas)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start {start} is not in [0, {self.num_samples}] for this rank")
+        self.epoch, self.start = epoch, start
+
+    def rank_indices(self) -> list[int]:
+        """This rank's whole order for the current epoch (before ``start``)."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            order = torch.randperm(self.dataset_len, generator=generator).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        total = self.num_samples * self.num_replicas
+        while len(order) < total:
+            order += order[: total - len(order)]
+        return order[:total][self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.rank_indices()[self.start :]:
+            yield index, _mix(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]]):
+    """List of (image ``[3, H, W]``, target) -> (images, targets, metas).
+
+    ``images`` ``[N, 3, H, W]`` float32; ``targets`` ``[N, G, 5]`` float32 rows
+    ``(class, cx, cy, w, h)`` normalised, padding rows ``(-1, 0, 0, 0, 0)``, ``G`` the most boxes
+    of an image in the batch (at least 1); ``metas`` one dict per image with ``"image_id"``,
+    ``"orig_size"`` (height, width), ``"unreadable"`` (bool: the image could not be read and is
+    a grey stand-in, see ``VOCDataset(keep_unreadable=True)``) and ``"gt"`` ``[G_i, 6]`` float32
+    ``(x1, y1, x2, y2, class, difficult)`` normalised (the evaluation ground truth).
+    """
+    images = torch.stack([image for image, _ in batch]).to(torch.float32)  # [N, 3, H, W]
+    most = max([1] + [len(target["labels"]) for _, target in batch])
+    targets = torch.zeros(len(batch), most, 5, dtype=torch.float32)
+    targets[..., 0] = -1.0
+    metas = []
+    for row, (_, target) in enumerate(batch):
+        boxes = target["boxes"].to(torch.float32).reshape(-1, 4)  # [G_i, 4]
+        labels = target["labels"].to(torch.float32)
+        targets[row, : len(labels), 0] = labels
+        targets[row, : len(labels), 1:] = xyxy_to_cxcywh(boxes)
+        gt = torch.cat([boxes, labels[:, None], target["difficult"].to(torch.float32)[:, None]], 1)
+        metas.append(
+            {
+                "image_id": target["image_id"],
+                "orig_size": target["orig_size"],
+                "unreadable": bool(target.get("unreadable", False)),
+                "gt": gt,
+            }
+        )
+    return images, targets, metas
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: seed Python's and numpy's generators from torch's worker seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_dataloader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    workers: int,
+    drop_last: bool = False,
+    num_replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool | None = None,
+) -> DataLoader:
+    """A DataLoader over ``SeededSampler`` pairs with ``collate_detection``.
+
+    ``loader.sampler`` is the ``SeededSampler`` (call ``loader.sampler.set_epoch(epoch, start)``
+    before each epoch). ``drop_last`` drops the last incomplete batch and truncates the shards.
+    Workers persist across epochs; memory is pinned by default when CUDA is available.
+    """
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
+    sampler = SeededSampler(
+        len(dataset),
+        shuffle=shuffle,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+        drop_last=drop_last,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=workers,
+        collate_fn=collate_detection,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=workers > 0,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )
