@@ -8,32 +8,17 @@ Examples: python download_voc.py ; python download_voc.py --items 2007-test ;
 python download_voc.py --mirror https://my.mirror/voc ; python download_voc.py --tarballs DIR
 """
 
-import logging
 import sys
 
-from utils.download import DownloadError, download_voc
-from yolo.cli import USER_ERRORS, setup_logging
-from yolo.config import DownloadConfig, parse_config
+from yolo.cli import run
+from yolo.config import DownloadConfig
+from yolo.prepare import run_download
 
 PRESET = DownloadConfig()
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(PRESET, argv, __doc__)
-    setup_logging()
-    log = logging.getLogger("download_voc")
-    try:
-        devkit = download_voc(
-            config.root,
-            items=config.items,
-            mirror=config.mirror,
-            tarball_dirs=[config.tarballs] if config.tarballs else [],
-        )
-    except (*USER_ERRORS, DownloadError, OSError) as error:
-        log.error("%s", error)
-        return 1
-    log.info("VOC is ready in %s; next: python train_yolov2.py --data-root %s", devkit, devkit)
-    return 0
+    return run(PRESET, argv, __doc__, run_download)
 
 
 if __name__ == "__main__":

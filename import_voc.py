@@ -8,53 +8,17 @@ Example: python import_voc.py --images raccoon/images --annotations raccoon/anno
 --out data/raccoon
 """
 
-import logging
-import shlex
 import sys
-from pathlib import Path
 
-from utils.importer import REPORT, import_labelled, report_text
-from yolo.cli import USER_ERRORS, setup_logging
-from yolo.config import ImportConfig, parse_config
+from yolo.cli import run
+from yolo.config import ImportConfig
+from yolo.prepare import run_import
 
 PRESET = ImportConfig()
-SHOWN_SKIPS = 20
-
-
-def train_command(out: str, name: str) -> str:
-    """The training command for the imported set."""
-    classes = str(Path(out) / "classes.txt")
-    return (
-        f"python train_yolov2.py --data-root {shlex.quote(out)} --classes {shlex.quote(classes)} "
-        f"--train-sets {name}:train --val-set {name}:val --run {name}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(PRESET, argv, __doc__)
-    setup_logging()
-    log = logging.getLogger("import_voc")
-    if config.missing_flags():
-        log.error("give %s (see --help)", " ".join(config.missing_flags()))
-        return 1
-    try:
-        result = import_labelled(
-            config.images,
-            config.annotations,
-            config.out,
-            val=config.val,
-            seed=config.seed,
-            link=config.link,
-        )
-    except (*USER_ERRORS, OSError) as error:
-        log.error("%s", error)
-        return 1
-    for file, reason in result.skipped[:SHOWN_SKIPS]:
-        log.warning("skipped %s: %s", file, reason)
-    summary = report_text(result).splitlines()[:2]
-    log.info("imported into %s: %s; %s (all in %s)", config.out, *summary, REPORT)
-    log.info("next, train:\n%s", train_command(config.out, result.name))
-    return 0
+    return run(PRESET, argv, __doc__, run_import)
 
 
 if __name__ == "__main__":

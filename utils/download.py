@@ -72,7 +72,7 @@ VOC_TARBALLS = {
 }  # fmt: skip
 
 
-class DownloadError(RuntimeError):
+class DownloadError(OSError):
     """Some items could not be obtained; the message lists each file, its URL and where to put
     it."""
 

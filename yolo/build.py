@@ -21,7 +21,7 @@ from yolo.config import DEMO_ROOT
 from yolo.loss import YOLOv2Loss
 from yolo.model import build_model
 from yolo.runtime import Runtime
-from yolo.weights import ResolvedWeights, resolve_weights
+from yolo.weights import DARKNET_RELEASES, ResolvedWeights, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,11 @@ def find_weights(weights: str) -> ResolvedWeights:
     try:
         return resolve_weights(weights)
     except FileNotFoundError as error:
+        if Path(weights).suffix or "/" in weights:  # a path, not a mistyped name
+            raise FileNotFoundError(
+                f"weights {weights} not found: a run's own weights are model/<run>/best.pt; "
+                f"darknet's can be named: {', '.join(DARKNET_RELEASES)}"
+            ) from None
         raise FileNotFoundError(f"{error}; a run's own weights are model/<run>/best.pt") from None
 
 

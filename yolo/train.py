@@ -141,7 +141,7 @@ def train_one_epoch(
     """
     model.train()
     metrics, sums, accumulated = MetricLogger(), {}, 0
-    committed, interrupted, in_step = dataclasses.replace(state), False, False
+    committed, interrupted, in_step = _commit(state, model), False, False
     bar = tqdm(total=len(loader), desc=f"epoch {state.epoch + 1}", disable=not runtime.is_main,
                dynamic_ncols=True, leave=False)  # fmt: skip
     tick = time.perf_counter()
@@ -174,7 +174,7 @@ def train_one_epoch(
                 if writer is not None:
                     _log_step(writer, values, lr, size, state.iteration)
                 state.iteration += 1
-                committed = dataclasses.replace(state)
+                committed = _commit(state, model)
                 sums, accumulated = {}, 0
                 metrics.update(values)
                 bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}", size=size,
@@ -188,12 +188,26 @@ def train_one_epoch(
     except RuntimeError as error:
         if "DataLoader worker" not in str(error) or in_step:
             raise
-        for name, value in dataclasses.asdict(committed).items():
-            setattr(state, name, value)
+        _roll_back(state, model, committed)
         raise DataLoaderDied(str(error)) from None
     finally:
         bar.close()
     return metrics, interrupted
+
+
+def _commit(state: TrainState, model: nn.Module) -> tuple[TrainState, dict]:
+    """The counters and the BatchNorm statistics after an optimizer step: forward passes of a
+    step not yet taken move the statistics, so a roll-back to the step restores them too."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    return dataclasses.replace(state), buffers
+
+
+def _roll_back(state: TrainState, model: nn.Module, committed: tuple[TrainState, dict]) -> None:
+    saved_state, buffers = committed
+    for name, value in dataclasses.asdict(saved_state).items():
+        setattr(state, name, value)
+    for name, buffer in model.named_buffers():
+        buffer.copy_(buffers[name])
 
 
 def _loss_terms(criterion, raw, targets, state: TrainState) -> dict[str, torch.Tensor]:
