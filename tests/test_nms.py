@@ -8,7 +8,7 @@ import yolo.nms
 from yolo.converter import decode
 from yolo.nms import grouped_nms, postprocess
 
-ANCHORS = torch.tensor([[0.08, 0.1], [0.2, 0.25], [0.35, 0.5], [0.6, 0.35], [0.8, 0.75]])
+ANCHORS = torch.tensor([[0.56, 0.6], [1.4, 1.5], [2.45, 3.0], [4.2, 2.1], [5.6, 4.5]])  # grid cells
 
 
 def random_raw(seed: int, batch=3, grid=(7, 6), num_classes=6, objectness_shift=-1.0):
