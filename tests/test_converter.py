@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from utils.boxes import cxcywh_to_xyxy
 from yolo.converter import (
     assign_targets,
     cell_boxes,
@@ -15,7 +14,7 @@ from yolo.converter import (
     match_max_total_iou,
 )
 
-ANCHORS = torch.tensor([[0.1, 0.13], [0.25, 0.3], [0.4, 0.6]])
+ANCHORS = torch.tensor([[1.3, 1.7], [3.25, 3.9], [5.2, 7.8]])  # grid cells
 
 
 def test_decode_matches_a_loop_over_cells_on_a_non_square_grid():
@@ -34,7 +33,8 @@ def test_decode_matches_a_loop_over_cells_on_a_non_square_grid():
         tx, ty, tw, th, to = (raw[b, a * per_anchor + k, row, col].item() for k in range(5))
         cx = (col + 1 / (1 + math.exp(-tx))) / grid_w
         cy = (row + 1 / (1 + math.exp(-ty))) / grid_h
-        w, h = math.exp(tw) * ANCHORS[a, 0].item(), math.exp(th) * ANCHORS[a, 1].item()
+        w = math.exp(tw) * ANCHORS[a, 0].item() / grid_w  # darknet's get_region_box
+        h = math.exp(th) * ANCHORS[a, 1].item() / grid_h
         expected = torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
         torch.testing.assert_close(boxes[b, index], expected, rtol=1e-5, atol=1e-6)
         assert objectness[b, index].item() == pytest.approx(1 / (1 + math.exp(-to)), rel=1e-5)
@@ -42,18 +42,24 @@ def test_decode_matches_a_loop_over_cells_on_a_non_square_grid():
         torch.testing.assert_close(class_probs[b, index], logits.softmax(0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
-def test_cell_boxes_is_cxcywh_to_xyxy_bit_for_bit(dtype):
-    gen = torch.Generator().manual_seed(3)
-    offsets = (3 * torch.randn(2, 500, 4, generator=gen)).to(dtype)  # broadcast over images
-    col = torch.randint(0, 13, (500,), generator=gen).to(dtype)
-    row = torch.randint(0, 11, (500,), generator=gen).to(dtype)
-    anchor_wh = torch.rand(500, 2, generator=gen).to(dtype)
-    centre_x = (col + offsets[..., 0].sigmoid()) / 13
-    centre_y = (row + offsets[..., 1].sigmoid()) / 11
-    size = offsets[..., 2:4].exp() * anchor_wh
-    expected = cxcywh_to_xyxy(torch.cat([centre_x[..., None], centre_y[..., None], size], -1))
-    assert torch.equal(cell_boxes(offsets, col, row, anchor_wh, 11, 13), expected)
+def test_same_raw_values_give_the_same_pixel_size_at_every_grid():
+    """An anchor is fixed in pixels (32 per cell): the same (tw, th) decodes to the same box in
+    pixels at 416 (13x13) and 608 (19x19), exp(t) * anchor * 32."""
+    gen = torch.Generator().manual_seed(1)
+    per_anchor = torch.randn(len(ANCHORS), 5 + 4, 1, 1, generator=gen)  # one value per channel
+    expected = per_anchor[:, 2:4, 0, 0].exp() * ANCHORS * 32  # [A, 2] pixels
+    for grid in (13, 19):
+        raw = per_anchor.expand(-1, -1, grid, grid).reshape(1, -1, grid, grid)  # [1, A*9, S, S]
+        boxes, _, _ = decode(raw, ANCHORS)  # [1, S*S*A, 4]
+        size_px = (boxes[0, :, 2:] - boxes[0, :, :2]) * 32 * grid  # [S*S*A, 2]
+        anchor = torch.arange(grid * grid * len(ANCHORS)) % len(ANCHORS)  # [S*S*A]
+        torch.testing.assert_close(size_px, expected[anchor])
+
+
+def test_cell_boxes_worked_example():
+    # cell (6, 6) of 13x13, raw 0: centre 6.5/13 = 0.5, anchor 1 (3.25 x 3.9 cells) = 104 x 124.8 px
+    box_px = cell_boxes(torch.zeros(4), 6, 6, ANCHORS[1], 13, 13) * 416
+    torch.testing.assert_close(box_px, torch.tensor([156.0, 145.6, 260.0, 270.4]))
 
 
 def test_flatten_rejects_a_channel_count_that_does_not_fit_the_anchors():
@@ -62,7 +68,8 @@ def test_flatten_rejects_a_channel_count_that_does_not_fit_the_anchors():
 
 
 def test_assignment_cell_and_anchor_follow_darknet():
-    anchors = torch.tensor([[0.2, 0.2], [0.2, 0.2], [0.5, 0.5]])  # a tie: first anchor wins
+    # grid 4 rows x 3 columns; in cells (x3, x4) these are 0.2x0.2, 0.2x0.2, 0.5x0.5 of the image
+    anchors = torch.tensor([[0.6, 0.8], [0.6, 0.8], [1.5, 2.0]])  # a tie: first anchor wins
     targets = torch.tensor(
         [
             [[0, 1.0, 1.0, 0.2, 0.2], [-1, 0, 0, 0, 0], [1, 0.0, 0.49, 0.45, 0.55]],
@@ -112,6 +119,19 @@ def test_matching_is_exact_and_distinct(num_rows):
         assert total == pytest.approx(brute_force(weights[m]), rel=1e-12)
 
 
+def bias_match(w: float, h: float, anchors: list, grid_w: int, grid_h: int) -> int:
+    """darknet's choice: the first anchor of best IoU of (anchor_w / W, anchor_h / H) and the
+    normalised (w, h), both centred (region_layer.c, bias_match with DOABS)."""
+    best_iou, best_n = 0.0, 0
+    for n, (anchor_w, anchor_h) in enumerate(anchors):
+        pred_w, pred_h = anchor_w / grid_w, anchor_h / grid_h
+        inter = min(w, pred_w) * min(h, pred_h)
+        iou = inter / (w * h + pred_w * pred_h - inter)
+        if iou > best_iou:
+            best_iou, best_n = iou, n
+    return best_n
+
+
 def test_global_assignment_only_changes_cells_with_competition():
     gen = torch.Generator().manual_seed(3)
     targets = torch.cat(
@@ -138,11 +158,7 @@ def test_global_assignment_only_changes_cells_with_competition():
     cells: dict[tuple, list] = {}
     for b, g in (targets[..., 0] >= 0).nonzero().tolist():
         _, cx, cy, w, h = targets[b, g].tolist()
-        shape_iou = [
-            min(w, aw) * min(h, ah) / (w * h + aw * ah - min(w, aw) * min(h, ah))
-            for aw, ah in ANCHORS.tolist()
-        ]
-        best = max(range(len(ANCHORS)), key=lambda a, ious=shape_iou: (ious[a], -a))
+        best = bias_match(w, h, ANCHORS.tolist(), 5, 5)
         cells.setdefault((b, min(int(cy * 5), 4), min(int(cx * 5), 4)), []).append((g, best))
     expected_dropped = 0
     num_contested = 0

@@ -1,11 +1,16 @@
-"""Darknet .weights I/O against files written by an independent writer, and the darknet models
-against a plain interpreter of darknet's cfgs (layer tables transcribed below)."""
+"""Darknet .weights I/O against files written by an independent writer, the darknet models
+against a plain interpreter of darknet's cfgs (layer tables transcribed below), and decoding
+against a plain transcription of darknet's region layer."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from utils.anchors import default_anchors
+from yolo.converter import decode
 from yolo.darknet import (
     darknet_conv_layers,
     darknet_weights_nbytes,
@@ -381,3 +386,76 @@ def test_resnet_has_no_darknet_layout(tmp_path):
         model = build_model("resnet18")
     with pytest.raises(TypeError, match="darknet19 and tiny models only"):
         save_darknet_weights(model, tmp_path / "r.weights")
+
+
+# cfg/yolov2-voc.cfg, [region]: the anchors line, in cells of the 13x13 grid of a 416 input
+YOLOV2_VOC_ANCHORS_LINE = (
+    "1.3221, 1.73145, 3.19275, 4.00944, 5.05587, 8.09892, 9.47112, 4.84053, 11.2364, 10.0071"
+)
+
+
+def region_layer_reference(raw: torch.Tensor, biases: list[float], thresh: float) -> dict:
+    """darknet's forward_region_layer at inference and get_region_boxes, as plain loops over
+    one image's raw output ``[A*(5+C), H, W]`` (entry k of anchor n at channel n*(5+C) + k,
+    entry_index): logistic on x, y and objectness, softmax over the classes; get_region_box
+    with DOABS, box = ((col + x) / w, (row + y) / h, exp(tw) * biases[2n] / w,
+    exp(th) * biases[2n+1] / h); probs[j] = objectness * p[j] where that is > thresh, else 0.
+    Returns ``{(row, col, n): ((x, y, w, h), objectness, probs)}``."""
+    values = raw.tolist()
+    num_anchors = len(biases) // 2
+    size = len(values) // num_anchors
+    grid_h, grid_w = len(values[0]), len(values[0][0])
+    detections = {}
+    for row in range(grid_h):
+        for col in range(grid_w):
+            for n in range(num_anchors):
+                entry = [values[n * size + k][row][col] for k in range(size)]
+                x, y, scale = (1 / (1 + math.exp(-entry[k])) for k in (0, 1, 4))
+                largest = max(entry[5:])
+                exps = [math.exp(v - largest) for v in entry[5:]]
+                probs = [scale * e / sum(exps) for e in exps]
+                box = (
+                    (col + x) / grid_w,
+                    (row + y) / grid_h,
+                    math.exp(entry[2]) * biases[2 * n] / grid_w,
+                    math.exp(entry[3]) * biases[2 * n + 1] / grid_h,
+                )
+                detections[row, col, n] = (box, scale, [p if p > thresh else 0.0 for p in probs])
+    return detections
+
+
+@pytest.mark.slow
+def test_darknet19_weights_decode_at_608_as_darknets_region_layer(tmp_path):
+    parsed = [float(v) for v in YOLOV2_VOC_ANCHORS_LINE.split(",")]
+    biases = torch.tensor(parsed, dtype=torch.float32).tolist()  # darknet's float biases
+    anchors = default_anchors()
+    assert anchors.flatten().tolist() == biases
+    torch.manual_seed(3)
+    seeded = build_model("darknet19")
+    with torch.no_grad():  # scores on both sides of the threshold
+        seeded.head.conv.bias.view(5, 25)[:, 4:] = 2 * torch.randn(5, 21)  # [A*(5+C)] -> [A, 5+C]
+    path = tmp_path / "seeded.weights"
+    save_darknet_weights(seeded, path)
+    model = build_model("darknet19", pretrained=path).eval()
+    image = torch.rand(1, 3, 608, 608, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        raw = model(image).double()  # [1, 125, 19, 19]
+    thresh = 0.002
+    reference = region_layer_reference(raw[0], biases, thresh)
+    boxes, objectness, class_probs = decode(raw, anchors.double())
+    scores = objectness[0, :, None] * class_probs[0]  # [P, C]
+    expected_boxes, expected_objectness, expected_scores = [], [], []
+    for row, col, n in sorted(reference, key=lambda k: (k[0] * 19 + k[1]) * 5 + k[2]):
+        (x, y, w, h), scale, probs = reference[row, col, n]
+        expected_boxes.append([x - w / 2, y - h / 2, x + w / 2, y + h / 2])
+        expected_objectness.append(scale)
+        expected_scores.append(probs)
+    torch.testing.assert_close(boxes[0], torch.tensor(expected_boxes, dtype=torch.float64))
+    torch.testing.assert_close(
+        objectness[0], torch.tensor(expected_objectness, dtype=torch.float64)
+    )
+    kept_scores = torch.where(scores > thresh, scores, 0.0)
+    torch.testing.assert_close(kept_scores, torch.tensor(expected_scores, dtype=torch.float64))
+    assert 0 < int((kept_scores > 0).sum()) < kept_scores.numel()
+    size_px = (boxes[0, :, 2:] - boxes[0, :, :2]) * 608  # anchors are 32 pixels a cell
+    torch.testing.assert_close(size_px[0], raw[0, 2:4, 0, 0].exp() * anchors[0].double() * 32)

@@ -149,6 +149,9 @@ def test_metadata_and_signature_let_a_consumer_decode(tiny_export):
     meta = {prop.key: prop.value for prop in proto.metadata_props}
     assert json.loads(meta["classes"]) == CLASSES
     np.testing.assert_allclose(json.loads(meta["anchors"]), default_anchors().numpy())
+    assert meta["anchors_format"] == (
+        "[A, 2] (width, height) in grid cells (stride 32): box width = exp(tw) * anchor_w / grid_w"
+    )
     assert meta["model"] == "tiny" and "xyxy" in meta["outputs"]
 
     def dims(value):
@@ -216,6 +219,9 @@ def test_resnet18_checkpoint_decoded_with_dynamic_size(tmp_path):
     config = export_config(checkpoint, tmp_path / "resnet18.onnx", dynamic_size=True)
     summary = engine.run_export(config)  # checks (1, 3, 64, 64) and (2, 3, 96, 128)
     assert max(summary["max_abs_diff"].values()) < ATOL
+    # the graph decodes with the grid of its input: 3x4 cells here, not the example's 2x2
+    shapes = [(1, 3, 64, 64), (2, 3, 96, 128)]
+    assert_parity(tmp_path / "resnet18.onnx", model, shapes, decoded=True)
 
 
 def test_failed_check_writes_nothing(tiny_export, tmp_path, caplog):

@@ -16,18 +16,15 @@ import torch
 from yolo.converter import assign_targets
 from yolo.loss import YOLOv2Loss
 
-VOC_ANCHORS = (
-    torch.tensor(
-        [
-            [1.3221, 1.73145],
-            [3.19275, 4.00944],
-            [5.05587, 8.09892],
-            [9.47112, 4.84053],
-            [11.2364, 10.0071],
-        ],
-        dtype=torch.float64,
-    )
-    / 13
+VOC_ANCHORS = torch.tensor(  # darknet's yolov2-voc anchors=, in grid cells
+    [
+        [1.3221, 1.73145],
+        [3.19275, 4.00944],
+        [5.05587, 8.09892],
+        [9.47112, 4.84053],
+        [11.2364, 10.0071],
+    ],
+    dtype=torch.float64,
 )
 SCALES = dict(object_scale=5.0, noobject_scale=1.0, class_scale=1.0, coord_scale=1.0)
 
@@ -45,10 +42,11 @@ def centre_iou(a: tuple, b: tuple) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def best_shape_anchor(w: float, h: float, anchors: np.ndarray) -> int:
+def best_shape_anchor(w: float, h: float, anchors: np.ndarray, grid_w: int, grid_h: int) -> int:
+    """bias_match with DOABS: pred.w = biases[2n] / l.w, pred.h = biases[2n+1] / l.h."""
     best_iou, best_n = 0.0, 0
     for n, (anchor_w, anchor_h) in enumerate(anchors):
-        iou = centre_iou((0, 0, anchor_w, anchor_h), (0, 0, w, h))
+        iou = centre_iou((0, 0, anchor_w / grid_w, anchor_h / grid_h), (0, 0, w, h))
         if iou > best_iou:
             best_iou, best_n = iou, n
     return best_n
@@ -81,7 +79,7 @@ def reference_loss(raw, targets, anchors, *, seen, rescore=True, override=None):
             cx, cy, w, h = truth[1:5]
             i, j = min(int(cx * grid_w), grid_w - 1), min(int(cy * grid_h), grid_h - 1)
             size_w, size_h = max(w, 1e-6), max(h, 1e-6)
-            n = best_shape_anchor(size_w, size_h, anchors)
+            n = best_shape_anchor(size_w, size_h, anchors, grid_w, grid_h)
             if override is not None:
                 n = override.get((b, g))
                 if n is None:
@@ -92,8 +90,8 @@ def reference_loss(raw, targets, anchors, *, seen, rescore=True, override=None):
                 "coord",
                 cx * grid_w - i,
                 cy * grid_h - j,
-                math.log(size_w / anchors[n][0]),
-                math.log(size_h / anchors[n][1]),
+                math.log(size_w * grid_w / anchors[n][0]),  # DOABS: log(truth.w*w / biases[2n])
+                math.log(size_h * grid_h / anchors[n][1]),
                 1.0 * (2 - w * h),
             )
             obj_role[j, i, n] = ("obj", iou if rescore else 1.0)
@@ -103,11 +101,12 @@ def reference_loss(raw, targets, anchors, *, seen, rescore=True, override=None):
 
 
 def predicted_box(entries, anchor, i, j, grid_w, grid_h):
+    """get_region_box with DOABS: exp(t) * bias / (w, h)."""
     return (
         (i + sigmoid(entries[0])) / grid_w,
         (j + sigmoid(entries[1])) / grid_h,
-        math.exp(entries[2]) * anchor[0],
-        math.exp(entries[3]) * anchor[1],
+        math.exp(entries[2]) * anchor[0] / grid_w,
+        math.exp(entries[3]) * anchor[1] / grid_h,
     )
 
 
@@ -143,7 +142,7 @@ def anchor_keys(targets: torch.Tensor, anchors: torch.Tensor, grid_h: int, grid_
     for b, g in (targets[..., 0] >= 0).nonzero().tolist():
         _, cx, cy, w, h = targets[b, g].tolist()
         cell = (min(int(cy * grid_h), grid_h - 1), min(int(cx * grid_w), grid_w - 1))
-        keys.append((b, cell, best_shape_anchor(w, h, anchors.numpy())))
+        keys.append((b, cell, best_shape_anchor(w, h, anchors.numpy(), grid_w, grid_h)))
     return keys
 
 
@@ -187,8 +186,8 @@ def plant(raw, targets, gen):
         offset_y = min(max(cy * grid_h - j, 0.01), 0.99)
         raw[b, n, 0, j, i] = math.log(offset_x / (1 - offset_x)) + noise[0]
         raw[b, n, 1, j, i] = math.log(offset_y / (1 - offset_y)) + noise[1]
-        raw[b, n, 2, j, i] = math.log(w / VOC_ANCHORS[n, 0]) + noise[2]
-        raw[b, n, 3, j, i] = math.log(h / VOC_ANCHORS[n, 1]) + noise[3]
+        raw[b, n, 2, j, i] = math.log(w * grid_w / VOC_ANCHORS[n, 0]) + noise[2]
+        raw[b, n, 3, j, i] = math.log(h * grid_h / VOC_ANCHORS[n, 1]) + noise[3]
 
 
 def loss_and_grad(raw, targets, *, seen=0, assignment="global", **kwargs):
@@ -299,9 +298,10 @@ def test_global_mode_gives_every_competitor_its_own_predictor():
         )
 
 
-def total_shape_iou(rows: torch.Tensor, anchors_chosen: list[int]) -> float:
+def total_shape_iou(rows: torch.Tensor, anchors_chosen: list[int], grid=(4, 5)) -> float:
+    anchors_frac = VOC_ANCHORS / torch.tensor([grid[1], grid[0]])  # [A, 2] of the image
     return sum(
-        centre_iou((0, 0, *row[3:5].tolist()), (0, 0, *VOC_ANCHORS[a].tolist()))
+        centre_iou((0, 0, *row[3:5].tolist()), (0, 0, *anchors_frac[a].tolist()))
         for row, a in zip(rows, anchors_chosen, strict=True)
         if a >= 0
     )
@@ -407,3 +407,28 @@ def test_bad_inputs_are_rejected_clearly():
         YOLOv2Loss(VOC_ANCHORS, 4, assignment="hungarian")
     with pytest.raises(ValueError, match="anchors"):
         YOLOv2Loss(torch.ones(5, 3), 4)
+
+
+@pytest.mark.parametrize("size_px", [(40.0, 90.0), (150.0, 120.0), (330.0, 250.0)])
+def test_an_objects_anchor_and_size_target_do_not_depend_on_the_input_size(size_px):
+    """An object of w x h pixels gets the same anchor and the same (tw, th) target at 320 and
+    608, log(w / 32 / anchor_w) (DOABS): read from the coord gradient at raw 0, where
+    d coord / d tw = -coord_scale * (2 - w*h) * target."""
+    found = []
+    for img_size in (320, 608):
+        grid = img_size // 32
+        w, h = size_px[0] / img_size, size_px[1] / img_size
+        targets = torch.tensor([[[3, 0.43, 0.57, w, h]]], dtype=torch.float64)
+        match = assign_targets(targets, VOC_ANCHORS, grid, grid, "darknet")
+        raw = torch.zeros(1, 5 * 9, grid, grid, dtype=torch.float64, requires_grad=True)
+        YOLOv2Loss(VOC_ANCHORS, 4)(raw, targets, seen=12800)["coord"].backward()
+        cell, anchor = divmod(match.pred_index.item(), 5)
+        row, col = divmod(cell, grid)
+        grad = raw.grad.view(1, 5, 9, grid, grid)[0, anchor, 2:4, row, col]  # [2] tw, th
+        found.append((anchor, -grad / (2 - w * h)))
+        assert anchor == best_shape_anchor(w, h, VOC_ANCHORS.numpy(), grid, grid)
+    (anchor_320, target_320), (anchor_608, target_608) = found
+    assert anchor_320 == anchor_608
+    expected = torch.log(torch.tensor(size_px, dtype=torch.float64) / 32 / VOC_ANCHORS[anchor_320])
+    torch.testing.assert_close(target_320, expected)
+    torch.testing.assert_close(target_608, expected)

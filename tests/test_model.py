@@ -8,10 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 from tests.test_darknet import darknet_maxpool_reference, reorg_c_loop
 from utils.winit import init_darknet_conv, init_detection_head
-from yolo.model import DarknetMaxPool, build_model, darknet_reorg
+from yolo.model import (
+    DarknetMaxPool,
+    YOLOv2Darknet19,
+    YOLOv2ResNet,
+    YOLOv2Tiny,
+    build_model,
+    darknet_reorg,
+    upgrade_state_dict,
+)
 
 BACKBONES = ["tiny", "darknet19", "resnet18", "resnet50", "resnet101"]
 RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
@@ -34,7 +43,9 @@ def test_custom_classes_anchors_and_attributes(backbone):
         raw = model(torch.empty(1, 3, 416, 352))
     assert raw.shape == (1, 4 * (5 + 3), 13, 11)
     assert (model.num_classes, model.num_anchors, model.backbone_name) == (3, 4, backbone)
-    assert model.head.conv.bias is not None and model.head.bn is None
+    prediction = model.head.conv  # the linear prediction conv: bias, no BN, no activation
+    assert isinstance(prediction, nn.Conv2d) and prediction.bias is not None
+    assert prediction.out_channels == 4 * (5 + 3) and prediction.kernel_size == (1, 1)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -200,10 +211,80 @@ def test_resnet_wiring_normalises_inside_and_routes_passthrough_first():
     x = torch.rand(1, 3, 64, 96)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    head = model.head
     with torch.no_grad():
         fine = model.stage16((x - mean) / std)
         coarse = model.neck(model.stage32(fine))
-        shortcut = F.pixel_unshuffle(model.passthrough(fine), 2)
-        expected = model.head(model.fuse(torch.cat([shortcut, coarse], dim=1)))
+        shortcut = F.pixel_unshuffle(head.passthrough(fine), 2)
+        expected = head.conv(head.fuse(torch.cat([shortcut, coarse], dim=1)))
         assert torch.equal(model(x), expected)
     assert "mean" not in model.state_dict()  # a constant, not a weight
+
+
+@pytest.mark.parametrize(
+    ("name", "construct"),
+    [
+        ("darknet19", YOLOv2Darknet19),
+        ("tiny", YOLOv2Tiny),
+        ("resnet18", lambda: YOLOv2ResNet("resnet18")),
+    ],
+)
+def test_constructor_initialises_as_build_model(name, construct):
+    torch.manual_seed(5)
+    built = build_model(name).state_dict()
+    torch.manual_seed(5)
+    constructed = construct().state_dict()
+    assert list(constructed) == list(built)
+    assert all(torch.equal(constructed[key], built[key]) for key in built)
+    torch.manual_seed(6)
+    other = construct().state_dict()
+    assert not torch.equal(other["head.conv.weight"], built["head.conv.weight"])
+
+
+def previous_layout_state_dict(model: nn.Module) -> dict:
+    """The state dict the model had before YOLOv2Head: the same modules under the previous
+    names (passthrough and fuse at the top, the prediction conv as ``head.conv``)."""
+    previous = nn.Module()
+    previous.stage16, previous.stage32, previous.neck = model.stage16, model.stage32, model.neck
+    previous.passthrough, previous.fuse = model.head.passthrough, model.head.fuse
+    previous.head = nn.Module()
+    previous.head.conv = model.head.conv
+    return previous.state_dict()
+
+
+PREVIOUS_HEAD_KEYS = [  # the previous layout's keys outside the backbone and the neck
+    *(f"{layer}.{key}" for layer in ("passthrough", "fuse") for key in (
+        "conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+        "bn.num_batches_tracked",
+    )),
+    "head.conv.weight", "head.conv.bias",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["darknet19", "resnet18"])
+def test_previous_layout_loads_after_upgrade(name):
+    torch.manual_seed(1)
+    model = build_model(name).eval()
+    with torch.no_grad():  # BN statistics that are not the defaults
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    previous = previous_layout_state_dict(model)
+    assert [k for k in previous if not k.startswith(("stage", "neck"))] == PREVIOUS_HEAD_KEYS
+    keys_before = list(previous)
+    upgraded = upgrade_state_dict(previous)
+    assert list(previous) == keys_before  # the argument is left as it was
+    torch.manual_seed(2)
+    fresh = build_model(name).eval()
+    fresh.load_state_dict(upgraded)  # strict: every key found, none left over
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["darknet19", "tiny", "resnet18"])
+def test_upgrade_leaves_the_current_layout_alone(name):
+    with torch.device("meta"):
+        state = build_model(name).state_dict()
+    assert upgrade_state_dict(state) == state

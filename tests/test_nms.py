@@ -1,129 +1,139 @@
-"""postprocess and grouped_nms against per-image, per-class torchvision NMS."""
+"""postprocess against a plain loop transcribed from darknet's get_region_detections and
+do_nms_sort (src/region_layer.c, src/box.c): per image and class, greedy NMS on the unclipped
+boxes, then clipping, then each image's best scores."""
 
 import pytest
 import torch
-from torchvision.ops import batched_nms, nms
 
 import yolo.nms
 from yolo.converter import decode
-from yolo.nms import grouped_nms, postprocess
+from yolo.nms import postprocess
 
-ANCHORS = torch.tensor([[0.08, 0.1], [0.2, 0.25], [0.35, 0.5], [0.6, 0.35], [0.8, 0.75]])
+ANCHORS = torch.tensor([[0.6, 0.7], [1.4, 1.75], [2.45, 3.5], [4.2, 2.45], [5.6, 5.25]])  # cells
 
 
-def random_raw(seed: int, batch=3, grid=(7, 6), num_classes=6, objectness_shift=-1.0):
+def random_raw(seed: int, batch=3, grid=(7, 6), num_classes=4, objectness_shift=-1.0, wide=0.0):
+    """A random head ``[N, A*(5+C), H, W]``; ``wide`` adds to tw, th (boxes past the image)."""
     gen = torch.Generator().manual_seed(seed)
     raw = torch.randn(batch, len(ANCHORS), 5 + num_classes, *grid, generator=gen)
     raw[:, :, 4] += objectness_shift
+    raw[:, :, 2:4] += wide
     raw[:, :, 5:] *= 2.0
     return raw.reshape(batch, -1, *grid)
 
 
-def reference(raw, anchors, conf_threshold, nms_threshold, max_detections):
-    """Plain loops: per image, per class, torchvision's nms; then the top scores. Also returns
-    how many candidates the NMS suppressed."""
-    boxes, objectness, class_probs = decode(raw, anchors)
-    results, num_suppressed = [], 0
+def darknet_iou(a: list[float], b: list[float]) -> float:
+    """box.c's box_iou on (x, y, w, h) centre boxes, from xyxy corners."""
+    (ax, ay, aw, ah), (bx, by, bw, bh) = (
+        ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1) for x1, y1, x2, y2 in (a, b)
+    )
+    overlap_w = min(ax + aw / 2, bx + bw / 2) - max(ax - aw / 2, bx - bw / 2)
+    overlap_h = min(ay + ah / 2, by + bh / 2) - max(ay - ah / 2, by - bh / 2)
+    inter = 0.0 if overlap_w < 0 or overlap_h < 0 else overlap_w * overlap_h
+    union = aw * ah + bw * bh - inter
+    return inter / union if union > 0 else 0.0
+
+
+def reference(raw, anchors, conf_threshold, nms_threshold, max_detections, clip_first=False):
+    """Per image: darknet's detections (objectness > thresh, prob = objectness * class prob,
+    kept if > thresh), do_nms_sort per class (a stable sort by prob from the prediction order,
+    where darknet's qsort leaves ties unordered), then clip and keep the best scores.
+    ``clip_first``: clip before NMS instead (the order this project used before)."""
+    boxes, objectness, class_probs = decode(raw.double(), anchors.double())
+    num_classes = class_probs.shape[2]
+    results = []
     for b in range(raw.shape[0]):
-        rows = []
-        for c in range(class_probs.shape[2]):
-            scores = objectness[b] * class_probs[b, :, c]
-            keep = scores > conf_threshold
-            class_boxes, class_scores = boxes[b, keep].clamp(0, 1), scores[keep]
-            kept = nms(class_boxes, class_scores, nms_threshold).tolist()
-            num_suppressed += class_scores.numel() - len(kept)
-            for k in kept:
-                rows.append([*class_boxes[k].tolist(), class_scores[k].item(), float(c)])
-        rows.sort(key=lambda row: -row[4])
-        results.append(torch.tensor(rows[:max_detections]).reshape(-1, 6))
-    return results, num_suppressed
+        dets = []  # [box, probs], prediction order
+        for p in range(boxes.shape[1]):
+            scale = objectness[b, p].item()
+            if scale <= conf_threshold:
+                continue
+            probs = [scale * class_probs[b, p, j].item() for j in range(num_classes)]
+            box = boxes[b, p].clamp(0, 1) if clip_first else boxes[b, p]
+            dets.append([box.tolist(), [q if q > conf_threshold else 0.0 for q in probs]])
+        for k in range(num_classes):
+            ordered = sorted(dets, key=lambda det, k=k: -det[1][k])
+            for i, det in enumerate(ordered):
+                if det[1][k] == 0:
+                    continue
+                for other in ordered[i + 1 :]:
+                    if darknet_iou(det[0], other[0]) > nms_threshold:
+                        other[1][k] = 0.0
+        rows = [
+            [*(min(max(v, 0.0), 1.0) for v in box), prob, float(k)]
+            for box, probs in dets
+            for k, prob in enumerate(probs)
+            if prob > 0
+        ]
+        rows.sort(key=lambda row: -row[4])  # stable: ties keep (prediction, class) order
+        results.append(torch.tensor(rows[:max_detections], dtype=torch.float64).reshape(-1, 6))
+    return results
 
 
-def by_score(detections: torch.Tensor) -> torch.Tensor:
-    """Rows ordered by score, then class and box, so that equal scores compare too."""
-    keys = detections[:, [3, 2, 1, 0, 5]].tolist()
-    order = sorted(range(len(keys)), key=lambda i: (-detections[i, 4].item(), keys[i]))
-    return detections[order]
+def assert_matches(detections, expected, atol=1e-6):
+    assert len(detections) == len(expected)
+    for got, want in zip(detections, expected, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize(
     ("seed", "conf_threshold", "nms_threshold", "max_detections"),
     [(0, 0.005, 0.45, 100), (1, 0.05, 0.3, 100), (2, 0.01, 0.6, 7), (3, 0.2, 0.45, 100)],
 )
-def test_postprocess_matches_per_class_reference(
-    seed, conf_threshold, nms_threshold, max_detections
-):
+def test_postprocess_matches_darknets_loop(seed, conf_threshold, nms_threshold, max_detections):
     raw = random_raw(seed)
     detections = postprocess(raw, ANCHORS, conf_threshold, nms_threshold, max_detections)
-    expected, num_suppressed = reference(
-        raw, ANCHORS, conf_threshold, nms_threshold, max_detections
+    expected = reference(raw, ANCHORS, conf_threshold, nms_threshold, max_detections)
+    assert_matches(detections, expected)
+    assert all(len(d) > 0 and bool((d[1:, 4] <= d[:-1, 4]).all()) for d in detections)
+    assert max(len(d) for d in detections) == max_detections or max_detections == 100
+
+
+def test_nms_runs_on_unclipped_boxes():
+    """Boxes reaching past the image: clipping first would change which boxes overlap."""
+    raw = random_raw(4, batch=2, wide=1.0)
+    detections = postprocess(raw, ANCHORS, 0.01, 0.45, 100)
+    boxes, _, _ = decode(raw, ANCHORS)
+    assert ((boxes < 0) | (boxes > 1)).any(dim=2).float().mean() > 0.5
+    assert_matches(detections, reference(raw, ANCHORS, 0.01, 0.45, 100))
+    clip_first = reference(raw, ANCHORS, 0.01, 0.45, 100, clip_first=True)
+    assert any(
+        d.shape != c.shape or not torch.allclose(d.double(), c)
+        for d, c in zip(detections, clip_first, strict=True)
     )
-    assert num_suppressed > 0
-    assert len(detections) == raw.shape[0]
-    for got, want in zip(detections, expected, strict=True):
-        assert got.shape == want.shape and got.shape[0] > 0
-        assert bool((got[1:, 4] <= got[:-1, 4]).all())
-        torch.testing.assert_close(by_score(got), by_score(want))
+    assert all(bool(((d[:, :4] >= 0) & (d[:, :4] <= 1)).all()) for d in detections)
 
 
-def clustered_boxes(seed: int, count: int, num_groups: int, signed_scores: bool = False):
-    gen = torch.Generator().manual_seed(seed)
-    centres = torch.rand(count // 8, 2, generator=gen).repeat_interleave(8, 0)
-    centres = centres + 0.03 * torch.randn(count, 2, generator=gen)
-    sizes = 0.05 + 0.2 * torch.rand(count, 2, generator=gen)
-    boxes = torch.cat([centres - sizes / 2, centres + sizes / 2], dim=1)
-    scores = torch.randn(count, generator=gen)
-    if not signed_scores:
-        scores = scores.sigmoid()
-    groups = torch.randint(0, num_groups, (count,), generator=gen)
-    return boxes, scores, groups
+def test_boxes_far_past_the_image_never_suppress_another_class():
+    """Five equal boxes 40 cells wide on a 1x1 grid, in two classes: one kept per class, even at
+    a low NMS threshold (boxes reaching below 0 must not overlap another group's)."""
+    raw = torch.zeros(1, len(ANCHORS), 5 + 2, 1, 1)
+    raw[0, :, 2:4, 0, 0] = torch.log(40 / ANCHORS)
+    raw[0, :, 4:6] = torch.tensor([3.0, 1.0])[:, None, None]
+    detections = postprocess(raw.reshape(1, -1, 1, 1), ANCHORS, 0.005, 0.05)
+    assert_matches(detections, reference(raw.reshape(1, -1, 1, 1), ANCHORS, 0.005, 0.05, 100))
+    assert detections[0][:, 5].tolist() == [0.0, 1.0]
 
 
-@pytest.mark.parametrize("pair_budget", [yolo.nms.MAX_NMS_PAIRS, 0])
-@pytest.mark.parametrize(("count", "num_groups"), [(400, 3), (2000, 40), (8, 1)])
-def test_grouped_nms_equals_batched_nms(monkeypatch, pair_budget, count, num_groups):
-    monkeypatch.setattr(yolo.nms, "MAX_NMS_PAIRS", pair_budget)
-    boxes, scores, groups = clustered_boxes(count, count, num_groups)
-    kept = grouped_nms(boxes, scores, groups, 0.45)
-    expected = batched_nms(boxes, scores, groups, 0.45).sort().values
-    assert torch.equal(kept, expected)
-    assert kept.numel() < count
+def test_ties_keep_the_prediction_order():
+    """Quantised raw values give many equal scores; anchor 5 repeats anchor 0, so every anchor-0
+    prediction has a twin of equal box and score later in the prediction order. In float64, so
+    that scores tie in the reference exactly where they tie here."""
+    anchors = torch.cat([ANCHORS, ANCHORS[:1]])
+    gen = torch.Generator().manual_seed(5)
+    raw = (2 * torch.randn(2, 6, 8, 5, 4, generator=gen, dtype=torch.float64)).round() / 2
+    raw[:, 5] = raw[:, 0]
+    raw = raw.reshape(2, 6 * 8, 5, 4)
+    for max_detections in (9, 100):
+        detections = postprocess(raw, anchors, 0.01, 0.45, max_detections)
+        assert_matches(detections, reference(raw, anchors, 0.01, 0.45, max_detections), atol=0)
+    scores = torch.cat(detections)[:, 4]
+    assert len(scores) > len(scores.unique()) + 10  # many ties among the kept
+    assert all(len(d) == len(d.unique(dim=0)) for d in detections)  # no twin kept
 
 
-@pytest.mark.parametrize("max_detections", [3, 5, 40])
-def test_nms_of_the_best_candidates_first_changes_nothing(max_detections):
-    """Image 0 is one tight cluster of 60 boxes plus a few lone ones: its best candidates keep
-    too few, so it takes the full NMS; image 1 has many lone boxes and is cut short."""
-    gen = torch.Generator().manual_seed(11)
-    cluster = torch.tensor([0.4, 0.4, 0.6, 0.6]) + 0.002 * torch.rand(60, 4, generator=gen)
-    corners = torch.rand(40, 2, generator=gen) * 0.9
-    lone = torch.cat([corners, corners + 0.02], dim=1)  # small, mostly apart
-    boxes = torch.cat([cluster, lone[:10], lone])  # [110, 4]
-    scores = torch.cat([0.5 + 0.5 * torch.rand(60, generator=gen), torch.rand(50, generator=gen)])
-    image = torch.tensor([0] * 70 + [1] * 40)
-    groups = image * 2  # one class
-    expected = yolo.nms._top_per_image(
-        grouped_nms(boxes, scores, groups, 0.45), scores, image, 2, max_detections
-    )
-    kept = yolo.nms._nms_best_first(
-        boxes, scores, image, groups, 0.45, batch_size=2, max_detections=max_detections
-    )
-    assert torch.equal(yolo.nms._top_per_image(kept, scores, image, 2, max_detections), expected)
-    assert kept.numel() < grouped_nms(boxes, scores, groups, 0.45).numel() or max_detections == 40
-
-
-def test_grouped_nms_with_negative_scores():
-    boxes, scores, groups = clustered_boxes(9, 600, 5, signed_scores=True)
-    kept = grouped_nms(boxes, scores, groups, 0.5)
-    assert torch.equal(kept, batched_nms(boxes, scores, groups, 0.5).sort().values)
-
-
-def test_grouped_nms_of_nothing():
-    kept = grouped_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5)
-    assert kept.numel() == 0
-
-
-def test_equal_scores_keep_the_prediction_order():
+def test_all_ties_without_suppression_come_in_prediction_then_class_order():
     raw = torch.zeros(1, len(ANCHORS) * 7, 2, 3)  # every score 0.5 / 2, all boxes distinct
     detections = postprocess(raw, ANCHORS, 0.1, nms_threshold=1.0, max_detections=1000)[0]
     boxes, _, _ = decode(raw, ANCHORS)
@@ -135,19 +145,46 @@ def test_equal_scores_keep_the_prediction_order():
     torch.testing.assert_close(capped, detections[:4])
 
 
-def test_nothing_above_the_threshold_gives_empty_tensors():
-    raw = random_raw(4, objectness_shift=-30.0)
+def test_an_image_whose_best_candidates_suppress_each_other(monkeypatch):
+    """Image 0 holds boxes of one class, 10 times the image, in every cell: its best candidates
+    suppress each other, so NMS of them alone keeps too few and a second pass takes all."""
+    calls, batched_nms = [], yolo.nms.batched_nms
+
+    def counting_batched_nms(boxes, *args):
+        calls.append(boxes.shape[0])
+        return batched_nms(boxes, *args)
+
+    monkeypatch.setattr(yolo.nms, "batched_nms", counting_batched_nms)
+    raw = random_raw(6, batch=2, grid=(8, 8))
+    image_0 = raw.view(2, 5, 9, 8, 8)[0]  # [A, 5+C, H, W]
+    image_0[:, 2:4] = torch.log(80 / ANCHORS)[:, :, None, None]  # 80 x 80 cells: all overlap
+    image_0[:, 4] = 3.0
+    image_0[:, 5] = 12.0  # class 0 only
+    for max_detections in (3, 20):
+        calls.clear()
+        detections = postprocess(raw, ANCHORS, 0.005, 0.45, max_detections)
+        assert_matches(detections, reference(raw, ANCHORS, 0.005, 0.45, max_detections))
+        assert len(calls) == 2 and calls[1] > calls[0]  # the second pass over image 0
+
+
+def test_empty_images_give_empty_tensors():
+    raw = random_raw(7)
+    raw.view(3, 5, 9, 7, 6)[1, :, 4] = -30.0  # image 1: nothing above the threshold
     detections = postprocess(raw, ANCHORS)
-    assert [tuple(d.shape) for d in detections] == [(0, 6)] * 3
+    assert detections[1].shape == (0, 6) and len(detections[0]) and len(detections[2])
+    assert_matches(detections, reference(raw, ANCHORS, 0.005, 0.45, 100))
+    nothing = postprocess(random_raw(8, objectness_shift=-30.0), ANCHORS)
+    assert [tuple(d.shape) for d in nothing] == [(0, 6)] * 3
 
 
-def test_half_and_double_inputs():
-    raw = random_raw(5)
-    single = postprocess(raw, ANCHORS, 0.05)
-    double = postprocess(raw.double(), ANCHORS, 0.05)
+def test_double_and_half_inputs():
+    raw = random_raw(9).double()
+    double = postprocess(raw, ANCHORS, 0.05)
+    assert double[0].dtype == torch.float64
+    assert_matches(double, reference(raw, ANCHORS, 0.05, 0.45, 100), atol=1e-12)
+    single = postprocess(raw.float(), ANCHORS, 0.05)
     half = postprocess(raw.half(), ANCHORS, 0.05)
-    assert double[0].dtype == torch.float64 and half[0].dtype == torch.float32
-    torch.testing.assert_close(double[0].float(), single[0])
+    assert single[0].dtype == torch.float32 and half[0].dtype == torch.float32
     assert abs(half[0].shape[0] - single[0].shape[0]) <= 3
 
 
@@ -160,4 +197,4 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="max_detections"):
         postprocess(raw, ANCHORS, max_detections=0)
     with pytest.raises(ValueError, match="expected"):
-        postprocess(raw, ANCHORS[:3])
+        postprocess(raw, ANCHORS[:2])

@@ -38,7 +38,7 @@ _DARKNET_GRID_SIZE = 13
 
 def default_anchors() -> torch.Tensor:
     """darknet's yolov2-voc anchors as fractions of the image: float32 ``[5, 2]`` (w, h)."""
-    return torch.tensor(DARKNET_VOC_ANCHORS_GRID, dtype=torch.float32) / _DARKNET_GRID_SIZE
+    return torch.tensor(DARKNET_VOC_ANCHORS_GRID, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

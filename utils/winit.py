@@ -27,7 +27,6 @@ from torch import nn
 __all__ = [
     "DEFAULT_OBJECTNESS_PRIOR",
     "HEAD_WEIGHT_STD",
-    "init_batchnorm",
     "init_darknet_conv",
     "init_detection_head",
     "init_kaiming_conv",
@@ -54,14 +53,6 @@ def init_kaiming_conv(conv: nn.Conv2d, negative_slope: float = 0.1) -> None:
     nn.init.kaiming_normal_(conv.weight, a=negative_slope, mode="fan_in", nonlinearity="leaky_relu")
     if conv.bias is not None:
         conv.bias.zero_()
-
-
-@torch.no_grad()
-def init_batchnorm(bn: nn.BatchNorm2d) -> None:
-    """Scale 1, shift 0, running statistics reset (darknet starts its BN scales at 1 too)."""
-    nn.init.ones_(bn.weight)
-    nn.init.zeros_(bn.bias)
-    bn.reset_running_stats()
 
 
 @torch.no_grad()

@@ -2,28 +2,28 @@
 
 The raw head output is ``[N, A*(5+C), H, W]``, channel ``a*(5+C)+k`` with k = tx, ty, tw, th,
 to, then C class logits (darknet's region-layer order). Flattened predictions are indexed
-``(row*W + col)*A + a``. Anchors ``[A, 2]`` are (width, height) as fractions of the image, so
-a cell is ``1/W`` wide and ``1/H`` high and the grid need not be square.
+``(row*W + col)*A + a``. Anchors ``[A, 2]`` are (width, height) in cells of the output grid
+(darknet's ``anchors=`` numbers): a prediction's box is ``exp(tw) * anchor_w / W`` of the image
+wide (darknet's ``get_region_box``), W the width of the grid the raw tensor has, so an anchor
+is fixed in pixels (32 per cell) at every input size. The grid need not be square.
 
 Target assignment follows darknet's region layer (``src/region_layer.c``, ``bias_match=1``):
 a ground truth goes to the cell holding its centre (``col = floor(cx*W)``, clamped so that a
 centre at exactly 1.0 falls in the last cell) and to the anchor of best shape IoU, the IoU of
-the two boxes centred on each other (first anchor on ties, as darknet's strict ``>``). Two
-ground truths *compete* when they pick the same (cell, anchor) of one image.
+its size in cells ``(w*W, h*H)`` and the anchor centred on each other (first anchor on ties,
+as darknet's strict ``>``). Two ground truths *compete* when they pick the same (cell, anchor)
+of one image.
 
 - ``"darknet"``: the later ground truth (higher row of the targets) overwrites the earlier
   one, as darknet's loop over truths writes the same delta entries; the overwritten ones are
   counted as dropped.
 - ``"global"``: cells without competition keep darknet's choice. In a cell where ground truths
   compete, the cell's ground truths get distinct anchors of that cell (never another cell's)
-  chosen to maximise their total shape IoU. The matching is exact: a dynamic programme over
-  the subsets of the cell's anchors (``2**A`` states, 32 for A = 5), run for all such cells of
-  the batch at once; its loop runs over the rank of a ground truth within its cell, so its
-  length is the largest number of ground truths sharing one cell, not the number of boxes.
-  Shape IoU (not the IoU of the current predictions) keeps the choice independent of the
-  network's state and equal to darknet's wherever nobody competes. A cell holding more ground
-  truths than anchors keeps the ``A`` whose matching has the largest total IoU; the others get
-  no predictor and are counted as dropped. Ties between optimal matchings are broken
+  chosen to maximise their total shape IoU, exactly (:func:`match_max_total_iou`). Shape IoU
+  (not the IoU of the current predictions) keeps the choice independent of the network's
+  state and equal to darknet's wherever nobody competes. A cell holding more ground truths
+  than anchors keeps the ``A`` whose matching has the largest total IoU; the others get no
+  predictor and are counted as dropped. Ties between optimal matchings are broken
   deterministically.
 
 Padding rows of the targets (class ``-1``) may sit anywhere and are ignored.
@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from utils.boxes import wh_iou
+from utils.boxes import cxcywh_to_xyxy, wh_iou
 
 __all__ = [
     "ASSIGNMENTS",
@@ -83,19 +83,18 @@ def cell_boxes(
     grid_h: int,
     grid_w: int,
 ) -> torch.Tensor:
-    """Boxes of predictions from their raw (tx, ty, tw, th).
+    """Boxes of predictions from their raw (tx, ty, tw, th), as darknet's ``get_region_box``.
 
     ``offsets`` ``[..., 4]`` raw values, ``col``/``row`` ``[...]`` the cell, ``anchor_wh``
-    ``[..., 2]`` the anchor (fractions of the image); all broadcast -> ``[..., 4]`` normalised
-    xyxy, not clipped: centre ``((col, row) + sigmoid(tx, ty)) / (W, H)``, size
-    ``exp(tw, th) * anchor``.
+    ``[..., 2]`` the anchor in grid cells; all broadcast -> ``[..., 4]`` normalised xyxy, not
+    clipped: centre ``((col, row) + sigmoid(tx, ty)) / (W, H)``, size
+    ``exp(tw, th) * anchor / (W, H)``.
     """
     centre_x = (col + offsets[..., 0].sigmoid()) / grid_w  # [...]
     centre_y = (row + offsets[..., 1].sigmoid()) / grid_h  # [...]
-    centre = torch.stack([centre_x, centre_y], dim=-1)  # [..., 2]
-    half = offsets[..., 2:4].exp() * anchor_wh * 0.5  # [..., 2]
-    # cxcywh_to_xyxy's arithmetic (c -/+ 0.5 * size) in fewer ops: this is postprocess's hot path
-    return torch.cat([centre - half, centre + half], dim=-1)
+    width = offsets[..., 2].exp() * anchor_wh[..., 0] / grid_w  # [...]
+    height = offsets[..., 3].exp() * anchor_wh[..., 1] / grid_h  # [...]
+    return cxcywh_to_xyxy(torch.stack([centre_x, centre_y, width, height], dim=-1))
 
 
 def decode_boxes(
@@ -103,8 +102,9 @@ def decode_boxes(
 ) -> torch.Tensor:
     """Predicted boxes of flattened predictions.
 
-    ``flat`` ``[N, H*W*A, 5+C]`` raw values (see :func:`flatten_predictions`), ``anchors``
-    ``[A, 2]`` -> ``[N, H*W*A, 4]`` normalised xyxy, not clipped, dtype of ``flat``.
+    ``flat`` ``[N, H*W*A, 5+C]`` raw values of an ``H`` x ``W`` grid (see
+    :func:`flatten_predictions`), ``anchors`` ``[A, 2]`` in grid cells -> ``[N, H*W*A, 4]``
+    normalised xyxy, not clipped, dtype of ``flat``.
     """
     num_anchors = anchors.shape[0]
     col, row = _cell_offsets(grid_h, grid_w, num_anchors, flat)  # [P], [P]
@@ -117,7 +117,7 @@ def decode(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode the raw head.
 
-    ``raw`` ``[N, A*(5+C), H, W]``, ``anchors`` ``[A, 2]`` (fractions of the image) ->
+    ``raw`` ``[N, A*(5+C), H, W]``, ``anchors`` ``[A, 2]`` in grid cells ->
     boxes ``[N, H*W*A, 4]`` normalised xyxy (not clipped), objectness ``[N, H*W*A]`` (sigmoid),
     class_probs ``[N, H*W*A, C]`` (softmax). Prediction index ``(row*W + col)*A + a``.
     """
@@ -152,9 +152,10 @@ def assign_targets(
     grid_w: int,
     mode: str = "global",
 ) -> Assignment:
-    """Assign every valid ground truth of ``targets`` ``[N, G, 5]`` (class, cx, cy, w, h;
-    class ``-1`` = padding) to a predictor of a ``grid_h`` x ``grid_w`` grid with ``anchors``
-    ``[A, 2]``, in the ``mode`` the module docstring describes. Vectorised over the batch."""
+    """Assign every valid ground truth of ``targets`` ``[N, G, 5]`` (class, cx, cy, w, h
+    normalised; class ``-1`` = padding) to a predictor of a ``grid_h`` x ``grid_w`` grid with
+    ``anchors`` ``[A, 2]`` in grid cells, in the ``mode`` the module docstring describes.
+    Vectorised over the batch."""
     if mode not in ASSIGNMENTS:
         raise ValueError(f"assignment={mode!r} is not one of {ASSIGNMENTS}")
     num_anchors = anchors.shape[0]
@@ -162,8 +163,8 @@ def assign_targets(
     boxes = targets[batch_index, target_index, 1:5]  # [T, 4] cxcywh
     col = (boxes[:, 0] * grid_w).floor().long().clamp_(0, grid_w - 1)
     row = (boxes[:, 1] * grid_h).floor().long().clamp_(0, grid_h - 1)
-    size = boxes[:, 2:4].clamp(min=MIN_BOX_SIZE)
-    shape_iou = wh_iou(size[:, None, :], anchors.to(size.dtype)[None])  # [T, A]
+    size = boxes[:, 2:4].clamp(min=MIN_BOX_SIZE) * boxes.new_tensor([grid_w, grid_h])  # [T, 2]
+    shape_iou = wh_iou(size[:, None, :], anchors.to(size.dtype)[None])  # [T, A], in cells
     cell = (batch_index * grid_h + row) * grid_w + col  # [T] cell key unique in the batch
     best = shape_iou.argmax(dim=1)  # [T] first maximum, as darknet's strict ">"
     if mode == "darknet":
@@ -230,7 +231,13 @@ def match_max_total_iou(weights: torch.Tensor) -> torch.Tensor:
     ``-1``; anchors are distinct within a problem and the total weight is maximal.
 
     Dynamic programme over subsets of anchors: after row k, ``value[m, s]`` is the best total
-    of rows ``<= k`` using exactly the anchor set ``s``. Cost ``O(M * K * 2**A * A)``.
+    of rows ``<= k`` using exactly the anchor set ``s`` (a row may stay unmatched). Cost
+    ``O(M * K * 2**A * A)``; the loop runs over rows, at most the ground truths of one cell.
+
+    Example, rows ``[[0.9, 0.8], [0.7, 0.1]]`` (two anchors): after row 0, value(∅) = 0,
+    value({0}) = 0.9, value({1}) = 0.8; after row 1, value({0, 1}) = max(value({1}) + 0.7,
+    value({0}) + 0.1) = 1.5, the best of all sets, so row 0 takes anchor 1 and row 1 anchor 0,
+    where each row's own best anchor (0 for both) would collide and greedy would total 1.0.
     """
     num_problems, num_rows, num_anchors = weights.shape
     device = weights.device

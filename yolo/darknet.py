@@ -41,13 +41,13 @@ ConvLayer = tuple[nn.Conv2d, nn.BatchNorm2d | None]
 
 def darknet_conv_layers(model: nn.Module) -> list[ConvLayer]:
     """``(conv, bn or None)`` for every conv layer of a darknet model, in cfg order."""
-    blocks = getattr(model, "darknet_blocks", None)
-    if blocks is None:
+    layers = getattr(model, "darknet_layers", None)
+    if layers is None:
         name = getattr(model, "backbone_name", type(model).__name__)
         raise TypeError(
             f"darknet .weights files fit the darknet19 and tiny models only, not {name!r}"
         )
-    return [(block.conv, block.bn) for block in blocks()]
+    return layers()
 
 
 def layer_tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> list[torch.Tensor]:

@@ -6,15 +6,16 @@ of 32 (the graph does not check this), and outputs either
 - with ``decode``: ``boxes`` ``[N, P, 4]`` normalised xyxy (not clipped) and ``scores``
   ``[N, P, C]`` = objectness * class probability, the per-class scores :func:`yolo.nms.
   postprocess` thresholds; P = (H/32)*(W/32)*A, prediction ``(row*W/32 + col)*A + a``. A
-  consumer only has to threshold, clip and run NMS per class;
+  consumer only has to threshold, run NMS per class, then clip (darknet's order);
 - without: ``raw`` ``[N, A*(5+C), H/32, W/32]``, the head before any activation (see
   :mod:`yolo.converter` for its layout), to decode with the anchors in the metadata.
 
 The model's metadata_props hold ``classes`` and ``anchors`` (JSON; anchors ``[A, 2]`` (w, h)
-as fractions of the image) and a description of the outputs. Darknet's reorg exports as plain
-Reshape/Transpose. The file is written atomically and, with ``check``, only after onnxruntime
-has reproduced PyTorch's outputs on random images (at a second batch size and image size where
-those axes are dynamic).
+in cells of the output grid, stride 32, darknet's ``anchors=`` numbers) and a description of
+the outputs; the decoded graph reads the grid from the input's size, so its boxes are right
+at every size. Darknet's reorg exports as plain Reshape/Transpose. The file is written
+atomically and, with ``check``, only after onnxruntime has reproduced PyTorch's outputs on
+random images (at a second batch size and image size where those axes are dynamic).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class DecodedYOLO(nn.Module):
     """A detector followed by :func:`yolo.converter.decode`, as one exportable module.
 
     ``images`` ``[N, 3, H, W]`` RGB in [0, 1] -> ``boxes`` ``[N, P, 4]`` normalised xyxy (not
-    clipped) and ``scores`` ``[N, P, C]`` = objectness * class probability.
+    clipped) and ``scores`` ``[N, P, C]`` = objectness * class probability. ``anchors``
+    ``[A, 2]`` in grid cells: a box is ``exp(tw) * anchor_w / (W/32)`` of the image wide.
     """
 
     def __init__(self, model: nn.Module, anchors: torch.Tensor) -> None:
@@ -197,13 +199,17 @@ def build_metadata(model: nn.Module, classes, anchors: torch.Tensor, config: Exp
     else:
         outputs = (
             "raw [N, A*(5+C), H/32, W/32], channel a*(5+C)+k, k = tx, ty, tw, th, to, then C "
-            "class logits: sigmoid(tx, ty, to), exp(tw, th) * anchor, softmax over classes"
+            "class logits: sigmoid(tx, ty, to), box width exp(tw) * anchor_w / (W/32) of the "
+            "image (height alike), softmax over classes"
         )
     return {
         "model": str(getattr(model, "backbone_name", config.model)),
         "classes": json.dumps(list(classes)),
         "anchors": json.dumps(anchors.tolist()),
-        "anchors_format": "[A, 2] (width, height) as fractions of the image",
+        "anchors_format": (
+            "[A, 2] (width, height) in grid cells (stride 32): "
+            "box width = exp(tw) * anchor_w / grid_w"
+        ),
         "input": f"{INPUT_NAME} [N, 3, H, W] float32 RGB in [0, 1], H and W multiples of 32",
         "outputs": outputs,
         "img_size": str(config.img_size),

@@ -6,14 +6,18 @@ logistic gradient. Each term below is the function whose gradient with respect t
 head output is minus that delta, so ``d total / d raw = -delta / N`` exactly:
 
 - coord, for every responsible prediction, ``s = coord_scale * (2 - w*h)`` of its ground
-  truth: ``s/2 * [(sig(tx) - x)^2 + (sig(ty) - y)^2 + (tw - log(w/aw))^2 + (th - log(h/ah))^2]``
-  with ``x, y`` the centre's offsets in its cell;
+  truth: ``s/2 * [(sig(tx) - x)^2 + (sig(ty) - y)^2 + (tw - log(w*W/aw))^2
+  + (th - log(h*H/ah))^2]`` with ``x, y`` the centre's offsets in its cell, ``w, h`` the
+  normalised size, ``W x H`` the grid and ``aw, ah`` the anchor in grid cells (darknet's
+  ``DOABS`` branch of ``delta_region_box``): the target depends on the object's size in
+  pixels, not on the input size;
 - obj, for every responsible prediction: ``object_scale/2 * (sig(to) - iou)^2``, ``iou`` the
   IoU of the predicted box with its ground truth, detached (``rescore``; else 1);
 - noobj, for every other prediction whose best IoU with any ground truth of its image is
   ``<= ignore_thresh``: ``noobject_scale/2 * sig(to)^2``;
 - prior, while ``seen < prior_seen``, for every prediction not responsible for a ground truth:
-  ``prior_scale/2 * [(sig(tx) - .5)^2 + (sig(ty) - .5)^2 + tw^2 + th^2]``;
+  ``prior_scale/2 * [(sig(tx) - .5)^2 + (sig(ty) - .5)^2 + tw^2 + th^2]`` (the box of the
+  cell's centre at exactly the anchor's size);
 - cls, for every responsible prediction: ``class_scale * cross_entropy(logits, class)``, whose
   gradient ``class_scale * (softmax - onehot)`` is darknet's softmax class delta.
 
@@ -54,11 +58,12 @@ LOSS_TERMS = ("coord", "obj", "noobj", "cls", "prior")
 class YOLOv2Loss(nn.Module):
     """Darknet's region-layer loss; see the module docstring for the terms.
 
-    ``forward(raw, targets, seen)``: ``raw`` ``[N, A*(5+C), H, W]`` head output, ``targets``
-    ``[N, G, 5]`` rows (class, cx, cy, w, h) normalised, class ``-1`` for padding, ``seen`` the
-    number of images trained on so far. Returns a dict of scalar tensors: the terms ``coord``,
-    ``obj``, ``noobj``, ``cls``, ``prior`` and their sum ``total`` (float), and
-    ``num_dropped`` (int64, not a loss): valid ground truths left without a predictor (in
+    ``anchors`` ``[A, 2]``: (width, height) in cells of the output grid, the same at every
+    input size. ``forward(raw, targets, seen)``: ``raw`` ``[N, A*(5+C), H, W]`` head output,
+    ``targets`` ``[N, G, 5]`` rows (class, cx, cy, w, h) normalised, class ``-1`` for padding,
+    ``seen`` the number of images trained on so far. Returns a dict of scalar tensors: the
+    terms ``coord``, ``obj``, ``noobj``, ``cls``, ``prior`` and their sum ``total`` (float),
+    and ``num_dropped`` (int64, not a loss): valid ground truths left without a predictor (in
     "darknet" mode overwritten by a later one in the same cell and anchor; in "global" mode the
     excess of a cell holding more ground truths than anchors).
     """
@@ -84,8 +89,8 @@ class YOLOv2Loss(nn.Module):
             anchors = anchors.float()
         if anchors.ndim != 2 or anchors.shape[1] != 2 or not bool((anchors > 0).all()):
             raise ValueError(
-                f"anchors must be a [A, 2] tensor of positive (width, height) fractions of "
-                f"the image, got shape {tuple(anchors.shape)}"
+                f"anchors must be a [A, 2] tensor of positive (width, height) in grid cells "
+                f"(darknet's anchors= numbers), got shape {tuple(anchors.shape)}"
             )
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes}: need at least one class")
@@ -158,11 +163,10 @@ class YOLOv2Loss(nn.Module):
         """
         pred = flat[match.batch_index, match.pred_index]  # [T, 5+C]
         truth = targets[match.batch_index, match.target_index]  # [T, 5]
-        size = truth[:, 3:5].clamp(min=MIN_BOX_SIZE)  # [T, 2]
-        offset = torch.stack(
-            [truth[:, 1] * grid_w - match.col, truth[:, 2] * grid_h - match.row], dim=1
-        )  # [T, 2]
-        log_size = torch.log(size / anchors[match.anchor])  # [T, 2]
+        grid = truth.new_tensor([grid_w, grid_h])  # [2]
+        offset = truth[:, 1:3] * grid - torch.stack([match.col, match.row], dim=1)  # [T, 2]
+        size_cells = truth[:, 3:5].clamp(min=MIN_BOX_SIZE) * grid  # [T, 2]
+        log_size = torch.log(size_cells / anchors[match.anchor])  # [T, 2]
         scale = self.coord_scale * (2.0 - truth[:, 3] * truth[:, 4])  # [T]
         coord_error = (pred[:, 0:2].sigmoid() - offset).square().sum(1) + (
             pred[:, 2:4] - log_size

@@ -4,14 +4,15 @@ Every model maps images ``[N, 3, H, W]`` (RGB in [0, 1], H and W multiples of 32
 head output ``[N, A*(5+C), H/32, W/32]``, channel ``a*(5+C) + k`` with k = tx, ty, tw, th, to,
 then C class logits (darknet's region-layer order). The prediction conv is linear.
 
-- ``darknet19``: ``cfg/yolov2-voc.cfg``: 23 convs, 5 maxpools, the 1x1 64-filter conv on the
-  stride-16 feature, darknet's ``[reorg]`` and the route ``[passthrough, conv 20]`` (1280 ch).
+- ``darknet19``: ``cfg/yolov2-voc.cfg``: 23 convs, 5 maxpools; its last layers are the
+  :class:`YOLOv2Head` (the 1x1 64-filter conv on the stride-16 feature, darknet's ``[reorg]``,
+  the route ``[passthrough, conv 20]`` of 1280 channels, a 3x3 conv and the prediction conv).
 - ``tiny``: ``cfg/yolov2-tiny-voc.cfg``: 9 convs, 6 maxpools (the last one 2x2 stride 1).
-- ``resnet18/50/101``: torchvision's ResNet with ImageNet normalisation inside, and the same
-  head as darknet19 with a passthrough from the stride-16 stage.
+- ``resnet18/50/101``: torchvision's ResNet with ImageNet normalisation inside and the same
+  :class:`YOLOv2Head` on its stride-16 and stride-32 stages.
 
-Darknet models keep their convs in cfg order (``darknet_blocks()``), which is the order of
-darknet's ``.weights`` files (see ``yolo.darknet``).
+Weights are initialised in the constructors. Darknet models list their convs in cfg order
+(``darknet_layers()``), the order of darknet's ``.weights`` files (see ``yolo.darknet``).
 """
 
 import logging
@@ -32,11 +33,14 @@ __all__ = [
     "MODEL_NAMES",
     "ConvBlock",
     "DarknetMaxPool",
+    "DarknetReorg",
     "YOLOv2Darknet19",
+    "YOLOv2Head",
     "YOLOv2ResNet",
     "YOLOv2Tiny",
     "build_model",
     "darknet_reorg",
+    "upgrade_state_dict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +104,13 @@ def darknet_reorg(x: torch.Tensor, stride: int = 2) -> torch.Tensor:
     return x.reshape(n, c * s * s, h // s, w // s)  # buffer [N, C, H, W] read as reported shape
 
 
+class DarknetReorg(nn.Module):
+    """:func:`darknet_reorg` as a layer (no weights), so that it shows in the model's repr."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return darknet_reorg(x)
+
+
 class DarknetMaxPool(nn.Module):
     """Darknet's ``[maxpool]``: padding ``size-1`` (-inf), window ``i`` starting at input
     ``i*stride - pad/2`` (C division, so 0 for size 2: the padding is all right/bottom), and
@@ -126,7 +137,7 @@ class DarknetMaxPool(nn.Module):
 
 class ConvBlock(nn.Module):
     """Darknet's ``[convolutional]``: conv (no bias when BN follows), BN, leaky 0.1; or, with
-    ``batch_norm=False, leaky=False``, a linear conv with bias (the prediction layer)."""
+    ``batch_norm=False, leaky=False``, a linear conv with bias (tiny's prediction layer)."""
 
     def __init__(
         self,
@@ -175,8 +186,38 @@ def check_images(images: torch.Tensor) -> None:
         )
 
 
+class YOLOv2Head(nn.Module):
+    """YOLOv2's head on a stride-16 and a stride-32 feature (``yolov2-voc.cfg`` layers 25-30).
+
+    The passthrough (a 1x1 conv of the stride-16 feature to 64 channels, then the space-to-depth
+    ``reorg`` to 256 channels at stride 32), the route ``[passthrough, coarse]``, a 3x3 conv to
+    1024 channels (``fuse``) and the linear 1x1 prediction conv ``conv`` (with bias, no BN).
+    ``forward(fine [N, C16, H/16, W/16], coarse [N, C32, H/32, W/32])`` -> the raw head
+    ``[N, A*(5+C), H/32, W/32]``. Weights are the modules' defaults; the models initialise them.
+    """
+
+    def __init__(self, fine_channels: int, coarse_channels: int, outputs: int, reorg: nn.Module):
+        super().__init__()
+        self.passthrough = ConvBlock(fine_channels, 64, 1)
+        self.reorg = reorg
+        self.fuse = ConvBlock(4 * 64 + coarse_channels, 1024, 3)
+        self.conv = nn.Conv2d(1024, outputs, 1)
+
+    def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        shortcut = self.reorg(self.passthrough(fine))  # [N, 64, H/16, W/16] -> [N, 256, H/32, ...]
+        routed = torch.cat([shortcut, coarse], dim=1)  # [N, 256 + C32, H/32, W/32], reorg first
+        return self.conv(self.fuse(routed))  # [N, A*(5+C), H/32, W/32]
+
+    def conv_layers(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
+        """``(conv, bn or None)`` of its three convs in cfg order."""
+        return [(b.conv, b.bn) for b in (self.passthrough, self.fuse)] + [(self.conv, None)]
+
+
 class YOLOv2Darknet19(nn.Module):
-    """YOLOv2 on Darknet-19, layer for layer ``cfg/yolov2-voc.cfg``; input RGB in [0, 1]."""
+    """YOLOv2 on Darknet-19, layer for layer ``cfg/yolov2-voc.cfg``; input RGB in [0, 1].
+
+    Initialised as darknet trains from scratch (``init_darknet_conv``), the prediction conv
+    with ``init_detection_head``."""
 
     def __init__(self, num_classes: int = 20, num_anchors: int = 5) -> None:
         super().__init__()
@@ -186,28 +227,26 @@ class YOLOv2Darknet19(nn.Module):
         self.stage16 = make_darknet_stage(3, DARKNET19_TO_STRIDE16)
         self.stage32 = make_darknet_stage(512, DARKNET19_TO_STRIDE32)
         self.neck = nn.Sequential(ConvBlock(1024, 1024, 3), ConvBlock(1024, 1024, 3))  # 19, 20
-        self.passthrough = ConvBlock(512, 64, 1)  # conv 21, on layer 16's output
-        self.fuse = ConvBlock(256 + 1024, 1024, 3)  # conv 22, after route -1,-4
         outputs = num_anchors * (5 + num_classes)
-        self.head = ConvBlock(1024, outputs, 1, batch_norm=False, leaky=False)  # conv 23
+        self.head = YOLOv2Head(512, 1024, outputs, DarknetReorg())  # conv 21-23
+        init_darknet_model(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
         fine = self.stage16(images)  # [N, 512, H/16, W/16]
         coarse = self.neck(self.stage32(fine))  # [N, 1024, H/32, W/32]
-        shortcut = darknet_reorg(self.passthrough(fine))  # [N, 64, H/16, W/16] -> [N, 256, ...]
-        routed = torch.cat([shortcut, coarse], dim=1)  # [N, 1280, H/32, W/32], reorg first
-        return self.head(self.fuse(routed))  # [N, A*(5+C), H/32, W/32]
+        return self.head(fine, coarse)  # [N, A*(5+C), H/32, W/32]
 
-    def darknet_blocks(self) -> list[ConvBlock]:
-        """The 23 conv layers in cfg (and ``.weights`` file) order."""
-        stages = [*self.stage16, *self.stage32, *self.neck]
-        blocks = [m for m in stages if isinstance(m, ConvBlock)]
-        return [*blocks, self.passthrough, self.fuse, self.head]
+    def darknet_layers(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
+        """``(conv, bn or None)`` of the 23 conv layers in cfg (and ``.weights`` file) order."""
+        blocks = [m for m in (*self.stage16, *self.stage32, *self.neck) if isinstance(m, ConvBlock)]
+        return [(block.conv, block.bn) for block in blocks] + self.head.conv_layers()
 
 
 class YOLOv2Tiny(nn.Module):
-    """Tiny YOLOv2, layer for layer ``cfg/yolov2-tiny-voc.cfg``; input RGB in [0, 1]."""
+    """Tiny YOLOv2, layer for layer ``cfg/yolov2-tiny-voc.cfg``; input RGB in [0, 1].
+
+    Its own two-conv head (no passthrough); initialised as :class:`YOLOv2Darknet19`."""
 
     def __init__(self, num_classes: int = 20, num_anchors: int = 5) -> None:
         super().__init__()
@@ -218,34 +257,42 @@ class YOLOv2Tiny(nn.Module):
         self.neck = ConvBlock(1024, 1024, 3)  # conv 8
         outputs = num_anchors * (5 + num_classes)
         self.head = ConvBlock(1024, outputs, 1, batch_norm=False, leaky=False)  # conv 9
+        init_darknet_model(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
         return self.head(self.neck(self.backbone(images)))  # [N, A*(5+C), H/32, W/32]
 
-    def darknet_blocks(self) -> list[ConvBlock]:
-        """The 9 conv layers in cfg (and ``.weights`` file) order."""
+    def darknet_layers(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
+        """``(conv, bn or None)`` of the 9 conv layers in cfg (and ``.weights`` file) order."""
         blocks = [m for m in self.backbone if isinstance(m, ConvBlock)]
-        return [*blocks, self.neck, self.head]
+        return [(block.conv, block.bn) for block in (*blocks, self.neck, self.head)]
+
+
+def init_darknet_model(model: YOLOv2Darknet19 | YOLOv2Tiny) -> None:
+    """Darknet's from-scratch init for every conv; the prediction conv gets the head init."""
+    for conv, _ in model.darknet_layers():
+        init_darknet_conv(conv)
+    init_detection_head(model.head.conv, model.num_anchors, model.num_classes)
 
 
 class YOLOv2ResNet(nn.Module):
-    """YOLOv2 head on a torchvision ResNet.
+    """The :class:`YOLOv2Head` on a torchvision ResNet ``name``; input RGB in [0, 1].
 
-    The stride-16 stage (``layer3``) feeds a 1x1 conv to 64 channels and a space-to-depth
-    (``pixel_unshuffle``) to 256 channels, concatenated before the stride-32 path (``layer4``
-    and two 3x3 1024 convs), then a 3x3 1024 conv and the linear prediction conv: darknet19's
-    head on another backbone. ``pixel_unshuffle`` rather than darknet's reorg: no darknet
-    weights need its memory order here, and pixel_unshuffle keeps each output channel a true
-    2x2 sub-grid of one input channel.
+    ``layer3`` (stride 16) feeds the passthrough; ``layer4`` (stride 32) and two 3x3 1024 convs
+    (``neck``) the coarse path. The space-to-depth is ``pixel_unshuffle``, not darknet's reorg:
+    no darknet weights need its memory order here, and each output channel stays a true 2x2
+    sub-grid of one input channel. ``resnet``: the backbone (default: torchvision's, random);
+    the layers on top of it get He init, the prediction conv ``init_detection_head``.
     """
 
     def __init__(
         self,
-        name: str,
-        resnet: torchvision.models.ResNet,
+        name: str = "resnet18",
         num_classes: int = 20,
         num_anchors: int = 5,
+        *,
+        resnet: torchvision.models.ResNet | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -253,30 +300,38 @@ class YOLOv2ResNet(nn.Module):
         self.backbone_name = name
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        r = resnet
+        r = build_resnet(name, pretrained=False) if resnet is None else resnet
         self.stage16 = nn.Sequential(
             r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3
         )
         self.stage32 = r.layer4
         channels32 = r.fc.in_features  # 512 (resnet18) or 2048 (resnet50/101)
-        channels16 = channels32 // 2
         self.neck = nn.Sequential(ConvBlock(channels32, 1024, 3), ConvBlock(1024, 1024, 3))
-        self.passthrough = ConvBlock(channels16, 64, 1)
-        self.fuse = ConvBlock(256 + 1024, 1024, 3)
         outputs = num_anchors * (5 + num_classes)
-        self.head = ConvBlock(1024, outputs, 1, batch_norm=False, leaky=False)
+        self.head = YOLOv2Head(channels32 // 2, 1024, outputs, nn.PixelUnshuffle(2))
+        new_layers = [(block.conv, block.bn) for block in self.neck] + self.head.conv_layers()
+        for conv, _ in new_layers:  # then the prediction conv gets its own init
+            init_kaiming_conv(conv, LEAKY_SLOPE)
+        init_detection_head(self.head.conv, num_anchors, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
         fine = self.stage16((images - self.mean) / self.std)  # [N, C16, H/16, W/16]
         coarse = self.neck(self.stage32(fine))  # [N, 1024, H/32, W/32]
-        shortcut = F.pixel_unshuffle(self.passthrough(fine), 2)  # [N, 256, H/32, W/32]
-        routed = torch.cat([shortcut, coarse], dim=1)  # [N, 1280, H/32, W/32]
-        return self.head(self.fuse(routed))  # [N, A*(5+C), H/32, W/32]
+        return self.head(fine, coarse)  # [N, A*(5+C), H/32, W/32]
 
-    def new_blocks(self) -> list[ConvBlock]:
-        """The layers on top of the ResNet (not pretrained)."""
-        return [*self.neck, self.passthrough, self.fuse, self.head]
+
+def upgrade_state_dict(state_dict: dict) -> dict:
+    """A model state dict of the layout before :class:`YOLOv2Head` -> the current keys (pure).
+
+    darknet19 and the ResNets kept ``passthrough.*`` and ``fuse.*`` at the top; they now sit
+    in ``head.`` (whose prediction conv keeps its keys ``head.conv.*``). Other keys, and state
+    dicts of the current layout or of the tiny model, come back unchanged.
+    """
+    moved = ("passthrough.", "fuse.")
+    return {
+        f"head.{key}" if key.startswith(moved) else key: value for key, value in state_dict.items()
+    }
 
 
 def download_resnet_state(weights: torchvision.models.WeightsEnum) -> dict:
@@ -335,13 +390,6 @@ def build_resnet(name: str, pretrained: bool | str | os.PathLike) -> torchvision
     return resnet
 
 
-def init_darknet_model(model: YOLOv2Darknet19 | YOLOv2Tiny) -> None:
-    """Darknet's from-scratch init for every conv; the prediction conv gets the head init."""
-    for block in model.darknet_blocks():
-        init_darknet_conv(block.conv)
-    init_detection_head(model.head.conv, model.num_anchors, model.num_classes)
-
-
 def build_model(
     name: str,
     num_classes: int = 20,
@@ -366,11 +414,8 @@ def build_model(
             f"need num_classes >= 1 and num_anchors >= 1, got {num_classes}, {num_anchors}"
         )
     if name in RESNETS:
-        model = YOLOv2ResNet(name, build_resnet(name, pretrained), num_classes, num_anchors)
-        for block in model.new_blocks():
-            init_kaiming_conv(block.conv, LEAKY_SLOPE)
-        init_detection_head(model.head.conv, num_anchors, num_classes)
-        return model
+        resnet = build_resnet(name, pretrained)
+        return YOLOv2ResNet(name, num_classes, num_anchors, resnet=resnet)
     if pretrained is True:
         raise ValueError(
             f"{name} takes a darknet .weights file as pretrained (a path, e.g. "
@@ -378,7 +423,6 @@ def build_model(
         )
     model_class = YOLOv2Darknet19 if name == "darknet19" else YOLOv2Tiny
     model = model_class(num_classes, num_anchors)
-    init_darknet_model(model)
     if pretrained not in (False, None):
         load_darknet_weights(model, pretrained)
     return model
