@@ -1,4 +1,5 @@
-"""kmeans.py and its engine yolo/kmeans.py: flags, files written, errors."""
+"""k-means of box shapes (utils/kmeans.py) against a plain Lloyd loop, and kmeans.py with its
+engine yolo/kmeans.py: flags, files written, errors."""
 
 import json
 import logging
@@ -11,7 +12,192 @@ from PIL import Image
 import kmeans
 import yolo.kmeans as engine
 from utils.anchors import load_anchors, read_voc_box_sizes
+from utils.boxes import wh_iou
 from utils.demo import DEMO_CLASSES
+from utils.kmeans import kmeanspp_init, lloyd, run_kmeans
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """k-means runs many small ops: a second thread only waits on a busy machine (kmeans.py
+    runs with --threads 1 too)."""
+    with engine.torch_threads(1):
+        yield
+
+
+PLANTED = torch.tensor([[0.05, 0.08], [0.2, 0.45], [0.5, 0.3], [0.85, 0.9]])  # by area
+
+
+def planted_boxes(per_cluster: int = 300, spread: float = 0.03, seed: int = 0) -> torch.Tensor:
+    """Boxes ``[4 * per_cluster, 2]`` scattered tightly (log-normal) around :data:`PLANTED`."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.exp(spread * torch.randn(len(PLANTED), per_cluster, 2, generator=generator))
+    return (PLANTED[:, None] * noise).reshape(-1, 2).clamp(max=1.0)  # [4, n, 2] -> [4n, 2]
+
+
+def random_box_sizes(generator: torch.Generator, num_boxes: int, quantise: bool) -> torch.Tensor:
+    wh = torch.rand(num_boxes, 2, generator=generator) * 0.98 + 0.02
+    return (wh * 20).ceil() / 20 if quantise else wh  # quantised: many duplicates and IoU ties
+
+
+def plain_lloyd(wh: torch.Tensor, centres: torch.Tensor, max_iter: int):
+    """One restart from ``centres`` ``[k, 2]``, written plainly: each box to its centre of highest
+    IoU (the first on ties); each centre to the mean of its boxes, the i-th empty cluster to the
+    i-th box of lowest IoU with its centre; the first update kept, then each one that raises
+    the mean IoU or re-seeds. Returns the centres, the mean IoU and the updates kept."""
+
+    def assign(centres):
+        iou = torch.stack([wh_iou(wh, centre) for centre in centres], dim=1)  # [M, k]
+        best_iou, labels = iou.max(dim=1)
+        return best_iou, labels, best_iou.double().mean()
+
+    best_iou, labels, mean_iou = assign(centres)
+    kept = 0
+    for _ in range(max_iter):
+        farthest = torch.argsort(best_iou, stable=True).tolist()
+        new_centres = centres.clone()
+        for c in range(len(centres)):
+            members = wh[labels == c]
+            new_centres[c] = members.double().mean(dim=0) if len(members) else wh[farthest.pop(0)]
+        reseeded = len(farthest) < len(wh)
+        new_best, new_labels, new_mean = assign(new_centres)
+        if not (kept == 0 or new_mean > mean_iou or reseeded):
+            break
+        centres, best_iou, labels, mean_iou = new_centres, new_best, new_labels, new_mean
+        kept += 1
+    return centres, float(mean_iou), kept
+
+
+# ---------------------------------------------------------------------------------------------
+# utils.kmeans
+
+
+def test_recovers_planted_clusters():
+    wh = planted_boxes()
+    result = run_kmeans(wh, 4, restarts=5, seed=0)
+    torch.testing.assert_close(result.anchors, PLANTED, rtol=0.02, atol=0)
+    assert result.mean_iou > 0.93
+    assert result.anchors.dtype == torch.float32 and result.anchors.shape == (4, 2)
+    assert result.iterations.shape == (5,) and result.restart_ious.shape == (5,)
+    assert result.mean_iou == float(result.restart_ious.max())
+    areas = result.anchors.prod(dim=1)
+    assert torch.all(areas[1:] >= areas[:-1])
+
+
+def test_mean_iou_is_the_mean_best_iou_of_the_boxes():
+    wh = planted_boxes(per_cluster=50, spread=0.2, seed=1)
+    result = run_kmeans(wh, 3, restarts=3, seed=2)
+    expected = wh_iou(wh[:, None], result.anchors[None]).amax(dim=1).double().mean()
+    assert result.mean_iou == pytest.approx(float(expected), abs=1e-9)
+
+
+def test_deterministic_for_a_seed():
+    wh = planted_boxes(per_cluster=100, spread=0.3)
+    first, again = run_kmeans(wh, 5, restarts=4, seed=7), run_kmeans(wh, 5, restarts=4, seed=7)
+    assert torch.equal(first.anchors, again.anchors)
+    assert torch.equal(first.iterations, again.iterations)
+    assert torch.equal(first.restart_ious, again.restart_ious)
+    init_a = kmeanspp_init(wh, 5, 4, torch.Generator().manual_seed(7))
+    init_b = kmeanspp_init(wh, 5, 4, torch.Generator().manual_seed(8))
+    assert not torch.equal(init_a, init_b)
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_lloyd_equals_a_plain_lloyd_loop(trial):
+    generator = torch.Generator().manual_seed(trial)
+    num_boxes = int(torch.randint(30, 1500, (1,), generator=generator))
+    k = int(torch.randint(2, 9, (1,), generator=generator))
+    wh = random_box_sizes(generator, num_boxes, quantise=trial % 2 == 1)
+    centres = kmeanspp_init(wh, k, 3, generator)  # [3, k, 2]
+    centres[2, -1] = centres[2, 0]  # a duplicate centre: its cluster starts empty
+    centres[1, 1:] = centres[1, 0]  # k - 1 clusters start empty
+    final, mean_ious, iterations = lloyd(wh, centres, max_iter=300)
+    for restart in range(3):
+        expected, expected_iou, expected_iterations = plain_lloyd(wh, centres[restart], 300)
+        torch.testing.assert_close(final[restart], expected, rtol=1e-6, atol=0)
+        assert float(mean_ious[restart]) == pytest.approx(expected_iou, rel=1e-9)
+        assert int(iterations[restart]) == expected_iterations
+        labels = wh_iou(wh[:, None], final[restart]).argmax(dim=1)  # [M]
+        assert len(labels.unique()) == k  # no cluster left empty
+
+
+def test_lloyd_reseeds_until_no_cluster_is_empty():
+    # coarse sizes: the boxes farthest from their centre often share a shape, so clusters
+    # re-seeded together coincide and one stays empty, to be re-seeded by a later update
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        wh = (torch.rand(30, 2, generator=generator) * 5).ceil() / 5  # [30, 2], 25 shapes at most
+        seeds = wh[torch.randint(30, (4,), generator=generator)]  # [4, 2]
+        centres = seeds[:, None].expand(4, 5, 2)  # [4, 5, 2]: the 5 centres of a restart equal
+        final, mean_ious, iterations = lloyd(wh, centres, max_iter=300)
+        for restart in range(4):
+            expected, expected_iou, expected_iterations = plain_lloyd(wh, centres[restart], 300)
+            torch.testing.assert_close(final[restart], expected, rtol=1e-6, atol=0)
+            assert float(mean_ious[restart]) == pytest.approx(expected_iou, rel=1e-9)
+            assert int(iterations[restart]) == expected_iterations
+            labels = wh_iou(wh[:, None], final[restart]).argmax(dim=1)  # [30]
+            assert len(labels.unique()) == 5
+
+
+def test_lloyd_stops_at_max_iter():
+    wh = random_box_sizes(torch.Generator().manual_seed(0), 500, quantise=False)
+    centres = kmeanspp_init(wh, 6, 2, torch.Generator().manual_seed(0))
+    final, _, iterations = lloyd(wh, centres, max_iter=2)
+    assert iterations.tolist() == [2, 2]
+    for restart in range(2):
+        torch.testing.assert_close(final[restart], plain_lloyd(wh, centres[restart], 2)[0])
+
+
+def test_kmeanspp_draws_with_probability_of_squared_distance():
+    wh = torch.tensor([[0.1, 0.1], [0.2, 0.2], [0.4, 0.4]])
+    centres = kmeanspp_init(wh, 2, 30_000, torch.Generator().manual_seed(0))  # [R, 2, 2]
+    first_is_small = (centres[:, 0] == wh[0]).all(dim=1)  # [R]
+    second = centres[first_is_small, 1]  # [R', 2]
+    assert not (second == wh[0]).all(dim=1).any()  # zero distance: never drawn again
+    weights = (1 - wh_iou(wh[0], wh[1:])) ** 2  # (1 - 1/4)^2 and (1 - 1/16)^2
+    expected = weights / weights.sum()
+    observed = torch.stack([(second == wh[j]).all(dim=1).float().mean() for j in (1, 2)])
+    torch.testing.assert_close(observed, expected, rtol=0, atol=0.02)
+    assert abs(float(first_is_small.float().mean()) - 1 / 3) < 0.02  # first pick uniform
+
+
+def test_sweep_and_one_cluster():
+    wh = planted_boxes(per_cluster=40, spread=0.2)
+    sweep = [run_kmeans(wh, k, restarts=2) for k in (1, 2, 3)]
+    assert [len(result.anchors) for result in sweep] == [1, 2, 3]
+    ious = [result.mean_iou for result in sweep]
+    assert ious[0] < ious[1] < ious[2]
+    torch.testing.assert_close(sweep[0].anchors[0], wh.double().mean(dim=0).float())
+    # k = 1 gives the mean even where a box has the higher mean IoU: the seeds are boxes, not
+    # means, so the first update is always kept
+    wh = torch.tensor([[0.1, 0.1]] * 50 + [[0.9, 0.9]] * 2)
+    result = run_kmeans(wh, 1, restarts=3)
+    torch.testing.assert_close(result.anchors[0], wh.double().mean(dim=0).float())
+    assert result.mean_iou < float(wh_iou(wh, wh[0]).double().mean())
+
+
+@pytest.mark.parametrize(
+    ("wh", "k", "message"),
+    [
+        (torch.tensor([[0.1, 0.2], [0.1, 0.2], [0.3, 0.3]]), 3, "k=3 clusters from 2 distinct"),
+        (torch.tensor([[0.1, 0.0], [0.2, 0.3]]), 1, "finite and positive"),
+        (torch.tensor([[0.1, -0.2], [0.2, 0.3]]), 1, "finite and positive"),
+        (torch.tensor([[-0.1, -0.2], [0.2, 0.3]]), 1, "finite and positive"),
+        (torch.tensor([[1e-30, 1e-30], [0.2, 0.3]]), 1, "finite and positive"),
+        (torch.tensor([[0.1, float("nan")], [0.2, 0.3]]), 1, "finite and positive"),
+        (torch.rand(5, 3), 1, r"shape \[M, 2\]"),
+        (torch.rand(5, 2), 0, "must be >= 1"),
+    ],
+)
+def test_bad_box_sizes_or_k(wh, k, message):
+    with pytest.raises(ValueError, match=message):
+        run_kmeans(wh, k)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        run_kmeans(torch.rand(5, 2), 2, restarts=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# kmeans.py and yolo/kmeans.py
 
 
 def demo_args(demo_root: Path, out_dir: Path, *extra: str) -> list[str]:
