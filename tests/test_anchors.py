@@ -1,4 +1,5 @@
-"""Anchors: defaults, JSON files and box sizes from VOC XML."""
+"""Anchors: darknet's defaults, anchor files (the grid-unit format and the seed's), and box
+sizes read from VOC XML."""
 
 import json
 import logging
@@ -15,57 +16,122 @@ from utils.anchors import (
 )
 from utils.data import VOCDataset
 
+# darknet cfg/yolov2-voc.cfg, [region] anchors = 1.3221, 1.73145, 3.19275, 4.00944, ...
+YOLOV2_VOC_CFG_ANCHORS = [
+    [1.3221, 1.73145],
+    [3.19275, 4.00944],
+    [5.05587, 8.09892],
+    [9.47112, 4.84053],
+    [11.2364, 10.0071],
+]
+
 # ---------------------------------------------------------------------------------------------
-# defaults and JSON files
+# defaults and anchor files
 
 
-def test_default_anchors_are_darknets_voc_set_over_13():
+def test_default_anchors_are_darknets_voc_cfg_numbers_in_grid_cells():
     anchors = default_anchors()
     assert anchors.shape == (5, 2) and anchors.dtype == torch.float32
-    torch.testing.assert_close(anchors * 13, torch.tensor(DARKNET_VOC_ANCHORS_GRID))
-    assert bool(((anchors > 0) & (anchors <= 1)).all())
+    assert torch.equal(anchors, torch.tensor(YOLOV2_VOC_CFG_ANCHORS))
+    assert [list(pair) for pair in DARKNET_VOC_ANCHORS_GRID] == YOLOV2_VOC_CFG_ANCHORS
 
 
-def test_save_then_load_round_trip(tmp_path):
-    anchors = torch.rand(7, 2) * 0.9 + 0.05
+def test_save_then_load_round_trip(tmp_path, caplog):
+    anchors = torch.rand(7, 2, generator=torch.Generator().manual_seed(0)) * 12 + 0.2
     path = tmp_path / "sub" / "anchors.json"
-    save_anchors(anchors, path)
-    assert torch.equal(load_anchors(path), anchors)
-    entries = json.loads(path.read_text())
-    assert entries[0] == {"width": float(anchors[0, 0]), "height": float(anchors[0, 1])}
+    cfg = "anchors = 1,2, 3,4"
+    with caplog.at_level(logging.WARNING):
+        save_anchors(anchors, path, img_size=416, mean_iou=0.61, darknet_cfg=cfg)
+        assert torch.equal(load_anchors(path), anchors)
+    assert not caplog.records  # the new format loads silently
+    document = json.loads(path.read_text())
+    assert document == {
+        "unit": "grid",
+        "stride": 32,
+        "anchors": anchors.tolist(),
+        "img_size": 416,
+        "mean_iou": 0.61,
+        "darknet_cfg": cfg,
+    }
+    assert len(path.read_text().splitlines()) == 2 + len(document)  # a key per line
     assert [p.name for p in path.parent.iterdir()] == ["anchors.json"]  # no temp file left
+    save_anchors(default_anchors(), path)  # overwrites, without extra keys
+    assert torch.equal(load_anchors(path), default_anchors())
+    assert set(json.loads(path.read_text())) == {"unit", "stride", "anchors"}
+
+
+def test_seed_format_is_read_times_13_with_one_warning_that_gives_the_fix(tmp_path, caplog):
+    fractions = [[0.1017, 0.1332], [0.2456, 0.3084], [0.8643, 0.7698]]
+    path = tmp_path / "seed.json"
+    path.write_text(json.dumps([{"width": w, "height": h} for w, h in fractions]))
+    with caplog.at_level(logging.WARNING):
+        anchors = load_anchors(path)
+    assert torch.equal(anchors, (torch.tensor(fractions, dtype=torch.float64) * 13).float())
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING and "\n" not in message
+    assert str(path) in message and "x13" in message and "kmeans.py" in message
+    rewritten = tmp_path / "rewritten.json"  # the content the warning proposes
+    rewritten.write_text(message[message.index("{") :])
+    caplog.clear()
+    torch.testing.assert_close(load_anchors(rewritten), anchors, rtol=1e-5, atol=0)
+    assert not caplog.records
+    assert path.read_text().startswith("[")  # the user's file is left as it was
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[{'width': 0.1}", "not valid JSON"),
-        ('{"width": 0.1, "height": 0.2}', "expected a non-empty list"),
-        ("[]", "expected a non-empty list"),
-        ('[{"width": 0.1}]', "entry 0 .* exactly the keys"),
+        ('{"unit": "grid", "stride": 32, "anchors": [[1, 2]', "not valid JSON"),
+        ("3.5", "holds float 3.5"),
+        ("[]", r"holds list \[\]"),
+        ("[[1.3, 1.7], [3.2, 4.0]]", "holds list"),
+        ('{"anchors": [[1.3, 1.7]]}', r"lacks the keys \['stride', 'unit'\]"),
+        ('{"unit": "pixels", "stride": 32, "anchors": [[40, 55]]}', "unit 'pixels' is not known"),
+        ('{"unit": "grid", "stride": 16, "anchors": [[1.3, 1.7]]}', "stride 16"),
+        ('{"unit": "grid", "stride": 32, "anchors": []}', "'anchors' is \\[\\], expected"),
+        ('{"unit": "grid", "stride": 32, "anchors": {"w": 1}}', "expected a non-empty list"),
+        ('{"unit": "grid", "stride": 32, "anchors": [[1.3, 1.7, 2]]}', "anchor 0 is"),
+        ('{"unit": "grid", "stride": 32, "anchors": [[1.3, 1.7], [0, 2]]}', "anchor 1 is"),
+        ('{"unit": "grid", "stride": 32, "anchors": [[1.3, -1.7]]}', "anchor 0 is"),
+        ('{"unit": "grid", "stride": 32, "anchors": [[NaN, 1.7]]}', r"anchor 0 is \[nan"),
+        ('{"unit": "grid", "stride": 32, "anchors": [[Infinity, 1.7]]}', "anchor 0 is"),
+        ('{"unit": "grid", "stride": 32, "anchors": [[true, 1.7]]}', "anchor 0 is"),
+        ('{"unit": "grid", "stride": 32, "anchors": [["1.3", 1.7]]}', "anchor 0 is"),
+        ('[{"width": 0.1}]', "entry 0 .* exactly the keys 'width' and 'height'"),
         ('[{"width": 0.1, "height": 0.2, "depth": 1}]', "exactly the keys"),
         ('[{"width": 0.1, "height": 0.2}, {"width": 1.3221, "height": 1.7}]', "entry 1: width"),
         ('[{"width": 0, "height": 0.2}]', r"not a fraction of the image in \(0, 1\]"),
-        ('[{"width": 0.5, "height": -0.2}]', "height = -0.2"),
+        ('[{"width": 0.5, "height": NaN}]', "height = nan"),
         ('[{"width": true, "height": 0.2}]', "width = True"),
-        ('[{"width": "0.5", "height": 0.2}]', "width = '0.5'"),
     ],
 )
-def test_bad_anchor_files_name_the_file_and_the_problem(tmp_path, text, message):
+def test_bad_anchor_files_give_one_line_naming_the_file_and_the_fix(tmp_path, text, message):
     path = tmp_path / "bad.json"
     path.write_text(text)
     with pytest.raises(ValueError, match=message) as info:
         load_anchors(path)
-    assert str(path) in str(info.value)
+    error = str(info.value)
+    assert error.startswith(f"anchor file {path}") and "\n" not in error
+    fixes = ('{"unit": "grid", "stride": 32, "anchors": [[w, h], ...]}', "unit is 'grid'")
+    fixes += ("stride 32", "[w, h]")
+    assert any(fix in error for fix in fixes)
+    assert path.read_text() == text
 
 
 def test_missing_anchor_file_and_bad_anchors_to_save(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"none\.json does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"none\.json does not exist: give a JSON file"):
         load_anchors(tmp_path / "none.json")
-    with pytest.raises(ValueError, match="shape"):
-        save_anchors(torch.rand(5), tmp_path / "a.json")
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        save_anchors(default_anchors() * 13, tmp_path / "a.json")
+    for anchors, message in [
+        (torch.rand(5), "shape"),
+        (torch.zeros(0, 2), "shape"),
+        (torch.tensor([[1.0, 0.0]]), "finite and positive"),
+        (torch.tensor([[1.0, float("nan")]]), "finite and positive"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            save_anchors(anchors, tmp_path / "a.json")
+    with pytest.raises(ValueError, match=r"keys \['unit'\] itself"):
+        save_anchors(default_anchors(), tmp_path / "a.json", unit="pixels")
     assert not list(tmp_path.iterdir())
 
 

@@ -213,29 +213,35 @@ def test_help_lists_the_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--data-root", "--sets", "--classes", "--demo", "--k", "--restarts", "--seed"):
         assert flag in text
-    for flag in ("--keep-difficult", "--out-dir", "--grid-size", "--threads"):
+    for flag in ("--keep-difficult", "--out-dir", "--img-size", "--threads"):
         assert flag in text
 
 
 def test_end_to_end_on_the_demo_dataset(demo_root, tmp_path, caplog):
     out = tmp_path / "anchors"
-    threads = torch.get_num_threads()
-    with caplog.at_level(logging.INFO, logger="yolo.kmeans"):
+    with caplog.at_level(logging.INFO, logger="yolo.kmeans"), engine.torch_threads(2):
         assert kmeans.main(demo_args(demo_root, out, "--k", "2-4")) == 0
-    assert torch.get_num_threads() == threads  # restored after the run
+        assert torch.get_num_threads() == 2  # restored after the run (--threads 1)
     names = {"kmeans.json", "iou_vs_k.png"}
     names |= {f"anchors-{k}.json" for k in (2, 3, 4)} | {f"clusters-{k}.png" for k in (2, 3, 4)}
     assert {path.name for path in out.iterdir()} == names
     summary = json.loads((out / "kmeans.json").read_text())
     wh = read_voc_box_sizes(demo_root, [("demo", "train")], DEMO_CLASSES)
     assert summary["num_boxes"] == len(wh) and summary["sets"] == ["demo:train"]
+    assert summary["img_size"] == 416 and summary["grid_size"] == 13
     assert [entry["k"] for entry in summary["results"]] == [2, 3, 4]
     for entry in summary["results"]:
-        anchors = load_anchors(out / entry["anchors_file"])
+        anchors = load_anchors(out / entry["anchors_file"])  # [k, 2] grid cells
         assert anchors.shape == (entry["k"], 2)
-        torch.testing.assert_close(anchors, torch.tensor(entry["anchors"]))
-        torch.testing.assert_close(anchors * 13, torch.tensor(entry["anchors_grid"]))
-        assert entry["darknet_cfg"].startswith("anchors = ")
+        assert torch.equal(anchors, torch.tensor(entry["anchors_grid"]))
+        assert torch.equal(anchors, torch.tensor(entry["anchors_fraction"]) * 13)
+        document = json.loads((out / entry["anchors_file"]).read_text())
+        assert document["unit"] == "grid" and document["stride"] == 32
+        assert document["img_size"] == 416 and document["mean_iou"] == entry["mean_iou"]
+        assert document["darknet_cfg"] == entry["darknet_cfg"]
+        cfg_numbers = entry["darknet_cfg"].removeprefix("anchors = ").split(",")
+        cfg_anchors = torch.tensor([float(number) for number in cfg_numbers]).view(-1, 2)
+        torch.testing.assert_close(cfg_anchors, anchors, rtol=1e-5, atol=0)
         assert len(entry["restart_ious"]) == len(entry["iterations"]) == 3
         assert 0.3 < entry["mean_iou"] <= 1
     ious = [entry["mean_iou"] for entry in summary["results"]]
@@ -243,6 +249,22 @@ def test_end_to_end_on_the_demo_dataset(demo_root, tmp_path, caplog):
     for name in ("clusters-3.png", "iou_vs_k.png"):
         assert Image.open(out / name).size[0] > 300
     assert "IoU %" in caplog.text and f"{100 * ious[1]:.2f}" in caplog.text
+    grid_w, grid_h = summary["results"][1]["anchors_grid"][0]
+    assert f"{grid_w:.2f}x{grid_h:.2f}" in caplog.text  # the table shows grid cells
+
+
+def test_img_size_scales_the_grid_units_only(demo_root, tmp_path):
+    for img_size in ("416", "608"):
+        argv = demo_args(demo_root, tmp_path / img_size, "--k", "3", "--img-size", img_size)
+        assert kmeans.main(argv) == 0
+    at_416, at_608 = (
+        json.loads((tmp_path / s / "kmeans.json").read_text()) for s in ("416", "608")
+    )
+    assert at_608["grid_size"] == 19
+    (entry_416,), (entry_608,) = at_416["results"], at_608["results"]
+    assert entry_608["anchors_fraction"] == entry_416["anchors_fraction"]
+    fractions = torch.tensor(entry_608["anchors_fraction"])
+    assert torch.equal(load_anchors(tmp_path / "608" / "anchors-3.json"), fractions * 19)
 
 
 def test_one_k_writes_no_iou_plot_and_matches_the_library(demo_root, tmp_path):
@@ -250,7 +272,7 @@ def test_one_k_writes_no_iou_plot_and_matches_the_library(demo_root, tmp_path):
     assert kmeans.main(demo_args(demo_root, out, "--k", "3", "--seed", "4")) == 0
     assert not (out / "iou_vs_k.png").exists()
     wh = read_voc_box_sizes(demo_root, [("demo", "train")], DEMO_CLASSES)
-    expected = engine.run_kmeans(wh, 3, restarts=3, seed=4).anchors
+    expected = engine.run_kmeans(wh, 3, restarts=3, seed=4).anchors * 13  # grid cells at 416
     assert torch.equal(load_anchors(out / "anchors-3.json"), expected)
 
 
@@ -282,6 +304,8 @@ def test_demo_flag_uses_the_demo_train_split(demo_root, tmp_path, monkeypatch):
         (["--k", "five"], "--k 'five'"),
         (["--k", "1-100"], "from 1 to 64"),
         (["--restarts", "0"], "--restarts must be at least 1"),
+        (["--img-size", "400"], "--img-size 400: use a multiple of 32"),
+        (["--img-size", "0"], "--img-size 0: use a multiple of 32"),
         (["--sets", "2007"], "NAME:SPLIT"),
     ],
 )
@@ -327,9 +351,10 @@ def test_parse_k_and_the_table():
         {"k": 5, "mean_iou": 0.6123, "anchors_grid": [[1.0, 2.0]] * 5},
         {"k": 6, "mean_iou": 0.65, "anchors_grid": [[1.5, 2.25]] * 6},
     ]
-    lines = engine.format_kmeans_table(entries, 13).splitlines()
-    assert lines[0].split()[:3] == ["k", "IoU", "%"]
+    lines = engine.format_kmeans_table(entries, 416).splitlines()
+    assert lines[0].split()[:3] == ["k", "IoU", "%"] and "13x13 grid" in lines[0]
     assert lines[1].split()[:4] == ["5", "61.23", "61.0", "1.00x2.00"]
     assert lines[2].split()[:4] == ["6", "65.00", "-", "1.50x2.25"]
-    anchors = torch.tensor([[1.0, 2.0], [3.0, 4.5]]) / 13
-    assert engine.darknet_anchor_line(anchors, 13) == "anchors = 1.0000,2.0000, 3.0000,4.5000"
+    anchors_grid = torch.tensor([[1.3221, 1.73145], [11.2364, 10.0071]])
+    line = "anchors = 1.3221,1.73145, 11.2364,10.0071"  # yolov2-voc.cfg's numbers
+    assert engine.darknet_anchor_line(anchors_grid) == line
