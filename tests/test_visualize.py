@@ -126,23 +126,27 @@ def test_class_colours_are_distinct():
     assert len(colours) == 20
 
 
-ANCHORS = torch.tensor([[0.1, 0.15], [0.3, 0.5], [0.7, 0.6]])
+ANCHORS = torch.tensor([[1.3, 1.95], [3.9, 6.5], [9.1, 7.8]])  # grid cells
 
 
-def test_plot_anchor_clusters_colours_boxes_by_their_anchor(tmp_path):
+def test_plot_anchor_clusters_colours_boxes_by_their_anchor_in_pixels(tmp_path):
     wh = torch.rand(300, 2, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
-    fig = plot_anchor_clusters(wh, ANCHORS, grid_size=13)
+    fig = plot_anchor_clusters(wh, ANCHORS, img_size=416)
     (ax,) = fig.axes
     boxes, centres = ax.collections
-    np.testing.assert_allclose(boxes.get_offsets(), wh.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(centres.get_offsets(), ANCHORS.numpy(), rtol=1e-6)
-    best_iou, cluster = wh_iou(wh[:, None], ANCHORS[None]).max(dim=1)
+    np.testing.assert_allclose(boxes.get_offsets(), wh.numpy() * 416, rtol=1e-6)
+    np.testing.assert_allclose(centres.get_offsets(), ANCHORS.numpy() * 32, rtol=1e-6)
+    best_iou, cluster = wh_iou(wh[:, None] * 13, ANCHORS[None]).max(dim=1)  # in grid cells
     expected = np.array([class_colour(c) for c in cluster.tolist()]) / 255
     np.testing.assert_allclose(boxes.get_facecolors()[:, :3], expected, atol=1e-6)
     assert [text.get_text() for text in ax.texts] == ["1.30x1.95", "3.90x6.50", "9.10x7.80"]
     assert f"mean IoU {100 * best_iou.mean().item():.2f}%" in ax.get_title()
+    assert "pixels of a 416x416 input" in ax.get_xlabel() and "height" in ax.get_ylabel()
     fig.savefig(tmp_path / "clusters.png")
     assert Image.open(tmp_path / "clusters.png").size[0] > 300
+    at_608 = plot_anchor_clusters(wh, ANCHORS, img_size=608).axes[0]
+    np.testing.assert_allclose(at_608.collections[0].get_offsets(), wh.numpy() * 608, rtol=1e-6)
+    np.testing.assert_allclose(at_608.collections[1].get_offsets(), ANCHORS.numpy() * 32)
 
 
 def test_plot_anchor_clusters_subsamples_many_boxes():
@@ -150,7 +154,7 @@ def test_plot_anchor_clusters_subsamples_many_boxes():
     fig = plot_anchor_clusters(wh, ANCHORS.numpy(), max_points=1000)
     (ax,) = fig.axes
     assert len(ax.collections[0].get_offsets()) == 1000
-    assert "over 40000 boxes" in ax.get_title() and ax.texts[0].get_text() == "0.10x0.15"
+    assert "over 40000 boxes" in ax.get_title() and ax.texts[0].get_text() == "1.30x1.95"
     with pytest.raises(ValueError, match="must both be \\[N, 2\\]"):
         plot_anchor_clusters(wh[:, :1], ANCHORS)
 

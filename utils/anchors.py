@@ -1,12 +1,16 @@
 """Anchor boxes (dimension priors): darknet's defaults, JSON files, and the box sizes of a
 VOC-format dataset that k-means (:mod:`utils.kmeans`) clusters.
 
-Anchors are a float tensor ``[A, 2]`` of (width, height) as fractions of the image. The files
-are the seed's format: a JSON list of ``{"width": w, "height": h}``.
+Anchors are a float32 tensor ``[A, 2]`` of (width, height) in cells of the output grid
+(stride 32), darknet's ``anchors=`` numbers: fixed in pixels (x32), the same at every input
+size. An anchor file is a JSON object ``{"unit": "grid", "stride": 32, "anchors": [[w, h],
+...], ...}`` (more keys allowed). The seed's files, a JSON list of ``{"width": w, "height":
+h}`` fractions of a 416 image, still load: multiplied by 13 (416 / 32), with a warning.
 """
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from utils.fileio import atomic_write_text
 
 __all__ = [
     "DARKNET_VOC_ANCHORS_GRID",
+    "STRIDE",
     "default_anchors",
     "load_anchors",
     "read_voc_box_sizes",
@@ -25,7 +30,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# darknet cfg/yolov2-voc.cfg [region] anchors, in units of the 13x13 output grid
+# darknet cfg/yolov2-voc.cfg [region] anchors, in cells of the output grid
 DARKNET_VOC_ANCHORS_GRID = (
     (1.3221, 1.73145),
     (3.19275, 4.00944),
@@ -33,11 +38,13 @@ DARKNET_VOC_ANCHORS_GRID = (
     (9.47112, 4.84053),
     (11.2364, 10.0071),
 )
-_DARKNET_GRID_SIZE = 13
+STRIDE = 32  # input pixels per grid cell
+SEED_GRID_SIZE = 13  # the seed's anchor files are fractions of a 416 image: 13 cells
+FORMAT_HINT = '{"unit": "grid", "stride": 32, "anchors": [[w, h], ...]} (w, h in grid cells)'
 
 
 def default_anchors() -> torch.Tensor:
-    """darknet's yolov2-voc anchors as fractions of the image: float32 ``[5, 2]`` (w, h)."""
+    """darknet's yolov2-voc anchors in grid cells: float32 ``[5, 2]`` (w, h)."""
     return torch.tensor(DARKNET_VOC_ANCHORS_GRID, dtype=torch.float32)
 
 
@@ -46,52 +53,111 @@ def default_anchors() -> torch.Tensor:
 
 
 def load_anchors(path: str | os.PathLike) -> torch.Tensor:
-    """Read an anchor JSON file -> float32 ``[A, 2]`` (w, h), fractions of the image in (0, 1]."""
+    """Read an anchor JSON file -> float32 ``[A, 2]`` (w, h) in grid cells. A file of the
+    seed's format (fractions of a 416 image) is converted (x13) with one warning."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"anchor file {path} does not exist: give the path of a JSON file written by "
-            "kmeans.py (a list of {'width': w, 'height': h})"
+            f"anchor file {path} does not exist: give a JSON file written by kmeans.py, "
+            f"{FORMAT_HINT}"
         )
     try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"anchor file {path} is not valid JSON ({err}): regenerate it") from err
-    if not isinstance(entries, list) or not entries:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        message = f"anchor file {path} is not valid JSON ({err}): write {FORMAT_HINT}"
+        raise ValueError(message) from None
+    if isinstance(document, list) and document and all(isinstance(e, dict) for e in document):
+        return _read_seed_format(document, path)
+    if not isinstance(document, dict):
         raise ValueError(
-            f"anchor file {path} holds {type(entries).__name__} {entries!r:.80}: expected a "
-            "non-empty list of {'width': w, 'height': h}"
+            f"anchor file {path} holds {type(document).__name__} {document!r:.60}: expected "
+            f"{FORMAT_HINT}"
         )
-    pairs = [_parse_anchor_entry(entry, index, path) for index, entry in enumerate(entries)]
+    missing = sorted({"unit", "stride", "anchors"} - set(document))
+    if missing:
+        raise ValueError(f"anchor file {path} lacks the keys {missing}: expected {FORMAT_HINT}")
+    if document["unit"] != "grid":
+        raise ValueError(
+            f"anchor file {path}: unit {document['unit']!r} is not known; the unit is 'grid' "
+            "(cells of the stride-32 output grid: pixels at the input size / 32)"
+        )
+    if document["stride"] != STRIDE:
+        raise ValueError(
+            f"anchor file {path}: stride {document['stride']!r}, but the model's output grid "
+            f"has stride {STRIDE}: give the anchors in cells of {STRIDE} pixels"
+        )
+    return _anchor_tensor(document["anchors"], path)
+
+
+def _anchor_tensor(pairs: object, path: Path) -> torch.Tensor:
+    """``[[w, h], ...]`` of positive finite numbers -> float32 ``[A, 2]``, else a ValueError."""
+    if not isinstance(pairs, list) or not pairs:
+        raise ValueError(
+            f"anchor file {path}: 'anchors' is {pairs!r:.60}, expected a non-empty list "
+            "[[w, h], ...] in grid cells"
+        )
+    for index, pair in enumerate(pairs):
+        numbers = isinstance(pair, list) and len(pair) == 2 and all(_is_size(v) for v in pair)
+        if not numbers:
+            raise ValueError(
+                f"anchor file {path}: anchor {index} is {pair!r:.60}; each anchor must be "
+                "[w, h], two finite positive numbers of grid cells"
+            )
     return torch.tensor(pairs, dtype=torch.float32)
 
 
-def _parse_anchor_entry(entry: object, index: int, path: Path) -> tuple[float, float]:
-    if not isinstance(entry, dict) or set(entry) != {"width", "height"}:
-        raise ValueError(
-            f"anchor file {path}, entry {index} is {entry!r:.80}: expected exactly the keys "
-            "'width' and 'height'"
-        )
-    pair = []
-    for key in ("width", "height"):
-        value = entry[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+def _is_size(value: object) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value > 0
+
+
+def _read_seed_format(entries: list[dict], path: Path) -> torch.Tensor:
+    """The seed's ``[{"width": w, "height": h}, ...]`` (fractions of a 416 image) -> grid cells."""
+    for index, entry in enumerate(entries):
+        if set(entry) != {"width", "height"}:
             raise ValueError(
-                f"anchor file {path}, entry {index}: {key} = {value!r} is not a fraction of the "
-                "image in (0, 1]; divide grid-unit anchors by the grid size (e.g. 13)"
+                f"anchor file {path}, entry {index} is {entry!r:.60}: the old format needs "
+                f"exactly the keys 'width' and 'height'; better, write {FORMAT_HINT}"
             )
-        pair.append(float(value))
-    return pair[0], pair[1]
+        for key in ("width", "height"):
+            if not (_is_size(entry[key]) and entry[key] <= 1):
+                raise ValueError(
+                    f"anchor file {path}, entry {index}: {key} = {entry[key]!r} is not a "
+                    f"fraction of the image in (0, 1]; for grid cells write {FORMAT_HINT}"
+                )
+    fractions = torch.tensor([[e["width"], e["height"]] for e in entries], dtype=torch.float64)
+    anchors = (fractions * SEED_GRID_SIZE).float()  # [A, 2]
+    rewritten = json.dumps({"unit": "grid", "stride": STRIDE, "anchors": _rounded(anchors)})
+    logger.warning(
+        "anchor file %s is in the old format (fractions of a 416 image): read as grid cells, "
+        "x%d; to silence this, run kmeans.py again or replace its content with %s",
+        path,
+        SEED_GRID_SIZE,
+        rewritten,
+    )
+    return anchors
 
 
-def save_anchors(anchors: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write ``[A, 2]`` (w, h) anchors (fractions of the image) as JSON, atomically."""
-    if anchors.ndim != 2 or anchors.shape[1] != 2 or anchors.shape[0] == 0:
-        raise ValueError(f"anchors must have shape [A, 2] with A >= 1, got {tuple(anchors.shape)}")
-    if not bool(((anchors > 0) & (anchors <= 1)).all()):
-        raise ValueError(f"anchors must be fractions of the image in (0, 1], got {anchors}")
-    entries = [{"width": float(w), "height": float(h)} for w, h in anchors.tolist()]
-    atomic_write_text(path, json.dumps(entries, indent=2) + "\n")
+def _rounded(anchors: torch.Tensor) -> list[list[float]]:
+    """``[A, 2]`` -> nested lists with 6 significant digits (float32 holds about 7)."""
+    return [[float(f"{value:.6g}") for value in pair] for pair in anchors.tolist()]
+
+
+def save_anchors(anchors_grid: torch.Tensor, path: str | os.PathLike, **extra) -> None:
+    """Write ``[A, 2]`` (w, h) anchors in grid cells as the JSON object of an anchor file,
+    atomically; ``extra`` adds JSON-able keys (e.g. ``img_size``, ``mean_iou``)."""
+    if anchors_grid.ndim != 2 or anchors_grid.shape[1] != 2 or anchors_grid.shape[0] == 0:
+        raise ValueError(
+            f"anchors must have shape [A, 2] with A >= 1, got {tuple(anchors_grid.shape)}"
+        )
+    if not bool((torch.isfinite(anchors_grid) & (anchors_grid > 0)).all()):
+        raise ValueError(f"anchors must be finite and positive grid cells, got {anchors_grid}")
+    reserved = sorted({"unit", "stride", "anchors"} & set(extra))
+    if reserved:
+        raise ValueError(f"save_anchors writes the keys {reserved} itself: rename the extra keys")
+    document = {"unit": "grid", "stride": STRIDE, "anchors": anchors_grid.tolist(), **extra}
+    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in document.items()]
+    atomic_write_text(path, "{\n" + ",\n".join(lines) + "\n}\n")  # a key per line
 
 
 # ---------------------------------------------------------------------------------------------

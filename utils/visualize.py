@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from utils.anchors import STRIDE
 from utils.boxes import wh_iou
 from utils.fileio import atomic_open
 
@@ -266,23 +267,25 @@ def plot_anchor_clusters(
     wh,
     anchors,
     *,
-    grid_size: int | None = None,
+    img_size: int = 416,
     max_points: int = MAX_SCATTER_POINTS,
 ) -> Figure:
     """Box shapes coloured by their anchor (highest IoU of centred boxes), anchors marked.
 
-    ``wh`` ``[M, 2]`` box (width, height) and ``anchors`` ``[K, 2]``, both fractions of the
-    image, tensors or arrays. At most ``max_points`` boxes are drawn (a fixed random subset);
-    the mean IoU in the title is over all of them. Anchor labels are in grid units when
-    ``grid_size`` is given (darknet's cfg convention), else fractions of the image.
+    ``wh`` ``[M, 2]`` box (width, height), fractions of the image; ``anchors`` ``[K, 2]`` in
+    cells of the stride-32 grid; tensors or arrays. Drawn in pixels of an ``img_size`` square
+    input (boxes ``wh * img_size``, anchors ``anchors * 32``), anchors labelled in cells. At
+    most ``max_points`` boxes are drawn (a fixed random subset); the mean IoU in the title is
+    over all of them.
     """
-    sizes = torch.as_tensor(wh, dtype=torch.float32).detach().cpu()  # [M, 2]
-    centres = torch.as_tensor(anchors, dtype=torch.float32).detach().cpu()  # [K, 2]
-    if sizes.ndim != 2 or sizes.shape[-1] != 2 or centres.ndim != 2 or centres.shape[-1] != 2:
+    sizes = torch.as_tensor(wh, dtype=torch.float32).detach().cpu() * img_size  # [M, 2] pixels
+    cells = torch.as_tensor(anchors, dtype=torch.float32).detach().cpu()  # [K, 2]
+    if sizes.ndim != 2 or sizes.shape[-1] != 2 or cells.ndim != 2 or cells.shape[-1] != 2:
         raise ValueError(
             f"utils.visualize.plot_anchor_clusters: wh {list(sizes.shape)} and anchors "
-            f"{list(centres.shape)} must both be [N, 2] (width, height) fractions of the image"
+            f"{list(cells.shape)} must both be [N, 2] (width, height)"
         )
+    centres = cells * STRIDE  # [K, 2] pixels
     best_iou, cluster = wh_iou(sizes[:, None], centres[None]).max(dim=1)  # [M] each
     shown = _subsample(len(sizes), max_points)
     colours = np.array([class_colour(c) for c in range(len(centres))]) / 255.0  # [K, 3]
@@ -293,18 +296,18 @@ def plot_anchor_clusters(
     point_colours = colours[cluster[shown].numpy()]  # [S, 3]
     ax.scatter(*points.T, s=3, c=point_colours, alpha=0.35, linewidths=0, rasterized=True)
     ax.scatter(*centres.numpy().T, s=140, c=colours, marker="X", edgecolors="black", zorder=3)
-    scale, unit = (grid_size, "cells") if grid_size else (1, "of the image")
-    for width, height in centres.tolist():
-        label = f"{width * scale:.2f}x{height * scale:.2f}"
-        ax.annotate(label, (width, height), xytext=(6, 6), textcoords="offset points", fontsize=8)
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
+    for (width, height), position in zip(cells.tolist(), centres.tolist(), strict=True):
+        label = f"{width:.2f}x{height:.2f}"
+        ax.annotate(label, position, xytext=(6, 6), textcoords="offset points", fontsize=8)
+    limit = 1.02 * max(img_size, float(centres.max()))
+    ax.set_xlim(0, limit)
+    ax.set_ylim(0, limit)
     ax.set_aspect("equal")
-    ax.set_xlabel("box width (fraction of the image)")
-    ax.set_ylabel("box height (fraction of the image)")
+    ax.set_xlabel(f"box width (pixels of a {img_size}x{img_size} input)")
+    ax.set_ylabel(f"box height (pixels of a {img_size}x{img_size} input)")
     ax.set_title(
         f"k = {len(centres)}: mean IoU {100 * best_iou.mean().item():.2f}% over {len(sizes)} "
-        f"boxes (anchors in {unit})",
+        f"boxes (anchors in cells of 32 px)",
         fontsize=9,
     )
     ax.grid(True, alpha=0.3)

@@ -1,16 +1,18 @@
 """Anchor search by k-means on the training boxes' shapes: the engine of ``kmeans.py``.
 
-Reads the (width, height) of every training box of a VOC-format dataset
-(:func:`utils.anchors.read_voc_box_sizes`: the dataset's targets, difficult boxes left out
-unless asked, as darknet's ``voc_label.py``), runs :func:`utils.kmeans.run_kmeans`
-(distance 1 - IoU, k-means++ restarts) for each requested k and writes into ``out_dir``:
+Reads the (width, height) of every training box of a VOC-format dataset as fractions of the
+image (:func:`utils.anchors.read_voc_box_sizes`: the dataset's targets, difficult boxes left
+out unless asked, as darknet's ``voc_label.py``), runs :func:`utils.kmeans.run_kmeans`
+(distance 1 - IoU, k-means++ restarts) for each requested k, and converts the anchors to
+cells of the grid of a reference input size ``img_size`` (416: 13 cells, as darknet's cfg):
+fraction * img_size / 32. Writes into ``out_dir``:
 
-- ``anchors-K.json`` for every k: the seed's anchor format (a list of ``{"width": w,
-  "height": h}``, fractions of the image) that ``--anchors`` of the other scripts reads;
-- ``clusters-K.png`` for every k: the boxes coloured by their anchor;
+- ``anchors-K.json`` for every k: an anchor file (``{"unit": "grid", "stride": 32,
+  "anchors": ...}`` plus ``img_size``, ``mean_iou`` and ``darknet_cfg``) for ``--anchors``;
+- ``clusters-K.png`` for every k: the boxes coloured by their anchor, in pixels at img_size;
 - ``iou_vs_k.png`` when there is more than one k: mean IoU against k, with the paper's points;
-- ``kmeans.json``: per k the mean IoU, the anchors as fractions and in grid units, and
-  darknet's cfg line.
+- ``kmeans.json``: per k the mean IoU, the anchors in grid cells and as fractions of the
+  image, and darknet's cfg line.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.anchors import read_voc_box_sizes, save_anchors
+from utils.anchors import STRIDE, read_voc_box_sizes, save_anchors
 from utils.data import VOC_CLASSES
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
 from utils.fileio import atomic_write_text
@@ -71,15 +73,17 @@ class KMeansConfig:
     keep_difficult: bool = flag(False, "cluster difficult boxes too (darknet leaves them out)")
     strict: bool = flag(False, "fail on an object of a class not in the class list (else skip)")
     out_dir: str = flag("model/anchors", "folder for anchors-K.json, *.png and kmeans.json")
-    grid_size: int = flag(13, "output grid for the grid-unit anchors (13 at 416, as darknet)")
+    img_size: int = flag(416, "reference input size (multiple of 32): anchors in its grid cells")
     threads: int = flag(1, "torch CPU threads (k-means runs many small ops: 1 is fastest)")
 
     def __post_init__(self) -> None:
         parse_k(self.k)
         parse_sets(self.sets)
-        for name in ("restarts", "max_iter", "grid_size", "threads"):
+        for name in ("restarts", "max_iter", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.img_size < STRIDE or self.img_size % STRIDE:
+            raise ValueError(f"--img-size {self.img_size}: use a multiple of {STRIDE}, e.g. 416")
 
 
 def resolve_dataset(config: KMeansConfig) -> tuple[Path, list[tuple[str, str]], tuple[str, ...]]:
@@ -103,29 +107,30 @@ def torch_threads(num_threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def darknet_anchor_line(anchors: torch.Tensor, grid_size: int) -> str:
-    """darknet's cfg ``anchors =`` line for ``[A, 2]`` anchors (fractions) at ``grid_size``."""
-    return "anchors = " + ", ".join(f"{w:.4f},{h:.4f}" for w, h in (anchors * grid_size).tolist())
+def darknet_anchor_line(anchors_grid: torch.Tensor) -> str:
+    """darknet's cfg ``anchors = w1,h1, w2,h2, ...`` line for ``[A, 2]`` anchors in grid cells."""
+    return "anchors = " + ", ".join(f"{w:.6g},{h:.6g}" for w, h in anchors_grid.tolist())
 
 
-def summarise(result: KMeansResult, k: int, grid_size: int) -> dict:
+def summarise(result: KMeansResult, anchors_grid: torch.Tensor, k: int) -> dict:
     """One k's entry of ``kmeans.json``: plain JSON-able data."""
     return {
         "k": k,
         "mean_iou": result.mean_iou,
-        "anchors": result.anchors.tolist(),
-        "anchors_grid": (result.anchors * grid_size).tolist(),
-        "darknet_cfg": darknet_anchor_line(result.anchors, grid_size),
+        "anchors_grid": anchors_grid.tolist(),
+        "anchors_fraction": result.anchors.tolist(),
+        "darknet_cfg": darknet_anchor_line(anchors_grid),
         "anchors_file": f"anchors-{k}.json",
         "restart_ious": [round(iou, 6) for iou in result.restart_ious.tolist()],
         "iterations": result.iterations.tolist(),
     }
 
 
-def format_kmeans_table(entries: list[dict], grid_size: int) -> str:
+def format_kmeans_table(entries: list[dict], img_size: int) -> str:
     """The log's table: k, mean IoU in %, the paper's value where it has one, and the anchors
-    as ``w x h`` in units of a ``grid_size`` grid."""
-    lines = [f"{'k':>3} {'IoU %':>7} {'paper':>6}  anchors (w x h, {grid_size}x{grid_size} grid)"]
+    as ``w x h`` in cells of the grid at ``img_size`` (``entries`` from :func:`summarise`)."""
+    grid = f"{img_size // STRIDE}x{img_size // STRIDE}"
+    lines = [f"{'k':>3} {'IoU %':>7} {'paper':>6}  anchors (w x h, cells of the {grid} grid)"]
     for entry in entries:
         paper = PAPER_CLUSTER_IOU.get(entry["k"])
         paper_cell = "-" if paper is None else f"{paper:.1f}"
@@ -145,16 +150,15 @@ def write_json(document: dict, path: Path) -> None:
     atomic_write_text(path, text + "\n")
 
 
-def write_plots(
-    wh: torch.Tensor, results: dict[int, KMeansResult], out_dir: Path, grid_size: int
-) -> None:
-    """``clusters-K.png`` for every k, and ``iou_vs_k.png`` when there are several."""
-    for k, result in results.items():
-        figure = plot_anchor_clusters(wh, result.anchors, grid_size=grid_size)
-        save_figure(figure, out_dir / f"clusters-{k}.png")
-    if len(results) > 1:
-        ious = {k: result.mean_iou for k, result in results.items()}
-        save_figure(plot_iou_vs_k(ious), out_dir / "iou_vs_k.png")
+def write_k(wh: torch.Tensor, result: KMeansResult, k: int, out_dir: Path, img_size: int) -> dict:
+    """``anchors-K.json`` and ``clusters-K.png`` for one k; returns its ``kmeans.json`` entry."""
+    anchors_grid = result.anchors * (img_size // STRIDE)  # [k, 2] fractions of the image -> cells
+    entry = summarise(result, anchors_grid, k)
+    extra = {"img_size": img_size, "mean_iou": result.mean_iou, "darknet_cfg": entry["darknet_cfg"]}
+    save_anchors(anchors_grid, out_dir / entry["anchors_file"], **extra)
+    figure = plot_anchor_clusters(wh, anchors_grid, img_size=img_size)
+    save_figure(figure, out_dir / f"clusters-{k}.png")
+    return entry
 
 
 def find_anchors(config: KMeansConfig) -> dict:
@@ -169,17 +173,20 @@ def find_anchors(config: KMeansConfig) -> dict:
     log.info("%d boxes from %s, sets %s", len(wh), root, ", ".join(":".join(s) for s in sets))
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[int, KMeansResult] = {}
+    entries = []
     with torch_threads(config.threads):
         for k in tqdm(ks, desc="k-means", unit="k", disable=len(ks) == 1):
-            results[k] = run_kmeans(
+            result = run_kmeans(
                 wh, k, restarts=config.restarts, max_iter=config.max_iter, seed=config.seed
             )
-            save_anchors(results[k].anchors, out_dir / f"anchors-{k}.json")
-    write_plots(wh, results, out_dir, config.grid_size)
-    entries = [summarise(result, k, config.grid_size) for k, result in results.items()]
+            entries.append(write_k(wh, result, k, out_dir, config.img_size))
+    if len(entries) > 1:
+        ious = {entry["k"]: entry["mean_iou"] for entry in entries}
+        save_figure(plot_iou_vs_k(ious), out_dir / "iou_vs_k.png")
     summary = {
         "num_boxes": len(wh),
+        "img_size": config.img_size,
+        "grid_size": config.img_size // STRIDE,
         "data_root": str(root),
         "sets": [":".join(s) for s in sets],
         "config": config_to_dict(config),
@@ -188,7 +195,7 @@ def find_anchors(config: KMeansConfig) -> dict:
     write_json(summary, out_dir / SUMMARY_NAME)
     log.info(
         "mean IoU of each box with its nearest anchor:\n%s",
-        format_kmeans_table(entries, config.grid_size),
+        format_kmeans_table(entries, config.img_size),
     )
     log.info("wrote anchors-K.json, clusters-K.png and %s into %s", SUMMARY_NAME, out_dir)
     return summary
