@@ -143,26 +143,28 @@ def test_read_voc_box_sizes_skips_difficult_and_degenerate(voc_writer, caplog):
     voc_writer.add(
         "a",
         [
-            ("cat", (1, 1, 33, 25), 0),  # 32x24 of 64x48
-            ("dog", (10, 10, 26, 46), 1),  # difficult
-            ("cat", (5, 5, 5, 20), 0),  # zero width: dropped with a warning
+            ("cat", (1, 1, 32, 24), 0),  # pixels 1..32 x 1..24 of 64x48, corners inclusive
+            ("dog", (10, 10, 25, 45), 1),  # difficult
+            ("cat", (6, 5, 5, 20), 0),  # inverted: dropped with a warning
+            ("cat", (5, 5, 5, 28), 0),  # one pixel wide: a valid object, as for the devkit
         ],
     )
-    voc_writer.add("b", [("dog", (1, 1, 80, 13), None)])  # wider than the image: clamped
+    voc_writer.add("b", [("dog", (1, 1, 80, 12), None)])  # wider than the image: clamped
     sets = voc_writer.write_set("trainval")
     with caplog.at_level(logging.WARNING):
         sizes = read_voc_box_sizes(voc_writer.root, sets, ["cat", "dog"])
-    assert torch.equal(sizes, torch.tensor([[0.5, 0.5], [1.0, 0.25]]))
-    assert "zero-area box" in caplog.text and "a.xml" in caplog.text
+    expected = torch.tensor([[32 / 64, 24 / 48], [1 / 64, 24 / 48], [1.0, 12 / 48]])
+    torch.testing.assert_close(sizes, expected, rtol=1e-6, atol=0)  # float32 x2 - x1
+    assert "inverted box" in caplog.text and "a.xml" in caplog.text
     with_difficult = read_voc_box_sizes(voc_writer.root, sets, ["cat", "dog"], keep_difficult=True)
-    torch.testing.assert_close(with_difficult[1], torch.tensor([0.25, 0.75]))
-    assert len(with_difficult) == 3
+    torch.testing.assert_close(with_difficult[1], torch.tensor([16 / 64, 36 / 48]))
+    assert len(with_difficult) == 4
 
 
 def test_read_voc_box_sizes_are_the_training_targets(voc_writer):
     # the image header's size wins over <size>, as in training; (w, h) = x2 - x1 of the
     # float32 normalised targets, bit for bit
-    voc_writer.add("a", [("cat", (1, 1, 33, 25), 0)], xml_size=(48, 64))  # <size> is wrong
+    voc_writer.add("a", [("cat", (1, 1, 32, 24), 0)], xml_size=(48, 64))  # <size> is wrong
     voc_writer.add("b", [("dog", (-5, 20, 50, 99), 0), ("cat", (3, 4, 60, 40), 1)], xml_size=None)
     voc_writer.add("c", [("dog", (10, 2, 41, 47), 0)], size=(80, 60))
     sets = voc_writer.write_set("trainval")
@@ -180,7 +182,7 @@ def test_read_voc_box_sizes_are_the_training_targets(voc_writer):
 
 
 def test_read_voc_box_sizes_skip_bad_files_and_unknown_classes(voc_writer, caplog):
-    voc_writer.add("good", [("cat", (1, 1, 33, 25), 0), ("zebra", (1, 1, 10, 10), 0)])
+    voc_writer.add("good", [("cat", (1, 1, 32, 24), 0), ("zebra", (1, 1, 10, 10), 0)])
     voc_writer.image("broken")
     voc_writer.raw_annotation("broken", "<annotation><object><name>cat</name>")
     voc_writer.add("nan", [("cat", (1, "x", 10, 10), 0)])

@@ -13,7 +13,7 @@ import test_yolov2
 from utils.anchors import default_anchors, save_anchors
 from utils.voc import load_classes
 from yolo.build import load_trained_model
-from yolo.checkpoint import save_checkpoint
+from yolo.checkpoint import FORMAT, save_checkpoint
 from yolo.darknet import save_darknet_weights
 from yolo.evaluate import write_voc_results
 from yolo.model import build_model
@@ -81,6 +81,7 @@ def test_checkpoint_end_to_end(tmp_path, demo_root, demo_model, capsys):
             "config": {"model": "tiny"},
             "classes": list(classes),
             "anchors": default_anchors().tolist(),
+            "format": FORMAT,
         },
         tmp_path / "best.pt",
     )
@@ -116,6 +117,7 @@ def test_darknet_weights_give_what_the_same_checkpoint_gives(tmp_path, demo_root
             "config": {"model": "tiny"},
             "classes": list(load_classes(classes_file)),
             "anchors": default_anchors().tolist(),
+            "format": FORMAT,
         },
         tmp_path / "same.pt",
     )
@@ -147,6 +149,7 @@ def test_a_checkpoint_keeps_its_classes_and_anchors(tmp_path, demo_model, caplog
             "config": {"model": "tiny"},
             "classes": list("abcde"),
             "anchors": default_anchors().tolist(),
+            "format": FORMAT,
         },
         tmp_path / "best.pt",
     )
@@ -181,6 +184,7 @@ def test_unknown_classes_are_skipped_or_stop_a_strict_run(tmp_path, demo_root, c
             "config": {"model": "tiny"},
             "classes": list(classes),
             "anchors": default_anchors().tolist(),
+            "format": FORMAT,
         },
         tmp_path / "four.pt",
     )
