@@ -136,9 +136,11 @@ def test_checkpoints_before_grid_anchors_are_converted_and_said_so(tmp_path, cap
     path = tmp_path / "old.pt"
     grid = [[1.3221, 1.73145], [3.19275, 4.00944]]
     fractions = [[w / 13, h / 13] for w, h in grid]
-    save_checkpoint({"model": {}, "config": {}, "anchors": fractions}, path)
+    weights = {"fuse.conv.weight": torch.ones(1), "head.conv.bias": torch.zeros(1)}
+    save_checkpoint({"model": weights, "config": {}, "anchors": fractions}, path)
     ckpt = load_checkpoint(path)
     torch.testing.assert_close(torch.tensor(ckpt["anchors"]), torch.tensor(grid))
+    assert sorted(ckpt["model"]) == ["head.conv.bias", "head.fuse.conv.weight"]
     assert ckpt["anchors_unit"] == "grid" and "read x13 as grid cells" in caplog.text
     caplog.clear()
     save_checkpoint({"model": {}, "config": {}, "anchors": grid, "format": 2}, path)

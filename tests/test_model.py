@@ -176,11 +176,13 @@ def resnet18_state():
 
 
 def test_resnet_pretrained_offline_error_names_the_file_and_flags(empty_hub):
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ConnectionError) as err:
         build_model("resnet18", pretrained=True)
     message = str(err.value)
-    assert str(empty_hub / RESNET18_FILE) in message
+    assert str(empty_hub / RESNET18_FILE) in message and "\n" not in message
     assert "--pretrained PATH" in message and "--no-pretrained" in message
+    assert "pretrained=" not in message  # the CLI's words, not the Python API's
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained traceback
 
 
 def test_resnet_pretrained_reads_the_hub_cache(empty_hub, resnet18_state):

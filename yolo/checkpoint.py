@@ -1,8 +1,9 @@
 """Checkpoints: one plain dict, written atomically, read with ``weights_only=True``.
 
-``FORMAT`` 2 holds anchors in grid cells (``"anchors_unit": "grid"``). A checkpoint written
-before (no ``"format"`` key) held them as fractions of a 416 image: :func:`load_checkpoint`
-converts it in memory (anchors x 13) and says so; the file itself is never changed.
+``FORMAT`` 2 holds anchors in grid cells (``"anchors_unit": "grid"``) and the model's keys of
+:class:`yolo.model.YOLOv2Head`. A checkpoint written before (no ``"format"`` key) held anchors
+as fractions of a 416 image and the head's layers at the top: :func:`load_checkpoint` converts
+it in memory (anchors x 13, keys moved) and says so; the file itself is never changed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from utils.fileio import atomic_open
 from yolo.config import TrainConfig, config_from_dict, config_to_dict
+from yolo.model import upgrade_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ def _upgrade(state: dict, path: Path) -> dict:
     if state.get("format", 1) >= FORMAT:
         return state
     state = dict(state)
+    state["model"] = upgrade_state_dict(state["model"])
     if "anchors" in state:
         state["anchors"] = [[v * LEGACY_GRID_SIZE for v in pair] for pair in state["anchors"]]
         log.warning(

@@ -18,8 +18,6 @@ Weights are initialised in the constructors. Darknet models list their convs in 
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +26,7 @@ from torch import nn
 
 from utils.winit import init_darknet_conv, init_detection_head, init_kaiming_conv
 from yolo.darknet import load_darknet_weights
+from yolo.resnet import RESNETS, build_resnet
 
 __all__ = [
     "MODEL_NAMES",
@@ -69,11 +68,6 @@ TINY_BACKBONE = (  # yolov2-tiny-voc.cfg layers 0-12: conv 1-7
     ("max", 2, 1), ("conv", 1024, 3),
 )  # fmt: skip
 
-RESNETS = {
-    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights),
-    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
-    "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
-}
 DARKNET_NAMES = ("darknet19", "tiny")
 MODEL_NAMES = (*DARKNET_NAMES, *RESNETS)
 
@@ -332,62 +326,6 @@ def upgrade_state_dict(state_dict: dict) -> dict:
     return {
         f"head.{key}" if key.startswith(moved) else key: value for key, value in state_dict.items()
     }
-
-
-def download_resnet_state(weights: torchvision.models.WeightsEnum) -> dict:
-    """torchvision's pretrained state dict (downloaded once, then read from the hub cache)."""
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except OSError as err:  # URLError, DNS failure, timeout: no internet and nothing cached
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
-        raise RuntimeError(
-            f"could not download the pretrained weights {weights} from {weights.url} "
-            f"({err}). Offline, place that file at {cached}, or pass a local copy with "
-            "--pretrained PATH (pretrained='file.pth'), or train from scratch with "
-            "--no-pretrained."
-        ) from err
-
-
-def read_resnet_state(path: str | os.PathLike, name: str) -> dict:
-    """A local state dict of torchvision's ``name``, read with ``weights_only=True``."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(
-            f"pretrained weights file {os.fspath(path)!r} not found: pass the path of a "
-            f"torchvision {name} state dict (.pth), or use --no-pretrained"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a state dict of tensors (a training checkpoint?): "
-            f"pass a torchvision {name} state dict, e.g. torch.save(resnet.state_dict(), path)"
-        )
-    return state
-
-
-def build_resnet(name: str, pretrained: bool | str | os.PathLike) -> torchvision.models.ResNet:
-    """torchvision's ResNet ``name``, with pretrained weights when asked (never silently not)."""
-    builder, weights_enum = RESNETS[name]
-    resnet = builder(weights=None)
-    if pretrained is False or pretrained is None:
-        return resnet
-    if pretrained is True:
-        state, source = download_resnet_state(weights_enum.DEFAULT), str(weights_enum.DEFAULT)
-    else:
-        state, source = read_resnet_state(pretrained, name), os.fspath(pretrained)
-    # The ImageNet classifier is dropped, so its shape (class count) does not matter.
-    expected = {k: v.shape for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
-    found = {k: v.shape for k, v in state.items() if not k.startswith("fc.")}
-    if found != expected:
-        wrong = [k for k in expected if found.get(k) != expected[k]] + sorted(
-            found - expected.keys()
-        )
-        raise ValueError(
-            f"{source} is not a torchvision {name} state dict: {len(wrong)} keys missing, "
-            f"unexpected or of another shape (first: {', '.join(wrong[:3])})"
-        )
-    resnet.load_state_dict(state, strict=False)
-    logger.info("loaded %s backbone weights from %s", name, source)
-    return resnet
 
 
 def build_model(
