@@ -15,7 +15,8 @@ python export.py --weights model/yolov2/best.pt --no-decode --img-size 608
 import sys
 
 from yolo.cli import run
-from yolo.export import ExportConfig, run_export
+from yolo.config import ExportConfig
+from yolo.export import run_export
 
 PRESET = ExportConfig(model="darknet19", out="model/export/yolov2.onnx")
 

@@ -11,25 +11,17 @@ reports a mean IoU of 61.0% at k = 5 and 67.2% at k = 9 (Table 1).
 Examples: python kmeans.py ; python kmeans.py --k 1-15 ; python kmeans.py --demo --k 2-6
 """
 
-import logging
 import sys
 
-from yolo.cli import USER_ERRORS, setup_logging
-from yolo.config import parse_config
-from yolo.kmeans import KMeansConfig, find_anchors
+from yolo.cli import run
+from yolo.config import KMeansConfig
+from yolo.kmeans import find_anchors
 
-PRESET = KMeansConfig(k="5", restarts=10, out_dir="model/anchors")
+PRESET = KMeansConfig()
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(PRESET, argv, __doc__)
-    setup_logging()
-    try:
-        find_anchors(config)
-    except USER_ERRORS as error:
-        logging.getLogger("kmeans").error("%s", error)
-        return 1
-    return 0
+    return run(PRESET, argv, __doc__, find_anchors)
 
 
 if __name__ == "__main__":

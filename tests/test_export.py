@@ -17,6 +17,8 @@ from torch import nn
 import export
 import yolo.export as engine
 from utils.anchors import default_anchors
+from yolo.checkpoint import FORMAT
+from yolo.config import ExportConfig
 from yolo.converter import decode
 from yolo.darknet import save_darknet_weights
 from yolo.model import build_model, darknet_reorg
@@ -43,6 +45,7 @@ def save_checkpoint(model: nn.Module, path: Path, name: str) -> Path:
         "config": {"model": name},
         "classes": CLASSES,
         "anchors": default_anchors().tolist(),
+        "format": FORMAT,
     }
     torch.save(state, path)
     return path
@@ -71,8 +74,8 @@ def assert_parity(path: Path, model: nn.Module, shapes, decoded: bool) -> list[f
     return worst
 
 
-def export_config(weights: Path, out: Path, **changes) -> engine.ExportConfig:
-    return engine.ExportConfig(weights=str(weights), out=str(out), img_size=64, **changes)
+def export_config(weights: Path, out: Path, **changes) -> ExportConfig:
+    return ExportConfig(weights=str(weights), out=str(out), img_size=64, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +183,7 @@ def test_darknet_reorg_exports_as_reshape_and_transpose():
             (torch.rand(1, 8, 4, 6),),
             buffer,
             dynamo=False,
-            opset_version=engine.ExportConfig().opset,
+            opset_version=ExportConfig().opset,
             input_names=["x"],
             dynamic_axes=axes,
         )

@@ -15,6 +15,7 @@ from utils.anchors import load_anchors, read_voc_box_sizes
 from utils.boxes import wh_iou
 from utils.demo import DEMO_CLASSES
 from utils.kmeans import kmeanspp_init, lloyd, run_kmeans
+from yolo.config import parse_k
 
 
 @pytest.fixture(autouse=True)
@@ -341,12 +342,12 @@ def test_user_errors_return_1_with_the_reason(demo_root, voc_writer, tmp_path, c
 
 
 def test_parse_k_and_the_table():
-    assert engine.parse_k("5") == [5]
-    assert engine.parse_k(" 1-15 ") == list(range(1, 16))
-    assert engine.parse_k("9-9") == [9]
+    assert parse_k("5") == [5]
+    assert parse_k(" 1-15 ") == list(range(1, 16))
+    assert parse_k("9-9") == [9]
     for spec in ("", "-3", "1-", "1-2-3", "3-1", "0-4", "a-b"):
         with pytest.raises(ValueError, match="--k"):
-            engine.parse_k(spec)
+            parse_k(spec)
     entries = [
         {"k": 5, "mean_iou": 0.6123, "anchors_grid": [[1.0, 2.0]] * 5},
         {"k": 6, "mean_iou": 0.65, "anchors_grid": [[1.5, 2.25]] * 6},

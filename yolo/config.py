@@ -24,6 +24,10 @@ from yolo.model import MODEL_NAMES
 
 MODELS = MODEL_NAMES
 OPTIMIZERS = ("sgd", "adamw")
+EXPORTERS = ("torchscript", "dynamo")
+# Opsets each exporter of torch 2.x writes natively; dynamo converts anything older than 18.
+OPSET_RANGES = {"torchscript": (13, 20), "dynamo": (18, 23)}
+MAX_K = 64  # most anchors kmeans.py makes
 DEMO_ROOT = "data/demo"
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -286,6 +290,86 @@ def config_from_dict(cls, data: dict):
 def save_config_json(config, path: str | Path) -> None:
     """Write the resolved config beside the checkpoints (atomically)."""
     atomic_write_text(path, json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export of a checkpoint of this project or of darknet's weights."""
+
+    weights: str | None = flag(
+        None, "checkpoint .pt of this project, darknet .weights, or a name such as yolov2-voc"
+    )
+    model: str = flag("darknet19", "model for darknet .weights files", choices=MODELS)
+    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
+    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
+    img_size: int | None = flag(None, "example input size (default: the checkpoint's, else 416)")
+    batch_size: int = flag(1, "batch size of the example input (the fixed one without --dynamic)")
+    dynamic: bool = flag(True, "dynamic batch axis")
+    dynamic_size: bool = flag(False, "dynamic height and width too (multiples of 32)")
+    decode: bool = flag(True, "output boxes [N,P,4] and scores [N,P,C]; else the raw head")
+    opset: int = flag(18, "ONNX opset (torchscript: 13-20, dynamo: 18-23)")
+    exporter: str = flag("torchscript", "dynamo needs onnxscript", choices=EXPORTERS)
+    out: str = flag("model/export/yolov2.onnx", "output .onnx file")
+    check: bool = flag(True, "compare onnxruntime with PyTorch on random images")
+    tolerance: float = flag(1e-3, "check: largest |onnx - torch| / (1 + max |torch|) accepted")
+
+    def __post_init__(self) -> None:
+        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
+        _check(self.exporter in EXPORTERS, f"--exporter {self.exporter!r}: one of {EXPORTERS}")
+        if self.img_size is not None:
+            _check_size("img_size", self.img_size)
+        _check(self.batch_size >= 1, "--batch-size must be at least 1")
+        low, high = OPSET_RANGES[self.exporter]
+        _check(low <= self.opset <= high, f"--opset {self.opset}: {self.exporter}: {low}-{high}")
+        _check(self.tolerance > 0, "--tolerance must be positive")
+        _check(
+            not (self.exporter == "dynamo" and self.decode and self.dynamic_size),
+            "--exporter dynamo cannot export --decode with --dynamic-size (torch.onnx fails on "
+            "the grid arithmetic with symbolic sizes): use --exporter torchscript, --no-decode "
+            "or --no-dynamic-size",
+        )
+
+
+def parse_k(spec: str) -> list[int]:
+    """``"5"`` -> ``[5]``; ``"1-15"`` -> ``[1, ..., 15]``. Raises ValueError naming the flag."""
+    low, dash, high = spec.strip().partition("-")
+    try:
+        ks = range(int(low), int(high if dash else low) + 1)
+    except ValueError:
+        ks = range(0)
+    _check(
+        bool(ks) and ks[0] >= 1 and ks[-1] <= MAX_K,
+        f"--k {spec!r}: give a number of anchors such as 5, or a range such as 1-15 (from 1 "
+        f"to {MAX_K})",
+    )
+    return list(ks)
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """k-means anchor search on a VOC-format dataset."""
+
+    data_root: str = flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
+    sets: tuple[str, ...] = flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ... to read")
+    classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
+    demo: bool = flag(False, "generate the demo dataset if missing and use its train split")
+    k: str = flag("5", "number of anchors, or a range such as 1-15")
+    restarts: int = flag(10, "k-means++ restarts per k; the highest mean IoU wins")
+    max_iter: int = flag(300, "most Lloyd iterations per restart")
+    seed: int = flag(0, "seed of the k-means++ draws")
+    keep_difficult: bool = flag(False, "cluster difficult boxes too (darknet leaves them out)")
+    strict: bool = flag(False, "fail on an object of a class not in the class list (else skip)")
+    out_dir: str = flag("model/anchors", "folder for anchors-K.json, *.png and kmeans.json")
+    img_size: int = flag(416, "reference input size (multiple of 32): anchors in its grid cells")
+    threads: int = flag(1, "torch CPU threads (k-means runs many small ops: 1 is fastest)")
+
+    def __post_init__(self) -> None:
+        parse_k(self.k)
+        for spec in self.sets:
+            _check(spec.count(":") == 1, f"image set {spec!r}: write NAME:SPLIT, e.g. 2007:test")
+        for name in ("restarts", "max_iter", "threads"):
+            _check(getattr(self, name) >= 1, f"--{_kebab(name)} must be at least 1")
+        _check_size("img_size", self.img_size)
 
 
 @dataclass(frozen=True)

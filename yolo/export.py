@@ -20,12 +20,12 @@ random images (at a second batch size and image size where those axes are dynami
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +33,14 @@ import torch
 from torch import nn
 
 from utils.fileio import atomic_path
-from yolo.build import load_trained_model
-from yolo.config import MODELS, flag
+from yolo.build import load_trained_model, require_weights
+from yolo.config import ExportConfig
 from yolo.converter import decode
 
-__all__ = ["EXPORTERS", "DecodedYOLO", "ExportConfig", "ParityError", "run_export"]
+__all__ = ["DecodedYOLO", "ParityError", "run_export"]
 
 log = logging.getLogger(__name__)
 
-EXPORTERS = ("torchscript", "dynamo")
-# Opsets each exporter of torch 2.x writes natively; dynamo converts anything older than 18.
-OPSET_RANGES = {"torchscript": (13, 20), "dynamo": (18, 23)}
 INPUT_NAME = "images"
 INSTALL_HINT = "pip install onnx onnxruntime"
 # Known warnings of the TorchScript exporter: its deprecation notice and a constant-folding
@@ -57,50 +54,7 @@ QUIET_WARNINGS = (
 )
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    """ONNX export of a checkpoint of this project or of darknet .weights."""
-
-    weights: str | None = flag(None, "checkpoint .pt of this project, or darknet .weights")
-    model: str = flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
-    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
-    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
-    img_size: int = flag(416, "input height and width of the example (a multiple of 32)")
-    batch_size: int = flag(1, "batch size of the example input (the fixed one without --dynamic)")
-    dynamic: bool = flag(True, "dynamic batch axis")
-    dynamic_size: bool = flag(False, "dynamic height and width too (multiples of 32)")
-    decode: bool = flag(True, "output boxes [N,P,4] and scores [N,P,C]; else the raw head")
-    opset: int = flag(18, "ONNX opset (torchscript: 13-20, dynamo: 18-23)")
-    exporter: str = flag("torchscript", "torchscript | dynamo (needs onnxscript)")
-    out: str = flag("model/export/yolov2.onnx", "output .onnx file")
-    check: bool = flag(True, "compare onnxruntime with PyTorch on random images")
-    tolerance: float = flag(1e-3, "check: largest |onnx - torch| / (1 + max |torch|) accepted")
-
-    def __post_init__(self) -> None:
-        low, high = OPSET_RANGES.get(self.exporter, (0, 0))
-        checks = (
-            (self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}"),
-            (self.img_size > 0 and self.img_size % 32 == 0, "--img-size: use a multiple of 32"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.exporter in EXPORTERS, f"--exporter {self.exporter!r}: one of {EXPORTERS}"),
-            (
-                low <= self.opset <= high,
-                f"--opset {self.opset}: {self.exporter} writes {low}-{high}",
-            ),
-            (self.tolerance > 0, "--tolerance must be positive"),
-            (
-                not (self.exporter == "dynamo" and self.decode and self.dynamic_size),
-                "--exporter dynamo cannot export --decode with --dynamic-size (torch.onnx fails "
-                "on the grid arithmetic with symbolic sizes): use --exporter torchscript, "
-                "--no-decode or --no-dynamic-size",
-            ),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-
-class ParityError(RuntimeError):
+class ParityError(ValueError):
     """onnxruntime's outputs differ from PyTorch's by more than the tolerance."""
 
 
@@ -278,13 +232,10 @@ def compare_output(name: str, have: np.ndarray, want: np.ndarray, tolerance: flo
 
 
 def load_for_export(config: ExportConfig):
-    """``(module to export, model, classes, anchors)`` from the configured weights."""
-    if not config.weights:
-        raise ValueError(
-            "--weights is required: a checkpoint of this project (model/<run>/best.pt) or "
-            "darknet's yolov2-voc.weights"
-        )
-    model, classes, anchors, _ = load_trained_model(
+    """``(module to export, model, classes, anchors, config)`` from the configured weights; the
+    config's ``img_size`` is the weights' evaluation size unless ``--img-size`` gave one."""
+    require_weights(config)
+    model, classes, anchors, img_size = load_trained_model(
         config.weights,
         model_name=config.model,
         classes_file=config.classes,
@@ -292,7 +243,8 @@ def load_for_export(config: ExportConfig):
     )
     model = model.cpu().eval()
     module = DecodedYOLO(model, anchors).eval() if config.decode else model
-    return module, model, classes, anchors
+    config = dataclasses.replace(config, img_size=config.img_size or img_size)
+    return module, model, classes, anchors, config
 
 
 def output_shapes(config: ExportConfig, num_anchors: int, num_classes: int) -> dict:
@@ -347,7 +299,7 @@ def run_export(config: ExportConfig) -> dict:
     """Export ``config.weights`` to ``config.out`` (ONNX); returns a summary dict with ``out``,
     ``bytes``, ``outputs``, ``export_s`` and ``max_abs_diff`` (per output, or None)."""
     import_onnx()
-    module, model, classes, anchors = load_for_export(config)
+    module, model, classes, anchors, config = load_for_export(config)
     example = torch.rand(config.batch_size, 3, config.img_size, config.img_size)
     exporter = _export_dynamo if config.exporter == "dynamo" else _export_torchscript
     log.info("%s exporter, opset %d", config.exporter, config.opset)

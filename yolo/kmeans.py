@@ -22,7 +22,6 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,55 +34,11 @@ from utils.fileio import atomic_write_text
 from utils.kmeans import KMeansResult, run_kmeans
 from utils.visualize import PAPER_CLUSTER_IOU, plot_anchor_clusters, plot_iou_vs_k, save_figure
 from utils.voc import load_classes, parse_sets
-from yolo.config import DEMO_ROOT, config_to_dict, flag
+from yolo.config import DEMO_ROOT, KMeansConfig, config_to_dict, parse_k
 
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "kmeans.json"
-MAX_K = 64
-
-
-def parse_k(spec: str) -> list[int]:
-    """``"5"`` -> ``[5]``; ``"1-15"`` -> ``[1, ..., 15]``. Raises ValueError naming the flag."""
-    low, dash, high = spec.strip().partition("-")
-    try:
-        ks = range(int(low), int(high if dash else low) + 1)
-    except ValueError:
-        ks = range(0)
-    if not ks or ks[0] < 1 or ks[-1] > MAX_K:
-        raise ValueError(
-            f"--k {spec!r}: give a number of anchors such as 5, or a range such as 1-15 "
-            f"(from 1 to {MAX_K})"
-        )
-    return list(ks)
-
-
-@dataclass(frozen=True)
-class KMeansConfig:
-    """k-means anchor search on a VOC-format dataset."""
-
-    data_root: str = flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
-    sets: tuple[str, ...] = flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ... to read")
-    classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
-    demo: bool = flag(False, "generate the demo dataset if missing and use its train split")
-    k: str = flag("5", "number of anchors, or a range such as 1-15")
-    restarts: int = flag(10, "k-means++ restarts per k; the highest mean IoU wins")
-    max_iter: int = flag(300, "most Lloyd iterations per restart")
-    seed: int = flag(0, "seed of the k-means++ draws")
-    keep_difficult: bool = flag(False, "cluster difficult boxes too (darknet leaves them out)")
-    strict: bool = flag(False, "fail on an object of a class not in the class list (else skip)")
-    out_dir: str = flag("model/anchors", "folder for anchors-K.json, *.png and kmeans.json")
-    img_size: int = flag(416, "reference input size (multiple of 32): anchors in its grid cells")
-    threads: int = flag(1, "torch CPU threads (k-means runs many small ops: 1 is fastest)")
-
-    def __post_init__(self) -> None:
-        parse_k(self.k)
-        parse_sets(self.sets)
-        for name in ("restarts", "max_iter", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.img_size < STRIDE or self.img_size % STRIDE:
-            raise ValueError(f"--img-size {self.img_size}: use a multiple of {STRIDE}, e.g. 416")
 
 
 def resolve_dataset(config: KMeansConfig) -> tuple[Path, list[tuple[str, str]], tuple[str, ...]]:
