@@ -183,9 +183,7 @@ def _object_box(obj: _Object, width: int, height: int) -> tuple[np.ndarray | Non
     xmin, ymin, xmax, ymax = obj.corners
     if xmax < xmin or ymax < ymin:
         return None, f"inverted box {obj.corners}, dropped"
-    if xmax == xmin or ymax == ymin:
-        return None, f"zero-area box {obj.corners}, dropped"
-    raw = np.array([xmin - 1, ymin - 1, xmax - 1, ymax - 1], dtype=np.float64)
+    raw = np.array([xmin - 1, ymin - 1, xmax, ymax], dtype=np.float64)  # VOC pixel frame
     limits = np.array([width, height, width, height], dtype=np.float64)
     clamped = np.clip(raw, 0.0, limits)
     if clamped[2] <= clamped[0] or clamped[3] <= clamped[1]:
