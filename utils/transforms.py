@@ -5,7 +5,8 @@ xyxy, ``"labels"`` ``[G]`` int64, ``"difficult"`` ``[G]`` bool, plus any other k
 through) and returns a float32 tensor ``[3, S, S]`` RGB in [0, 1] and a new target dict.
 
 Every resize is darknet's ``resize_image`` (``src/image.c``): bytes / 255 to float, separable
-bilinear with ``scale = (in - 1) / (out - 1)`` (corners aligned), no antialiasing. Evaluation
+bilinear with ``scale = (in - 1) / (out - 1)`` (corners aligned), no antialiasing (and the
+multi-scale ``resize_batch`` aligns corners too). Evaluation
 resizes the whole image (the boxes stay those of the original image) or, with ``letterbox``,
 embeds it as darknet's ``letterbox_image`` does (:func:`unletterbox_boxes` maps detections
 back). Training follows darknet's ``load_data_detection`` (yolov2 era, ``src/data.c``):
@@ -56,6 +57,11 @@ __all__ = [
 MULTISCALE_SIZES = tuple(range(320, 609, 32))
 _TINY = torch.finfo(torch.float32).tiny
 LETTERBOX_FILL = 0.5  # darknet's fill_image(boxed, .5)
+
+
+def _as_float(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask -> float32 0/1. Through uint8: torch casts bool to float 10 times slower."""
+    return mask.view(torch.uint8).to(torch.float32)
 
 
 def _check_size(img_size: int) -> None:
@@ -181,19 +187,19 @@ def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
     (red, else green, else blue, as darknet tests them): ``(g - b) / delta``, ``2 + (b - r) /
     delta`` or ``4 + (r - g) / delta``, plus 6 if negative, over 6: in [0, 1). Where the pixel
     is grey darknet's hue is 0/0, never used (s = 0); here it is 0. Masks are multiplied in
-    rather than selected with ``torch.where``, which is 20-50 times slower than arithmetic on
-    a CPU.
+    rather than selected with ``torch.where``, which is 20-50 times slower on a CPU.
     """
     red, green, blue = image.unbind(0)
     value = image.amax(0)  # [H, W]
     delta = value - image.amin(0)
-    is_red = (red == value).to(image.dtype)  # darknet tests red first,
-    is_green = (green == value).to(image.dtype) * (1 - is_red)  # then green,
+    is_red = _as_float(red == value)  # darknet tests red first,
+    is_green = _as_float(green == value).mul_(1 - is_red)  # then green,
     is_blue = 1 - is_red - is_green  # else blue
-    across = is_red * (green - blue) + is_green * (blue - red) + is_blue * (red - green)
-    hue = across / delta.clamp(min=_TINY) + is_green * 2 + is_blue * 4  # grey: 0 / tiny
-    hue = (hue + (hue < 0) * 6.0) / 6
-    saturation = delta / value.clamp(min=_TINY)  # black: 0 / tiny
+    hue = (green - blue).mul_(is_red)  # one of the three terms is not 0
+    hue.addcmul_(blue - red, is_green).addcmul_(red - green, is_blue)
+    hue.div_(delta.clamp(min=_TINY)).add_(is_green, alpha=2).add_(is_blue, alpha=4)  # grey: 0
+    hue.add_(_as_float(hue < 0), alpha=6).div_(6)
+    saturation = delta.div_(value.clamp(min=_TINY))  # black: 0 / tiny
     return torch.stack([hue, saturation, value])  # [3, H, W]
 
 
@@ -209,13 +215,11 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     ``f = 0``, (v, p, v), not (v, p, p) as at ``h = 0``: kept.
     """
     hue, saturation, value = hsv.unbind(0)
-    h6 = 6 * hue
-    weight_red = (2 - (h6 - 3).abs()).clamp(0, 1)
-    weight_green = ((h6 - 2).abs() - 1).clamp(0, 1)
-    weight_blue = ((h6 - 4).abs() - 1).clamp(0, 1) * (h6 < 6)
-    chroma = value * saturation
-    weights = torch.stack([weight_red, weight_green, weight_blue])  # [3, H, W]
-    return value - chroma * weights  # [H, W] - [H, W] * [3, H, W] -> [3, H, W]
+    h6 = hue * 6
+    weights = torch.stack([2 - (h6 - 3).abs(), (h6 - 2).abs() - 1, (h6 - 4).abs() - 1])
+    weights.clamp_(0, 1)  # [3, H, W], for r, g, b
+    weights[2].mul_(_as_float(h6 < 6))  # darknet's sector 6
+    return weights.mul_(value * saturation).neg_().add_(value)  # v - v s w
 
 
 def distort_hsv(
@@ -227,11 +231,12 @@ def distort_hsv(
     by one subtraction or addition of 1 (as darknet), to RGB, clamped to [0, 1]. Saturation
     above 1 is not clamped before the conversion back, as in darknet.
     """
-    hue, saturation, value = rgb_to_hsv(image).unbind(0)
-    hue = hue + hue_shift
-    hue = hue - (hue > 1) * 1.0
-    hue = hue + (hue < 0) * 1.0
-    hsv = torch.stack([hue, saturation * sat_scale, value * val_scale])  # [3, H, W]
+    hsv = rgb_to_hsv(image)  # [3, H, W]
+    hue = hsv[0].add_(hue_shift)
+    hue.sub_(_as_float(hue > 1))  # one step back into [0, 1], as darknet (1 stays 1)
+    hue.add_(_as_float(hue < 0))
+    hsv[1].mul_(sat_scale)
+    hsv[2].mul_(val_scale)
     return hsv_to_rgb(hsv).clamp_(0.0, 1.0)
 
 
