@@ -292,10 +292,13 @@ def sample_darknet_params(
 
 def _crop_clamped(pixels: np.ndarray, left: int, top: int, width: int, height: int) -> np.ndarray:
     """darknet's ``crop_image``: ``[h, w, 3]`` -> ``[height, width, 3]`` from ``(left, top)``,
-    coordinates outside the image clamped to its edge."""
-    rows = np.clip(np.arange(top, top + height), 0, pixels.shape[0] - 1)
-    cols = np.clip(np.arange(left, left + width), 0, pixels.shape[1] - 1)
-    return pixels.take(rows, axis=0).take(cols, axis=1)
+    coordinates outside the image clamped to its edge (edge padding). The window must overlap
+    the image (jitter < 0.5 makes sure)."""
+    h, w = pixels.shape[:2]
+    inside = pixels[max(top, 0) : min(top + height, h), max(left, 0) : min(left + width, w)]
+    rows = (max(-top, 0), max(top + height - h, 0))
+    cols = (max(-left, 0), max(left + width - w, 0))
+    return np.pad(inside, (rows, cols, (0, 0)), mode="edge")
 
 
 class DarknetTrainTransform:
