@@ -4,8 +4,8 @@ Both pipelines read the same generated VOC-like images (300 demo images of 375-5
 side) through ``build_dataloader`` (seeded sampler, ``collate_detection``, batch 16) with 0, 1
 and 2 workers:
 
-- train: ``VOCDataset`` + ``build_train_transform(416)`` (decode, darknet jitter crop, flip,
-  HSV distortion, resize) + collate;
+- train: ``VOCDataset`` + ``build_train_transform(416)`` (decode, darknet's jitter crop, its
+  float corner-aligned resize, flip, HSV distortion) + collate;
 - floor: PIL decode, ``convert("RGB")``, PIL bilinear resize to 416 x 416, to float + collate.
 
 Each configuration runs one warm-up epoch, then the pipelines alternate for ``--repeats``

@@ -9,9 +9,10 @@ from torch import nn
 
 import detect
 import yolo.detect as engine
+import yolo.video as video
 from utils.anchors import default_anchors
 from utils.data import VOC_CLASSES
-from utils.transforms import build_eval_transform
+from utils.transforms import build_eval_transform, unletterbox_boxes
 from yolo.darknet import save_darknet_weights
 from yolo.model import build_model
 
@@ -115,8 +116,8 @@ def test_folder_gives_one_annotated_image_per_input_and_skips_broken_files(
         assert (result["width"], result["height"]) == (width, height)
         for det in result["detections"]:
             assert det["score"] >= 0.3 and det["class"] == document["classes"][det["class_id"]]
-            expected = np.array(det["box"]) * [width, height, width, height]
-            np.testing.assert_allclose(det["box_px"], expected, atol=0.01)
+            expected = np.array(det["box"]) * [width, height, width, height] + [1, 1, 0, 0]
+            np.testing.assert_allclose(det["box_px"], expected, atol=0.01)  # VOC pixel frame
 
 
 def test_darknet_weights_give_the_same_detections_as_the_checkpoint(tmp_path):
@@ -139,10 +140,11 @@ def test_darknet_weights_give_the_same_detections_as_the_checkpoint(tmp_path):
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
 
 
-def test_boxes_to_pixels_known_values():
-    boxes = torch.tensor([[0.1, 0.2, 0.5, 1.0], [0.0, 0.0, 1.0, 1.0]])
-    pixels = engine.boxes_to_pixels(boxes, width=200, height=100)
-    torch.testing.assert_close(pixels, torch.tensor([[20.0, 20, 100, 100], [0, 0, 200, 100]]))
+def test_boxes_to_voc_pixels_known_values():
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 1.0], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.505, 0.51]])
+    pixels = engine.boxes_to_voc_pixels(boxes, width=200, height=100)
+    expected = torch.tensor([[21.0, 21, 100, 100], [1, 1, 200, 100], [101, 51, 101, 51]])
+    torch.testing.assert_close(pixels, expected)  # the last: one pixel, xmin == xmax
 
 
 def test_detections_to_dicts_known_values():
@@ -152,10 +154,10 @@ def test_detections_to_dicts_known_values():
         "class": "dog",
         "class_id": 1,
         "score": 0.9,
-        "box_px": [160.0, 240.0, 480.0, 480.0],
+        "box_px": [161.0, 241.0, 480.0, 480.0],
         "box": [0.25, 0.5, 0.75, 1.0],
     }
-    assert found[1]["class"] == "cat" and found[1]["box_px"] == [0.0, 48.0, 128.0, 144.0]
+    assert found[1]["class"] == "cat" and found[1]["box_px"] == [1.0, 49.0, 128.0, 144.0]
     assert engine.detections_to_dicts(torch.zeros(0, 6), 10, 10, ("cat",)) == []
 
 
@@ -185,9 +187,35 @@ def test_detections_are_mapped_back_to_each_original_image(tmp_path, monkeypatch
     results = engine.detect_images(detector, paths, batch_size=1, out_dir=None)
     assert [tuple(x.shape) for x in model.inputs] == [(1, 3, 96, 96)] * 2
     assert all(x.min() >= 0.0 and x.max() <= 1.0 for x in model.inputs)
-    assert results[0]["detections"][0]["box_px"] == [32.0, 40.0, 192.0, 120.0]
-    assert results[1]["detections"][0]["box_px"] == [9.0, 75.0, 54.0, 225.0]
+    assert results[0]["detections"][0]["box_px"] == [33.0, 41.0, 192.0, 120.0]
+    assert results[1]["detections"][0]["box_px"] == [10.0, 76.0, 54.0, 225.0]
     assert results[1]["detections"][0]["class"] == "b"
+
+
+def test_letterbox_feeds_darknets_letterbox_and_maps_boxes_back(tmp_path, monkeypatch):
+    in_network = torch.tensor([[0.1, 0.3, 0.6, 0.7, 0.8, 1.0], [0.0, 0.0, 1.0, 0.1, 0.7, 0.0]])
+    monkeypatch.setattr(engine, "postprocess", lambda raw, *a, **k: [in_network] * len(raw))
+    path = tmp_path / "wide.png"
+    write_image(path, 320, 160, seed=0)
+    model = ShapeRecorder()
+    detector = engine.Detector(
+        model, default_anchors(), ("a", "b"), 96, 0.3, 0.45, torch.device("cpu"), letterbox=True
+    )
+    dets = detector([engine.load_image(path)])[0]
+    image = model.inputs[0][0]  # [3, 96, 96]: 320 x 160 -> 96 x 48 between two grey bands
+    assert (image[:, :24] == 0.5).all() and (image[:, 72:] == 0.5).all()
+    expected = unletterbox_boxes(in_network[:, :4], 320, 160, 96).clamp(0, 1)
+    torch.testing.assert_close(dets[:, :4], expected)
+    torch.testing.assert_close(dets[0, :4], torch.tensor([0.1, 0.1, 0.6, 0.9]))
+    assert dets[1, 1] == 0.0 and dets[1, 3] == 0.0  # in the band above the image: clipped
+    torch.testing.assert_close(dets[:, 4:], in_network[:, 4:])
+
+
+def test_letterbox_flag_is_recorded(tmp_path, tiny_checkpoint):
+    write_image(tmp_path / "x.png", 100, 60, 0)
+    assert run(tiny_checkpoint, tmp_path / "x.png", tmp_path / "out", "--letterbox") == 0
+    document = read_json(tmp_path / "out")
+    assert document["letterbox"] is True and len(document["results"]) == 1
 
 
 def test_preprocess_is_a_plain_resize_to_rgb_in_unit_range():
@@ -251,9 +279,9 @@ class FakeCapture:
 
 
 def test_read_frames_chunks_and_stops_at_max_frames():
-    chunks = engine.read_frames(FakeCapture(7, interrupt=False), 3, None)
+    chunks = video.read_frames(FakeCapture(7, interrupt=False), 3, None)
     assert [len(c) for c in chunks] == [3, 3, 1]
-    assert [len(c) for c in engine.read_frames(FakeCapture(7, interrupt=False), 3, 5)] == [3, 2]
+    assert [len(c) for c in video.read_frames(FakeCapture(7, interrupt=False), 3, 5)] == [3, 2]
 
 
 def count_frames(cv2, path: Path) -> tuple[int, tuple[int, int], float]:
@@ -314,7 +342,7 @@ def test_show_without_a_display_goes_on_without_a_window(monkeypatch, caplog):
     image = Image.new("RGB", (32, 32))
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    viewer = engine.Viewer(True, wait_ms=1)
+    viewer = video.Viewer(True, wait_ms=1)
     viewer.show(image)
     assert not viewer.enabled and not viewer.stop_requested and "no display" in caplog.text
 
@@ -326,7 +354,7 @@ def test_show_stops_on_q_and_turns_off_when_opencv_has_no_gui(monkeypatch, caplo
     monkeypatch.setattr(cv2, "imshow", lambda name, frame: shown.append(frame.shape))
     monkeypatch.setattr(cv2, "waitKey", lambda ms: ord("q"))
     monkeypatch.setattr(cv2, "destroyAllWindows", lambda: None)
-    viewer = engine.Viewer(True, wait_ms=1)
+    viewer = video.Viewer(True, wait_ms=1)
     viewer.show(Image.new("RGB", (40, 30)))
     assert shown == [(30, 40, 3)] and viewer.stop_requested
 
@@ -334,6 +362,6 @@ def test_show_stops_on_q_and_turns_off_when_opencv_has_no_gui(monkeypatch, caplo
         raise cv2.error("The function is not implemented")
 
     monkeypatch.setattr(cv2, "imshow", no_gui)
-    viewer = engine.Viewer(True, wait_ms=1)
+    viewer = video.Viewer(True, wait_ms=1)
     viewer.show(Image.new("RGB", (40, 30)))
     assert not viewer.enabled and "cannot open a window" in caplog.text

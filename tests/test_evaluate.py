@@ -6,11 +6,23 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import test_yolov2
+from tests.test_metrics_devkit import (
+    NUM_CLASSES,
+    POWER_OF_TWO_SIZES,
+    assert_equals_devkit,
+    devkit_per_class,
+    evaluate_pixel_set,
+    pixel_set,
+    to_pixel_frame,
+    vocevaldet,
+)
 from utils.anchors import default_anchors, save_anchors
+from utils.data import VOCDataset
 from utils.voc import load_classes
 from yolo.build import load_trained_model
 from yolo.checkpoint import FORMAT, save_checkpoint
@@ -208,14 +220,74 @@ def test_missing_and_unsafe_weights_are_clear_errors(tmp_path, demo_root, caplog
     assert not (out / "metrics.json").exists()
 
 
-def test_voc_result_files_use_one_based_pixels_of_the_original_image(tmp_path):
+def test_voc_result_files_use_the_voc_pixel_frame_of_the_original_image(tmp_path):
     dets = torch.tensor(
         [[0.0, 0.5, 0.25, 1.0, 0.9, 1.0], [0.1, 0.1, 0.2, 0.2, 0.125, 0.0]]
     )  # normalised xyxy, score, class
     write_voc_results([("000007", (200, 400), dets)], ("a", "b"), tmp_path)
     assert (tmp_path / "comp4_det_test_b.txt").read_text() == (
-        "000007 0.900000 1.0 101.0 100.0 200.0\n"
+        "000007 0.9 1.00 101.00 100.00 200.00\n"
     )
     assert (tmp_path / "comp4_det_test_a.txt").read_text() == (
-        "000007 0.125000 41.0 21.0 80.0 40.0\n"
+        "000007 0.125 41.00 21.00 80.00 40.00\n"
     )
+
+
+def read_voc_results(folder: Path, classes, image_ids) -> dict[int, list]:
+    """Result files as the devkit's textread reads them: per class, the lines ``(image index,
+    confidence, b1, b2, b3, b4)`` in file order."""
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    lines = {}
+    for label, name in enumerate(classes):
+        rows = (
+            line.split()
+            for line in (folder / f"comp4_det_test_{name}.txt").read_text().splitlines()
+        )
+        lines[label] = [(index[row[0]], *map(float, row[1:])) for row in rows]
+    return lines
+
+
+def test_perfect_tiny_detections_round_trip_to_iou_one(voc_writer, tmp_path):
+    # XML -> VOCDataset -> write_voc_results -> file: the devkit's +1 IoU with the XML box is 1.
+    boxes = [(5, 7, 5, 7), (10, 3, 11, 4), (20, 15, 22, 17), (30, 1, 30, 23), (1, 1, 37, 23)]
+    voc_writer.add("tiny", [("cat", box, 0) for box in boxes], size=(37, 23))
+    dataset = VOCDataset(voc_writer.root, voc_writer.write_set(), ("cat",))
+    _, target = dataset[0]
+    assert len(target["boxes"]) == len(boxes)  # 1-pixel-wide objects are objects
+    dets = torch.cat([target["boxes"], torch.ones(len(boxes), 2)], 1)  # score 1, class 1
+    dets[:, 5] = 0
+    write_voc_results([("tiny", target["orig_size"], dets)], ("cat",), tmp_path / "out")
+    lines = read_voc_results(tmp_path / "out", ("cat",), ["tiny"])[0]
+    for (_, _, *bb), bbgt in zip(lines, boxes, strict=True):
+        iw = min(bb[2], bbgt[2]) - max(bb[0], bbgt[0]) + 1
+        ih = min(bb[3], bbgt[3]) - max(bb[1], bbgt[1]) + 1
+        ua = (
+            (bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1)
+            + (bbgt[2] - bbgt[0] + 1) * (bbgt[3] - bbgt[1] + 1)
+            - iw * ih
+        )
+        assert iw * ih / ua == 1.0, (bb, bbgt)
+
+
+def test_devkit_on_the_written_files_equals_the_evaluator(tmp_path):
+    images = pixel_set(5, POWER_OF_TWO_SIZES)
+    records, ids = [], [f"{i:06d}" for i in range(len(images))]
+    for image_id, image in zip(ids, images, strict=True):
+        width, height = image["size"]
+        dets = torch.from_numpy(to_pixel_frame(image["detections"], width, height))
+        records.append((image_id, (height, width), dets))
+    classes = tuple(f"c{k}" for k in range(NUM_CLASSES))
+    write_voc_results(records, classes, tmp_path)
+    lines = read_voc_results(tmp_path, classes, ids)
+    for label, want in enumerate(devkit_per_class(images)):
+        if want is None:
+            continue
+        objects = [[row for row in image["objects"] if row[4] == label] for image in images]
+        got = vocevaldet(
+            [[row[:4] for row in rows] for rows in objects],
+            [[bool(row[5]) for row in rows] for rows in objects],
+            lines[label],
+        )
+        assert got[0] == want[0] and got[2:] == want[2:]  # recall, AP07, AP12
+        np.testing.assert_array_equal(got[1], want[1])  # precision, NaN where the devkit has it
+    assert_equals_devkit(evaluate_pixel_set(images), devkit_per_class(images), curve_tol=0.0)

@@ -1,4 +1,5 @@
-"""DetectionEvaluator against pycocotools' COCOeval, a plain devkit-style loop and hand sums."""
+"""DetectionEvaluator against pycocotools' COCOeval, the VOC devkit's VOCevaldet.m transcribed on
+integer pixel boxes, a continuous devkit-style loop and hand sums."""
 
 import contextlib
 import io
@@ -11,8 +12,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.boxes import box_iou_elementwise
-from utils.metrics import DetectionEvaluator, _overlaps, to_json
+from utils.boxes import box_iou_elementwise, box_iou_elementwise_np
+from utils.metrics import DetectionEvaluator, _greedy_match, _overlaps, to_json
 
 NUM_CLASSES = 4
 
@@ -104,7 +105,8 @@ def run_cocoeval(detections, ground_truths):
 
 
 def devkit_loop(detections, ground_truths, rule="devkit"):
-    """VOCevaldet.m as plain loops -> per class (voc07, voc12, precision, recall), NaN without GT.
+    """VOCevaldet.m as plain loops on continuous normalised boxes -> per class (voc07, voc12,
+    precision, recall), NaN without GT.
 
     ``rule="unmatched"`` skips ground truths already detected when looking for the best one.
     """
@@ -147,8 +149,8 @@ def devkit_loop(detections, ground_truths, rule="devkit"):
         precision = [t / max(t + f, 1e-300) for t, f in zip(tp, fp, strict=True)]
         ap07 = (
             sum(
-                max([p for p, r in zip(precision, recall, strict=True) if r >= k / 10], default=0)
-                for k in range(11)
+                max([p for p, r in zip(precision, recall, strict=True) if r >= t], default=0)
+                for t in np.arange(0, 1.1, 0.1)
             )
             / 11
         )
@@ -255,7 +257,8 @@ def test_hand_computed_voc_and_coco():
     precision, recall = res["curves"][0]
     np.testing.assert_allclose(precision, [1, 1, 2 / 3, 3 / 4, 3 / 5])
     np.testing.assert_allclose(recall, [0.2, 0.4, 0.4, 0.6, 0.6])
-    assert res["map_voc07"] == pytest.approx((5 * 1 + 2 * 0.75) / 11)  # t = 0 .. 0.6
+    # t = 0 .. 0.5; recall 3/5 = 0.6 is below the devkit's threshold 0.6000000000000001
+    assert res["map_voc07"] == pytest.approx((5 * 1 + 0.75) / 11)
     assert res["map_voc12"] == pytest.approx(0.4 * 1 + 0.2 * 0.75)
     coco = run_cocoeval(detections, ground_truths)
     assert [res["map_coco"], res["ap50_coco"], res["ap75_coco"]] == pytest.approx(
@@ -371,19 +374,33 @@ def test_to_json_is_plain_and_thins_curves():
     assert full == res["curves"][0][0].tolist()
 
 
-def test_pair_overlaps_are_box_iou_elementwise_bit_for_bit():
+def test_box_iou_elementwise_np_is_the_torch_one_bit_for_bit():
     rng = np.random.default_rng(14)
     corners = rng.uniform(0, 0.7, (2000, 2))
     sizes = rng.choice([0.0, 0.1, 0.3], (2000, 2)) * rng.random((2000, 1))  # some empty boxes
     det_boxes = np.concatenate([corners, corners + sizes], 1)
     gt_boxes = det_boxes + rng.normal(0, 0.05, (2000, 4))
     gt_boxes[:, 2:] = np.maximum(gt_boxes[:, 2:], gt_boxes[:, :2])
-    iou, crowd = _overlaps(det_boxes, gt_boxes)
+    iou = box_iou_elementwise_np(det_boxes, gt_boxes)
     expected = box_iou_elementwise(torch.from_numpy(det_boxes), torch.from_numpy(gt_boxes))
     np.testing.assert_array_equal(iou, expected.numpy())
     assert 0.1 < (iou > 0).mean() < 0.9
+    grid = box_iou_elementwise_np(det_boxes[:50, None], gt_boxes[None, :40])  # broadcasts
+    want = box_iou_elementwise(torch.from_numpy(det_boxes[:50, None]), torch.from_numpy(gt_boxes))
+    np.testing.assert_array_equal(grid, want[:, :40].numpy())
+    paired, crowd = _overlaps(det_boxes, gt_boxes)
+    np.testing.assert_array_equal(paired, iou)
     want_crowd = np.zeros(len(iou))  # intersection / detection area, from the definition
     for i, (d, g) in enumerate(zip(det_boxes.tolist(), gt_boxes.tolist(), strict=True)):
         w, h = min(d[2], g[2]) - max(d[0], g[0]), min(d[3], g[3]) - max(d[1], g[1])
         want_crowd[i] = w * h / ((d[2] - d[0]) * (d[3] - d[1])) if w > 0 and h > 0 else 0.0
     np.testing.assert_allclose(crowd, want_crowd, rtol=1e-12)
+
+
+def test_greedy_match_docstring_example():
+    pair_det, pair_gt = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 0, 1, 1])
+    iou = np.array([0.8, 0.6, 0.7, 0.65, 0.9])
+    det_gt = _greedy_match(
+        pair_det, pair_gt, iou, np.zeros(5, bool), np.zeros(3, np.int64), np.array([0.5, 0.75]), 2
+    )
+    assert det_gt.tolist() == [[0, 1, -1], [0, -1, 1]]

@@ -4,12 +4,14 @@ Boxes are ``xyxy`` unless a name says otherwise (``*_cxcywh`` for centre form). 
 works on any float dtype and device and keeps the leading dimensions it documents.
 """
 
+import numpy as np
 import torch
 from torchvision.ops import box_convert, box_iou
 
 __all__ = [
     "box_iou",
     "box_iou_elementwise",
+    "box_iou_elementwise_np",
     "cxcywh_to_xyxy",
     "wh_iou",
     "xyxy_to_cxcywh",
@@ -50,3 +52,20 @@ def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
     inter = torch.minimum(wh1[..., 0], wh2[..., 0]) * torch.minimum(wh1[..., 1], wh2[..., 1])
     union = wh1[..., 0] * wh1[..., 1] + wh2[..., 0] * wh2[..., 1] - inter
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
+
+
+def box_iou_elementwise_np(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
+    """``box_iou_elementwise`` in numpy, operation for operation: ``[..., 4]`` xyxy twice ->
+    ``[...]`` float IoU, bit for bit the torch result on the same float64 inputs.
+
+    For host code that must not start torch's thread pool (the evaluator): on a busy 2-core CPU
+    it turned a 0.35 s evaluation into 0.6-1.0 s, while numpy runs on the calling thread.
+    """
+    top_left = np.maximum(boxes1[..., :2], boxes2[..., :2])
+    bottom_right = np.minimum(boxes1[..., 2:], boxes2[..., 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(-1)
+    area1 = np.clip(boxes1[..., 2:] - boxes1[..., :2], 0, None).prod(-1)
+    area2 = np.clip(boxes2[..., 2:] - boxes2[..., :2], 0, None).prod(-1)
+    union = area1 + area2 - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)

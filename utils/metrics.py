@@ -2,17 +2,22 @@
 
 Inputs per image (DESIGN.md): detections ``[K, 6]`` = (x1, y1, x2, y2, score, class) and ground
 truths ``[G, 6]`` = (x1, y1, x2, y2, class, difficult), normalised xyxy, torch tensors on any
-device or numpy arrays. IoU is continuous (no +1 pixel).
+device or numpy arrays. IoU is continuous (``utils.boxes``): in the VOC pixel frame (a VOC box
+(xmin, ymin, xmax, ymax) is ((xmin-1)/W, (ymin-1)/H, xmax/W, ymax/H)) that is the devkit's +1
+IoU, so the numbers are the devkit's. Only floating point separates them: where the devkit's
+integer arithmetic gives an IoU of exactly 0.5, or two equal IoUs, normalised coordinates of a
+side that is not a power of two can land an ulp either way; continuous detections never do.
 
-VOC (IoU 0.5; VOC07 = 11-point at recall k/10, VOC12 = area under the monotone envelope): per
-class, detections of the whole set by descending score, ties in the order given (image, then
-row), as the devkit's stable Matlab ``sort``. ``voc_matching="devkit"`` (default) is VOCevaldet.m:
-a detection goes to the ground truth of highest IoU among *all* of its class in its image (first
-on ties); at IoU >= 0.5 it is ignored if that one is difficult, a true positive if it is not yet
-detected, else a false positive (duplicate), even when another undetected one overlaps it by
->= 0.5. ``voc_matching="unmatched"`` takes the best among the not yet detected instead (DESIGN.md's
-wording; difficult ones are never detected); the two differ only where a detection overlaps two
-objects of its class by >= 0.5. Difficult ground truths are not positives.
+VOC (IoU 0.5; VOC07 = 11-point at recall ``numpy.arange(0, 1.1, 0.1)``, the devkit's ``0:0.1:1``
+in floating point, VOC12 = area under the monotone envelope): per class, detections of the whole
+set by descending score, ties in the order given (image, then row), as the devkit's stable
+Matlab ``sort`` reads them from the files ``write_voc_results`` writes. ``voc_matching="devkit"``
+(default) is VOCevaldet.m: a detection goes to the ground truth of highest IoU among *all* of its
+class in its image (first on ties); at IoU >= 0.5 it is ignored if that one is difficult, a true
+positive if it is not yet detected, else a false positive (duplicate), even when another
+undetected one overlaps it by >= 0.5. ``voc_matching="unmatched"`` takes the best among the not
+yet detected instead (difficult ones are never detected); the two differ only where a detection
+overlaps two objects of its class by >= 0.5. Difficult ground truths are not positives.
 
 COCO: pycocotools' COCOeval (bbox, area "all", maxDets 100) detail for detail: per image and
 class the 100 best scores (stable), greedy matching per IoU threshold in .50:.05:.95 to the free
@@ -30,6 +35,8 @@ import math
 import numpy as np
 import torch
 
+from utils.boxes import box_iou_elementwise_np
+
 __all__ = ["DetectionEvaluator", "evaluate_detections", "to_json"]
 
 VOC_IOU_THRESHOLD = 0.5
@@ -40,6 +47,11 @@ VOC_MATCHING_RULES = ("devkit", "unmatched")
 def _coco_iou_thresholds() -> np.ndarray:
     """``[10]`` IoU thresholds built exactly as pycocotools' Params does."""
     return np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
+
+
+def _voc07_recall_points() -> np.ndarray:
+    """``[11]`` thresholds as the devkit's ``0:0.1:1`` (0.30000000000000004, not 0.3, etc.)."""
+    return np.arange(0, 1.1, 0.1)
 
 
 def _coco_recall_points() -> np.ndarray:
@@ -185,21 +197,16 @@ def _pairs(det_key: np.ndarray, gt_key: np.ndarray) -> tuple[np.ndarray, np.ndar
 def _overlaps(det_boxes: np.ndarray, gt_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Paired ``[P, 4]`` xyxy boxes -> (IoU ``[P]``, intersection / detection area ``[P]``).
 
-    The IoU is ``utils.boxes.box_iou_elementwise``'s arithmetic, step for step (a test holds the
-    two equal bit for bit), in numpy: on a busy 2-core CPU, torch's thread pool turned this
-    0.35 s evaluation into 0.6-1.0 s, while numpy runs on the calling thread only.
+    The second is pycocotools' overlap with an ``iscrowd`` ground truth.
     """
     wh = np.minimum(det_boxes[:, 2:], gt_boxes[:, 2:]) - np.maximum(
         det_boxes[:, :2], gt_boxes[:, :2]
     )
     inter = np.prod(np.clip(wh, 0, None), axis=-1)  # [P]
     det_area = np.prod(np.clip(det_boxes[:, 2:] - det_boxes[:, :2], 0, None), axis=-1)
-    gt_area = np.prod(np.clip(gt_boxes[:, 2:] - gt_boxes[:, :2], 0, None), axis=-1)
-    union = det_area + gt_area - inter
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
         crowd = np.where(inter > 0, inter / det_area, 0.0)
-    return iou, crowd
+    return box_iou_elementwise_np(det_boxes, gt_boxes), crowd
 
 
 def _first_per_detection(sorted_ids: np.ndarray) -> np.ndarray:
@@ -215,6 +222,14 @@ def _greedy_match(pair_det, pair_gt, pair_value, reusable, det_key, thresholds, 
     detection takes its first pair with ``pair_value >= threshold`` whose ground truth is still
     free or ``reusable``; the k-th candidate detections of all groups never compete for a ground
     truth, so each step handles all of them at once. Returns matched gt ``[T, D]`` or -1.
+
+    Example, thresholds (0.5, 0.75), one group (an image and class) with objects g0, g1 and
+    detections d0, d1, d2 in score order, pairs by preference (IoU):
+    d0: (g0 .8), (g1 .6); d1: (g0 .7), (g1 .65); d2: (g1 .9).
+    Step 0, d0: g0 at both thresholds (free, .8 passes both). Step 1, d1: g0 is taken, so g1 at
+    0.5, nothing at 0.75 (.65 < .75). Step 2, d2: g1 is taken at 0.5 (nothing), free at 0.75.
+    Result ``[[0, 1, -1], [0, -1, 1]]``. The first detection of every other group runs in
+    step 0 with d0, its second in step 1, and so on: a loop over ranks, not over detections.
     """
     det_gt = np.full((len(thresholds), len(det_key)), -1, dtype=np.int64)
     if len(pair_det) == 0:
@@ -296,9 +311,12 @@ def _voc_curve(true_pos, false_pos, num_positives):
 
 
 def _voc07_ap(precision, recall) -> float:
-    """11-point AP: mean over t = 0, 0.1, .., 1 of the best precision at recall >= t."""
+    """11-point AP as VOC2007's VOCevaldet.m: the mean over t in the devkit's ``0:0.1:1`` of
+    ``max(prec(rec >= t))``, 0 when no recall reaches t. (The devkit adds ``p / 11`` eleven
+    times, which makes a perfect class 1.0000000000000002; the sum divided once stays in [0, 1].)
+    """
     envelope = np.maximum.accumulate(precision[::-1])[::-1]  # best precision from here on
-    index = np.searchsorted(recall, np.arange(11) / 10, side="left")
+    index = np.searchsorted(recall, _voc07_recall_points(), side="left")
     best = envelope[np.minimum(index, len(recall) - 1)] if len(recall) else np.zeros(11)
     return float(np.where(index < len(recall), best, 0.0).sum() / 11)
 

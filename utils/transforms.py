@@ -1,30 +1,28 @@
-"""Joint (image, target) transforms: darknet's training augmentation and the evaluation resize.
+"""Joint (image, target) transforms that prepare images as darknet does, in float RGB.
 
 A transform takes a PIL RGB image and a target dict (``"boxes"`` ``[G, 4]`` float32 normalised
 xyxy, ``"labels"`` ``[G]`` int64, ``"difficult"`` ``[G]`` bool, plus any other keys, which pass
-through) and returns a float32 tensor ``[3, S, S]`` RGB in [0, 1] and a new target dict whose
-boxes are normalised xyxy relative to the output image.
+through) and returns a float32 tensor ``[3, S, S]`` RGB in [0, 1] and a new target dict.
 
-The training preset follows darknet's ``load_data_detection`` (yolov2 era, ``src/data.c``) and
-``random_distort_image`` (``src/image.c``):
+Every resize is darknet's ``resize_image`` (``src/image.c``): bytes / 255 to float, separable
+bilinear with ``scale = (in - 1) / (out - 1)`` (corners aligned), no antialiasing (and the
+multi-scale ``resize_batch`` aligns corners too). Evaluation
+resizes the whole image (the boxes stay those of the original image) or, with ``letterbox``,
+embeds it as darknet's ``letterbox_image`` does (:func:`unletterbox_boxes` maps detections
+back). Training follows darknet's ``load_data_detection`` (yolov2 era, ``src/data.c``):
 
 - jitter crop: with ``dw = int(jitter * w)`` and ``dh = int(jitter * h)``, four integer offsets
-  ``pleft, pright ~ U(-dw, dw)`` and ``ptop, pbot ~ U(-dh, dh)`` (truncated towards zero) cut
-  the window ``[pleft, w - pright) x [ptop, h - pbot)``; parts of the window outside the image
-  repeat the nearest edge pixel (darknet's ``crop_image`` clamps its coordinates); the window is
-  resized to ``S x S``, so aspect ratio and scale change;
+  ``pleft, pright ~ U(-dw, dw)`` and ``ptop, pbot ~ U(-dh, dh)`` (truncated towards zero) cut the
+  window ``[pleft, w - pright) x [ptop, h - pbot)``; pixels outside the image repeat the nearest
+  edge pixel (``crop_image`` clamps its coordinates); the window is resized to ``S x S``;
 - horizontal flip with probability ``flip_p`` (darknet: 0.5);
-- HSV distortion: hue shifted by ``U(-hue, hue)`` of the full circle, saturation and value
-  multiplied by ``rand_scale(saturation)`` and ``rand_scale(exposure)``, where ``rand_scale(s)``
-  draws ``U(1, s)`` and inverts it with probability 0.5; saturation is not clamped before the
-  conversion back to RGB and the result is clamped to [0, 1], as darknet does;
-- boxes are mapped with the image, clipped to [0, 1] and dropped when narrower or lower than
-  ``min_box_size`` (darknet's ``fill_truth_detection`` drops ``w < .001 or h < .001``).
+- HSV distortion (``random_distort_image``): hue shifted by ``U(-hue, hue)`` of the circle,
+  saturation and value multiplied by ``rand_scale(saturation)`` and ``rand_scale(exposure)``
+  (``U(1, s)``, inverted with probability 0.5), back to RGB, clamped to [0, 1];
+- boxes as ``correct_boxes``: the window's edges become the image's, flipped, clipped to
+  [0, 1]; boxes narrower or lower than ``min_box_size`` are dropped (``fill_truth_detection``
+  drops ``w < .001 or h < .001``).
 
-Two choices differ from darknet's code and are documented where they are made: the window is
-resized with antialiased bilinear interpolation (torchvision's uint8 kernel, darknet resizes
-without antialiasing), and the edge padding is laid out on whole output pixels, the boxes being
-mapped with that exact layout (a shift of at most half an output pixel from darknet's window).
 Every random number comes from torch's global generator, so a caller that seeds it (the dataset
 does, per item) gets reproducible augmentation.
 """
@@ -37,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "MULTISCALE_SIZES",
@@ -47,12 +44,24 @@ __all__ = [
     "build_eval_transform",
     "build_train_transform",
     "distort_hsv",
+    "hsv_to_rgb",
+    "letterbox_image",
+    "letterbox_size",
     "resize_batch",
+    "resize_image",
+    "rgb_to_hsv",
     "sample_darknet_params",
+    "unletterbox_boxes",
 ]
 
 MULTISCALE_SIZES = tuple(range(320, 609, 32))
 _TINY = torch.finfo(torch.float32).tiny
+LETTERBOX_FILL = 0.5  # darknet's fill_image(boxed, .5)
+
+
+def _as_float(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask -> float32 0/1. Through uint8: torch casts bool to float 10 times slower."""
+    return mask.view(torch.uint8).to(torch.float32)
 
 
 def _check_size(img_size: int) -> None:
@@ -67,26 +76,38 @@ def _pil_to_hwc(image: Image.Image) -> np.ndarray:
     return np.array(image)
 
 
-def _resize_hwc(array: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """``[h, w, 3]`` uint8 -> ``[3, height, width]`` uint8, antialiased bilinear.
+def _to_float(pixels: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 -> ``[3, H, W]`` float32 in [0, 1] (darknet's ``/255.``), keeping
+    channels-last strides: ``F.interpolate`` is faster on them."""
+    chw = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)  # [3, H, W] view
+    return chw.float().div_(255.0)
 
-    The tensor keeps channels-last strides, which is what torchvision's fast uint8 kernel
-    wants (several times faster than PIL's resize).
+
+def _bilinear(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[..., C, h, w]`` float -> ``[..., C, height, width]``, corners aligned, no antialias."""
+    batch = image.reshape(-1, *image.shape[-3:])  # [N, C, h, w]
+    out = F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=True)
+    return out.reshape(*image.shape[:-2], height, width)  # [..., C, height, width]
+
+
+def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """darknet's ``resize_image``: ``[3, h, w]`` float32 -> ``[3, height, width]`` float32.
+
+    Corner-aligned bilinear without antialiasing, which is what ``F.interpolate`` computes in
+    float32 (a test holds the two within 1e-6). darknet's vertical pass gives its last row only
+    ``(1 - dy) * row[iy]``: when ``(height - 1) * scale`` rounds below ``h - 1`` in float32
+    (about 5% of input heights; none of VOC's common ones at 416), ``dy`` is nearly 1 and that
+    row comes out nearly black. Kept, so that darknet's weights see darknet's pixels.
     """
-    chw = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)  # [3, h, w] view
-    return TF.resize(chw, [height, width], antialias=True)
-
-
-def _to_float(image_u8: torch.Tensor) -> torch.Tensor:
-    """``[3, H, W]`` uint8 (any strides) -> contiguous float32 in [0, 1]."""
-    return image_u8.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-
-
-def _select(target: dict, keep: torch.Tensor, boxes: torch.Tensor) -> dict:
-    out = dict(target)
-    out["boxes"] = boxes[keep].contiguous()
-    out["labels"] = target["labels"][keep]
-    out["difficult"] = target["difficult"][keep]
+    out = _bilinear(image, height, width).contiguous()
+    in_height = image.shape[-2]
+    if in_height > 1 and height > 1:
+        scale = np.float32(in_height - 1) / np.float32(height - 1)
+        last = np.float32(height - 1) * scale
+        row = int(last)
+        if row < in_height - 1:
+            weight = float(np.float32(1) - (last - np.float32(row)))
+            out[..., -1, :] = _bilinear(image[..., row : row + 1, :], 1, width)[..., 0, :] * weight
     return out
 
 
@@ -94,24 +115,129 @@ def _select(target: dict, keep: torch.Tensor, boxes: torch.Tensor) -> dict:
 # Evaluation
 
 
-class EvalTransform:
-    """Resize to ``img_size x img_size`` (no letterbox, as darknet validates); boxes unchanged."""
+def letterbox_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """darknet's ``letterbox_image`` size rule: the image fits ``size x size`` by its larger
+    side; the other side is an integer division. Returns ``(new_width, new_height)`` >= 1."""
+    if np.float32(size) / np.float32(width) < np.float32(size) / np.float32(height):
+        return size, max(1, height * size // width)
+    return max(1, width * size // height), size
 
-    def __init__(self, img_size: int = 416):
+
+def letterbox_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """darknet's ``letterbox_image``: ``[3, h, w]`` float32 -> ``[3, size, size]``.
+
+    The image is resized (``resize_image``) to :func:`letterbox_size` and embedded at
+    ``((size - new_w) // 2, (size - new_h) // 2)`` in a canvas of 0.5.
+    """
+    new_width, new_height = letterbox_size(image.shape[-1], image.shape[-2], size)
+    left, top = (size - new_width) // 2, (size - new_height) // 2
+    out = torch.full((image.shape[0], size, size), LETTERBOX_FILL, dtype=image.dtype)
+    out[:, top : top + new_height, left : left + new_width] = resize_image(
+        image, new_height, new_width
+    )
+    return out
+
+
+def unletterbox_boxes(boxes: torch.Tensor, width: int, height: int, size: int) -> torch.Tensor:
+    """``[..., 4]`` normalised xyxy in a letterboxed ``size x size`` input -> ``[..., 4]``
+    normalised xyxy of the ``width x height`` image, not clipped.
+
+    darknet's ``correct_region_boxes`` with letterbox: ``x = (x - (size - new_w) / 2 / size) /
+    (new_w / size)``. Its offset is ``(size - new_w) / 2`` unrounded while ``letterbox_image``
+    embeds at the integer ``(size - new_w) // 2``: half a network pixel apart when the margin is
+    odd; kept, for darknet's numbers.
+    """
+    new_width, new_height = letterbox_size(width, height, size)
+    scale = boxes.new_tensor([new_width, new_height] * 2) / size
+    offset = boxes.new_tensor([size - new_width, size - new_height] * 2) / 2.0 / size
+    return (boxes - offset) / scale
+
+
+class EvalTransform:
+    """``resize_image`` to ``img_size x img_size`` (darknet's validation) or ``letterbox_image``;
+    the target (boxes in the original image) is returned unchanged, as a copy."""
+
+    def __init__(self, img_size: int = 416, *, letterbox: bool = False):
         _check_size(img_size)
-        self.img_size = img_size
+        self.img_size, self.letterbox = img_size, letterbox
 
     def __call__(self, image: Image.Image, target: dict) -> tuple[torch.Tensor, dict]:
-        resized = _resize_hwc(_pil_to_hwc(image), self.img_size, self.img_size)
-        return _to_float(resized), dict(target)
+        pixels = _to_float(_pil_to_hwc(image))
+        if self.letterbox:
+            return letterbox_image(pixels, self.img_size), dict(target)
+        return resize_image(pixels, self.img_size, self.img_size), dict(target)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(img_size={self.img_size})"
+        return f"EvalTransform(img_size={self.img_size}, letterbox={self.letterbox})"
 
 
-def build_eval_transform(img_size: int = 416) -> EvalTransform:
-    """Evaluation preset: resize only."""
-    return EvalTransform(img_size)
+def build_eval_transform(img_size: int = 416, *, letterbox: bool = False) -> EvalTransform:
+    """Evaluation preset: darknet's resize, or its letterbox."""
+    return EvalTransform(img_size, letterbox=letterbox)
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour
+
+
+def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+    """darknet's ``rgb_to_hsv``: ``[3, H, W]`` float RGB in [0, 1] -> ``[3, H, W]`` (h, s, v).
+
+    ``v = max``, ``s = (max - min) / max``, hue in sixths from the channel holding the max
+    (red, else green, else blue, as darknet tests them): ``(g - b) / delta``, ``2 + (b - r) /
+    delta`` or ``4 + (r - g) / delta``, plus 6 if negative, over 6: in [0, 1). Where the pixel
+    is grey darknet's hue is 0/0, never used (s = 0); here it is 0. Masks are multiplied in
+    rather than selected with ``torch.where``, which is 20-50 times slower on a CPU.
+    """
+    red, green, blue = image.unbind(0)
+    value = image.amax(0)  # [H, W]
+    delta = value - image.amin(0)
+    is_red = _as_float(red == value)  # darknet tests red first,
+    is_green = _as_float(green == value).mul_(1 - is_red)  # then green,
+    is_blue = 1 - is_red - is_green  # else blue
+    hue = (green - blue).mul_(is_red)  # one of the three terms is not 0
+    hue.addcmul_(blue - red, is_green).addcmul_(red - green, is_blue)
+    hue.div_(delta.clamp(min=_TINY)).add_(is_green, alpha=2).add_(is_blue, alpha=4)  # grey: 0
+    hue.add_(_as_float(hue < 0), alpha=6).div_(6)
+    saturation = delta.div_(value.clamp(min=_TINY))  # black: 0 / tiny
+    return torch.stack([hue, saturation, value])  # [3, H, W]
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """darknet's ``hsv_to_rgb``: ``[3, H, W]`` (h, s, v) -> ``[3, H, W]`` RGB, not clamped.
+
+    darknet: ``f`` = the fraction of ``6 h`` in its sector, ``p = v (1 - s)``, ``q = v (1 - s
+    f)``, ``t = v (1 - s (1 - f))``, and sectors 0..5 give (r, g, b) = (v, t, p), (q, v, p),
+    (p, v, t), (p, q, v), (t, p, v), (v, p, q). Each channel is therefore ``v - v s w`` with a
+    weight ``w`` in [0, 1] that is piecewise linear in ``6 h`` (0 for v, f or 1 - f for q or t,
+    1 for p), which is computed here: equal up to float32 rounding. ``h`` in [0, 1]; at ``h = 1``
+    exactly (which darknet's hue shift can produce) its sector 6 falls to the last case with
+    ``f = 0``, (v, p, v), not (v, p, p) as at ``h = 0``: kept.
+    """
+    hue, saturation, value = hsv.unbind(0)
+    h6 = hue * 6
+    weights = torch.stack([2 - (h6 - 3).abs(), (h6 - 2).abs() - 1, (h6 - 4).abs() - 1])
+    weights.clamp_(0, 1)  # [3, H, W], for r, g, b
+    weights[2].mul_(_as_float(h6 < 6))  # darknet's sector 6
+    return weights.mul_(value * saturation).neg_().add_(value)  # v - v s w
+
+
+def distort_hsv(
+    image: torch.Tensor, hue_shift: float, sat_scale: float, val_scale: float
+) -> torch.Tensor:
+    """darknet's ``distort_image`` on ``[3, H, W]`` float RGB in [0, 1] -> a new tensor, same.
+
+    To HSV, ``s *= sat_scale``, ``v *= val_scale``, ``h += hue_shift`` brought back into [0, 1]
+    by one subtraction or addition of 1 (as darknet), to RGB, clamped to [0, 1]. Saturation
+    above 1 is not clamped before the conversion back, as in darknet.
+    """
+    hsv = rgb_to_hsv(image)  # [3, H, W]
+    hue = hsv[0].add_(hue_shift)
+    hue.sub_(_as_float(hue > 1))  # one step back into [0, 1], as darknet (1 stays 1)
+    hue.add_(_as_float(hue < 0))
+    hsv[1].mul_(sat_scale)
+    hsv[2].mul_(val_scale)
+    return hsv_to_rgb(hsv).clamp_(0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,105 +290,15 @@ def sample_darknet_params(
     )
 
 
-@dataclass(frozen=True)
-class _Axis:
-    """Where the in-image part of the crop window lands on one output axis.
-
-    Source pixels ``[src0, src1)`` are resized onto output pixels ``[out0, out1)``; the output
-    before ``out0`` and from ``out1`` on repeats the edge pixels.
-    """
-
-    src0: int
-    src1: int
-    out0: int
-    out1: int
-
-    def map(self, coords_px: torch.Tensor) -> torch.Tensor:
-        """Source pixel coordinates -> output pixel coordinates (any shape)."""
-        scale = (self.out1 - self.out0) / (self.src1 - self.src0)
-        return (coords_px - self.src0) * scale + self.out0
-
-
-def _layout_axis(length: int, cut_start: int, cut_end: int, size: int) -> _Axis:
-    """The window ``[cut_start, length - cut_end)`` of a source axis, resized to ``size``."""
-    window = length - cut_start - cut_end
-    src0, src1 = max(cut_start, 0), min(length - cut_end, length)
-    out0 = round((src0 - cut_start) * size / window)
-    out1 = round((src1 - cut_start) * size / window)
-    out1 = min(max(out1, out0 + 1), size)
-    out0 = min(out0, out1 - 1)
-    return _Axis(src0, src1, out0, out1)
-
-
-def distort_hsv(
-    image: torch.Tensor, hue_shift: float, sat_scale: float, val_scale: float
-) -> torch.Tensor:
-    """darknet's ``distort_image`` on ``[3, H, W]`` float RGB in [0, 1] -> same, clamped.
-
-    In HSV (hue in [0, 1) of the full circle): ``h += hue_shift`` modulo 1, ``s *= sat_scale``,
-    ``v *= val_scale``, back to RGB, clamp. Computed without leaving RGB, with arithmetic ops
-    only (several times faster than an HSV round trip, exact to float32): with ``v = max``,
-    ``delta = max - min`` and ``w_c = (v - c) / delta`` per channel, the hue in sixths is
-    ``1 + w_r - w_g`` where blue is the minimum, ``3 + w_g - w_b`` where red is and
-    ``5 + w_b - w_r`` where green is; after the shift, darknet's hsv_to_rgb gives each channel
-    ``v' - chroma' * w'_c`` with ``chroma' = s' v'`` and, for the shifted hue ``u`` in [0, 6),
-    ``w'_r = clamp(2 - |u - 3|)``, ``w'_g = clamp(|u - 2| - 1)``, ``w'_b = clamp(|u - 4| - 1)``
-    (clamped to [0, 1]). Saturation above 1 is not clamped before that, as in darknet.
-    The input is not modified.
-    """
-    value = image.amax(0)  # [H, W]
-    delta = value - image.amin(0)  # [H, W]
-    weight = torch.sub(value, image).div_(delta.clamp(min=_TINY))  # [3, H, W]
-    out = torch.empty_like(image, memory_format=torch.contiguous_format)
-    return _hsv_to_rgb(value, delta, weight, (hue_shift, sat_scale, val_scale), out)
-
-
-def _distort_hsv_uint8(
-    image_u8: torch.Tensor, hue_shift: float, sat_scale: float, val_scale: float, out: torch.Tensor
-) -> torch.Tensor:
-    """``distort_hsv`` of ``[3, H, W]`` uint8 (any strides) written into float ``out`` [0, 1].
-
-    Never materialises the float image: only max, min and the per-channel weights are needed.
-    """
-    image_u8 = image_u8.contiguous()  # uint8 ops on channels-last strides are slow
-    value_u8 = image_u8.amax(0)  # [H, W]
-    delta = (value_u8 - image_u8.amin(0)).to(torch.float32)  # [H, W], no underflow: max >= min
-    weight = (value_u8 - image_u8).to(torch.float32).div_(delta.clamp(min=_TINY))  # [3, H, W]
-    value = value_u8.to(torch.float32)
-    return _hsv_to_rgb(value, delta, weight, (hue_shift, sat_scale, val_scale / 255.0), out)
-
-
-def _hsv_to_rgb(value, delta, weight, scales, out: torch.Tensor) -> torch.Tensor:
-    """The shared core of ``distort_hsv``: ``value``, ``delta`` ``[H, W]``, ``weight``
-    ``[3, H, W]`` (``(v - c) / delta``; reused as scratch) -> ``out`` ``[3, H, W]``."""
-    hue_shift, sat_scale, val_scale = scales
-    w_r, w_g, w_b = weight.unbind(0)
-    # 1.0 exactly on the minimum channel, 0.0 elsewhere; ties go to blue, then red, then green
-    min_b = w_b.floor()
-    min_r = w_r.floor().mul_(1.0 - min_b)
-    min_g = (1.0 - min_b).sub_(min_r)
-    # hue in sixths, shifted: the sector start (1, 3 or 5) plus the in-sector offset
-    hue = min_b.mul(-4.0).add_(5.0 + 6.0 * hue_shift).sub_(min_r, alpha=2.0)  # [H, W]
-    hue.addcmul_(w_r - w_g, min_b)
-    hue.addcmul_(w_g - w_b, min_r)
-    hue.addcmul_(w_b - w_r, min_g)
-    hue -= torch.mul(hue, 1.0 / 6.0).floor_().mul_(6.0)  # into [0, 6)
-    torch.sub(hue, 3.0, out=w_r).abs_().neg_().add_(2.0)  # the new weights, in place
-    torch.sub(hue, 2.0, out=w_g).abs_().sub_(1.0)
-    torch.sub(hue, 4.0, out=w_b).abs_().sub_(1.0)
-    weight.clamp_(0.0, 1.0)
-    chroma = delta.mul_(val_scale * sat_scale)
-    torch.addcmul(value.mul_(val_scale), weight, chroma, value=-1.0, out=out)
-    return out.clamp_(0.0, 1.0)
-
-
-def _replicate_edges(image: torch.Tensor, top: int, bottom: int, left: int, right: int) -> None:
-    """Fill ``[3, S, S]`` outside rows ``[top, bottom)`` x cols ``[left, right)`` with the
-    nearest pixel of that region, in place (as ``F.pad(mode="replicate")``)."""
-    image[:, :top, left:right] = image[:, top : top + 1, left:right]
-    image[:, bottom:, left:right] = image[:, bottom - 1 : bottom, left:right]
-    image[:, :, :left] = image[:, :, left : left + 1]
-    image[:, :, right:] = image[:, :, right - 1 : right]
+def _crop_clamped(pixels: np.ndarray, left: int, top: int, width: int, height: int) -> np.ndarray:
+    """darknet's ``crop_image``: ``[h, w, 3]`` -> ``[height, width, 3]`` from ``(left, top)``,
+    coordinates outside the image clamped to its edge (edge padding). The window must overlap
+    the image (jitter < 0.5 makes sure)."""
+    h, w = pixels.shape[:2]
+    inside = pixels[max(top, 0) : min(top + height, h), max(left, 0) : min(left + width, w)]
+    rows = (max(-top, 0), max(top + height - h, 0))
+    cols = (max(-left, 0), max(left + width - w, 0))
+    return np.pad(inside, (rows, cols, (0, 0)), mode="edge")
 
 
 class DarknetTrainTransform:
@@ -309,36 +345,34 @@ class DarknetTrainTransform:
     def apply(
         self, image: Image.Image, target: dict, params: DarknetParams
     ) -> tuple[torch.Tensor, dict]:
-        """The augmentation with given parameters (deterministic)."""
+        """The augmentation with given parameters (deterministic): crop, resize, flip, HSV."""
         width, height = image.size
-        size = self.img_size
-        x_axis = _layout_axis(width, params.pleft, params.pright, size)
-        y_axis = _layout_axis(height, params.ptop, params.pbot, size)
-        window = _pil_to_hwc(image)[y_axis.src0 : y_axis.src1, x_axis.src0 : x_axis.src1]
-        inner = _resize_hwc(window, y_axis.out1 - y_axis.out0, x_axis.out1 - x_axis.out0)
-        left, right = x_axis.out0, x_axis.out1
+        window_w = width - params.pleft - params.pright
+        window_h = height - params.ptop - params.pbot
+        window = _crop_clamped(_pil_to_hwc(image), params.pleft, params.ptop, window_w, window_h)
+        sized = resize_image(_to_float(window), self.img_size, self.img_size)
         if params.flip:
-            inner = inner.flip(-1)
-            left, right = size - right, size - left
-        out = torch.empty(3, size, size)
-        region = out[:, y_axis.out0 : y_axis.out1, left:right]
-        _distort_hsv_uint8(inner, params.hue, params.saturation, params.exposure, out=region)
-        _replicate_edges(out, y_axis.out0, y_axis.out1, left, right)
-        return out, self._map_target(target, x_axis, y_axis, width, height, params.flip)
+            sized = sized.flip(-1)
+        out = distort_hsv(sized, params.hue, params.saturation, params.exposure)
+        return out, self._map_target(target, params, width, height)
 
-    def _map_target(
-        self, target: dict, x_axis: _Axis, y_axis: _Axis, width: int, height: int, flip: bool
-    ) -> dict:
-        boxes = target["boxes"].to(torch.float32)  # [G, 4] normalised xyxy of the source
-        size = self.img_size
-        xs = x_axis.map(boxes[:, 0::2] * width) / size  # [G, 2] (x1, x2)
-        ys = y_axis.map(boxes[:, 1::2] * height) / size  # [G, 2] (y1, y2)
-        if flip:
+    def _map_target(self, target: dict, params: DarknetParams, width: int, height: int) -> dict:
+        """darknet's ``correct_boxes``: source box -> window, flip, clip, drop the tiny ones."""
+        boxes = target["boxes"].to(torch.float64)  # [G, 4] normalised xyxy of the source
+        window_w = width - params.pleft - params.pright
+        window_h = height - params.ptop - params.pbot
+        xs = (boxes[:, 0::2] * width - params.pleft) / window_w  # [G, 2] (x1, x2)
+        ys = (boxes[:, 1::2] * height - params.ptop) / window_h  # [G, 2] (y1, y2)
+        if params.flip:
             xs = 1.0 - xs.flip(-1)
         mapped = torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=-1).clamp_(0.0, 1.0)
-        wh = mapped[:, 2:] - mapped[:, :2]  # [G, 2]
-        keep = (wh >= self.min_box_size).all(dim=-1)
-        return _select(target, keep, mapped)
+        mapped = mapped.to(torch.float32)  # [G, 4]
+        keep = ((mapped[:, 2:] - mapped[:, :2]) >= self.min_box_size).all(dim=-1)
+        out = dict(target)
+        out["boxes"] = mapped[keep].contiguous()
+        out["labels"] = target["labels"][keep]
+        out["difficult"] = target["difficult"][keep]
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -357,7 +391,7 @@ def build_train_transform(
     exposure: float = 1.5,
     flip_p: float = 0.5,
 ) -> DarknetTrainTransform:
-    """Training preset: darknet's jitter crop, flip, HSV distortion and resize (yolov2-voc.cfg
+    """Training preset: darknet's jitter crop, resize, flip and HSV distortion (yolov2-voc.cfg
     values by default)."""
     return DarknetTrainTransform(
         img_size, jitter=jitter, hue=hue, saturation=saturation, exposure=exposure, flip_p=flip_p
@@ -365,11 +399,13 @@ def build_train_transform(
 
 
 def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``[N, 3, H, W]`` float -> ``[N, 3, size, size]`` bilinear (no antialias, as darknet).
+    """``[N, 3, H, W]`` float -> ``[N, 3, size, size]``, bilinear with corners aligned and no
+    antialiasing, as ``resize_image``: darknet resizes each crop straight to the current network
+    size, and two corner-aligned resizes compose to that same corner-aligned map.
 
     For multi-scale training in the loop: boxes are normalised, so targets do not change.
     Returns the input itself when it already has that size.
     """
     if images.shape[-2:] == (size, size):
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)

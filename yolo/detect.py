@@ -1,45 +1,43 @@
-"""Detection on image files, folders, video files and webcams: the engine of ``detect.py``.
+"""Detection on image files and folders, and the engine of ``detect.py`` (video files and
+webcams go through :mod:`yolo.video`).
 
-Images are resized to a square ``img_size`` by the evaluation transform (a plain resize),
-detected in small batches, and the normalised boxes are mapped back to each original image's
-pixels. Outputs in ``out``: an annotated copy of every image (same stem) or an annotated mp4 for
-a video or webcam, and ``detections.json``. OpenCV is imported only for video, webcam and
-``--show``.
+Images are resized to a square ``img_size`` as darknet validates (``resize_image``), or
+letterboxed as darknet's ``letterbox_image`` with ``letterbox``; detected in small batches; and
+the boxes are mapped back to each original image. Outputs in ``out``: an annotated copy of
+every image (same stem) or an annotated mp4 for a video or webcam, and ``detections.json``,
+where each detection has ``box``, normalised xyxy of the original image, and ``box_px``, the
+same box in the VOC pixel frame: 1-based inclusive pixels as in VOC XML files,
+``(x1 * W + 1, y1 * H + 1, x2 * W, y2 * H)`` (a box one pixel wide has xmin == xmax).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import nn
 from tqdm import tqdm
 
 from utils.fileio import atomic_open
-from utils.transforms import build_eval_transform
+from utils.transforms import build_eval_transform, unletterbox_boxes
 from utils.visualize import draw_detections
 from yolo.build import load_trained_model
 from yolo.config import MODELS, flag
 from yolo.nms import postprocess
 from yolo.runtime import select_amp_dtype, select_device
+from yolo.video import Viewer, detect_stream, video_output_path
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 JSON_NAME = "detections.json"
-DEFAULT_FPS = 30.0
-QUIT_KEYS = (ord("q"), 27)  # q, Esc
-DOCUMENTED_SETTINGS = ("weights", "img_size", "conf_threshold", "nms_threshold")
+DOCUMENTED_SETTINGS = ("weights", "img_size", "letterbox", "conf_threshold", "nms_threshold")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -55,6 +53,11 @@ class DetectConfig:
     classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
     anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
     img_size: int = flag(416, "network input size (a multiple of 32)")
+    letterbox: bool = flag(
+        False,
+        "resize as darknet's letterbox_image (aspect ratio kept, grey borders) instead of its "
+        "plain resize_image",
+    )
     conf_threshold: float = flag(
         0.25,
         "display threshold: detections scoring below it are neither drawn nor saved "
@@ -123,25 +126,30 @@ def load_image(path: Path) -> Image.Image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def preprocess(images: Sequence[Image.Image], img_size: int) -> torch.Tensor:
-    """PIL RGB images -> ``[N, 3, img_size, img_size]`` float RGB in [0, 1], resized exactly as
-    the evaluation transform does (a plain resize, no letterbox)."""
-    transform = build_eval_transform(img_size)
+def preprocess(
+    images: Sequence[Image.Image], img_size: int, *, letterbox: bool = False
+) -> torch.Tensor:
+    """PIL RGB images -> ``[N, 3, img_size, img_size]`` float RGB in [0, 1], exactly as the
+    evaluation transform prepares them (darknet's resize, or its letterbox)."""
+    transform = build_eval_transform(img_size, letterbox=letterbox)
     return torch.stack([transform(image, {})[0] for image in images])  # N x [3, S, S]
 
 
-def boxes_to_pixels(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """``[K, 4]`` normalised xyxy -> ``[K, 4]`` xyxy in pixels of a ``width`` x ``height`` image."""
-    scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
-    return boxes * scale
+def boxes_to_voc_pixels(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """``[K, 4]`` normalised xyxy -> ``[K, 4]`` in the VOC pixel frame of a ``width`` x
+    ``height`` image: ``(x1 W + 1, y1 H + 1, x2 W, y2 H)``, 1-based inclusive pixels, the
+    inverse of the loader's mapping of VOC XML boxes."""
+    scale = boxes.new_tensor([width, height, width, height])
+    return boxes * scale + boxes.new_tensor([1.0, 1.0, 0.0, 0.0])
 
 
 def detections_to_dicts(
     detections: torch.Tensor, width: int, height: int, class_names: Sequence[str]
 ) -> list[dict]:
-    """``[K, 6]`` (x1, y1, x2, y2, score, class), normalised -> JSON-ready dicts, in order."""
-    detections = detections.detach().float().cpu()
-    pixels = boxes_to_pixels(detections[:, :4], width, height)
+    """``[K, 6]`` (x1, y1, x2, y2, score, class), normalised -> JSON-ready dicts, in order;
+    ``box_px`` in the VOC pixel frame (see the module docstring)."""
+    detections = detections.detach().double().cpu()
+    pixels = boxes_to_voc_pixels(detections[:, :4], width, height)
     result = []
     for det, box_px in zip(detections.tolist(), pixels.tolist(), strict=True):
         class_id = int(det[5])
@@ -163,17 +171,33 @@ class Detector:
     nms_threshold: float
     device: torch.device
     amp_dtype: torch.dtype | None = None
+    letterbox: bool = False
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """One ``[K, 6]`` normalised detection tensor (on the CPU) per image."""
-        batch = preprocess(images, self.img_size).to(self.device)
+        """One ``[K, 6]`` detection tensor (on the CPU) per image, boxes normalised xyxy of that
+        image, clipped to it."""
+        batch = preprocess(images, self.img_size, letterbox=self.letterbox).to(self.device)
         dtype, enabled = self.amp_dtype or torch.float32, self.amp_dtype is not None
         with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
             raw = self.model(batch).float()  # [N, A*(5+C), S, S]
         anchors = self.anchors.to(self.device)
         thresholds = {"conf_threshold": self.conf_threshold, "nms_threshold": self.nms_threshold}
-        return [dets.cpu() for dets in postprocess(raw, anchors, **thresholds)]
+        detections = [dets.cpu() for dets in postprocess(raw, anchors, **thresholds)]
+        if not self.letterbox:
+            return detections
+        pairs = zip(detections, images, strict=True)
+        return [self._unletterbox(dets, image.size) for dets, image in pairs]
+
+    def _unletterbox(self, detections: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Boxes of the letterboxed input -> of the ``size`` (width, height) image, clipped."""
+        out = detections.clone()
+        out[:, :4] = unletterbox_boxes(detections[:, :4], *size, self.img_size).clamp_(0.0, 1.0)
+        return out
+
+    def describe(self, detections: torch.Tensor, width: int, height: int) -> list[dict]:
+        """The JSON entries of one image's detections (see ``detections_to_dicts``)."""
+        return detections_to_dicts(detections, width, height, self.class_names)
 
     def draw(self, image: Image.Image, detections: torch.Tensor) -> Image.Image:
         return draw_detections(
@@ -250,7 +274,7 @@ def _finish_image(
 ) -> dict:
     """The JSON entry of one image; draws, saves and shows it as asked."""
     width, height = image.size
-    found = detections_to_dicts(dets, width, height, detector.class_names)
+    found = detector.describe(dets, width, height)
     log.debug("%s: %d detections", path, len(found))
     if target is not None or viewer.enabled:
         drawn = detector.draw(image, dets)
@@ -258,183 +282,6 @@ def _finish_image(
             drawn.save(target, **({"quality": 95} if target.suffix == ".jpg" else {}))
         viewer.show(drawn)
     return {"image": str(path), "width": width, "height": height, "detections": found}
-
-
-def import_cv2():
-    """OpenCV, needed only for video, webcam and ``--show``."""
-    try:
-        import cv2
-    except ImportError as error:
-        raise ImportError(
-            "video files, webcams and --show need OpenCV: pip install opencv-python-headless "
-            "(or opencv-python for --show windows)"
-        ) from error
-    return cv2
-
-
-def bgr_to_pil(frame: np.ndarray) -> Image.Image:
-    """OpenCV's ``[H, W, 3]`` uint8 BGR -> PIL RGB."""
-    return Image.fromarray(np.ascontiguousarray(frame[:, :, ::-1]))  # [H, W, 3] BGR -> RGB
-
-
-def pil_to_bgr(image: Image.Image) -> np.ndarray:
-    """PIL RGB -> OpenCV's ``[H, W, 3]`` uint8 BGR."""
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])  # RGB -> BGR
-
-
-class Viewer:
-    """An optional OpenCV window; q or Esc asks to stop. Without a display it turns itself off.
-
-    ``wait_ms`` 0 waits for a key after each image; video uses 1.
-    """
-
-    def __init__(self, enabled: bool, *, wait_ms: int) -> None:
-        # GUI builds of OpenCV can abort the process when no display is reachable, so check first.
-        headless = sys.platform.startswith("linux") and not (
-            os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-        )
-        if enabled and headless:
-            log.warning("--show: no display (DISPLAY is not set); writing files only")
-            enabled = False
-        self.cv2 = import_cv2() if enabled else None
-        self.enabled = enabled
-        self.wait_ms = wait_ms
-        self.stop_requested = False
-
-    def show(self, image: Image.Image) -> None:
-        if not self.enabled:
-            return
-        try:
-            self.cv2.imshow("detect", pil_to_bgr(image))
-            key = self.cv2.waitKey(self.wait_ms)
-        except self.cv2.error as error:
-            log.warning("--show: cannot open a window (%s); going on without one", error)
-            self.enabled = False
-            return
-        if key & 0xFF in QUIT_KEYS:
-            log.info("stop key pressed")
-            self.stop_requested = True
-
-    def close(self) -> None:
-        if self.enabled:
-            self.cv2.destroyAllWindows()
-
-
-class VideoSink:
-    """An mp4 (``mp4v``) at ``fps``, opened at the first frame's size."""
-
-    def __init__(self, cv2, path: Path, fps: float) -> None:
-        self.cv2, self.path, self.fps = cv2, path, fps
-        self.writer = None
-
-    def write(self, image: Image.Image) -> None:
-        if self.writer is None:
-            fourcc = self.cv2.VideoWriter_fourcc(*"mp4v")
-            self.writer = self.cv2.VideoWriter(str(self.path), fourcc, self.fps, image.size)
-            if not self.writer.isOpened():
-                raise ValueError(
-                    f"cannot write {self.path}: this OpenCV build has no mp4v encoder; "
-                    "reinstall opencv-python-headless"
-                )
-        self.writer.write(pil_to_bgr(image))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.release()
-
-
-def open_capture(cv2, source: Source):
-    """A ``cv2.VideoCapture`` on the webcam index or video file of ``source``, checked open."""
-    target = source.webcam if source.kind == "webcam" else str(source.paths[0])
-    capture = cv2.VideoCapture(target)
-    if not capture.isOpened():
-        capture.release()
-        if source.kind == "webcam":
-            raise ValueError(
-                f"--source {target}: cannot open webcam {target}; is it connected and free? "
-                "Try another index (0, 1, ...)"
-            )
-        raise ValueError(f"--source {target}: OpenCV cannot open this video (codec or file?)")
-    return capture
-
-
-def capture_fps(cv2, capture) -> float:
-    """The source's frame rate; webcams often report 0, which means ``DEFAULT_FPS``."""
-    fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
-    return fps if math.isfinite(fps) and 0 < fps <= 1000 else DEFAULT_FPS
-
-
-def read_frames(capture, chunk: int, max_frames: int | None) -> Iterator[list[np.ndarray]]:
-    """Lists of up to ``chunk`` BGR frames until the stream ends or ``max_frames`` are read."""
-    count = 0
-    while max_frames is None or count < max_frames:
-        size = chunk if max_frames is None else min(chunk, max_frames - count)
-        frames = []
-        for _ in range(size):
-            ok, frame = capture.read()
-            if not ok:
-                break
-            frames.append(frame)
-        if frames:
-            yield frames
-        count += len(frames)
-        if len(frames) < size:
-            return
-
-
-def detect_stream(
-    detector: Detector,
-    source: Source,
-    *,
-    out_path: Path,
-    batch_size: int = 8,
-    max_frames: int | None = None,
-    show: bool = False,
-) -> tuple[list[dict], bool]:
-    """Detect in a video file or webcam, writing an annotated mp4 at the source's fps and size.
-
-    Stops at the end of the stream, after ``max_frames``, on q/Esc in the ``show`` window, or
-    on Ctrl-C; the capture and the writer are released in every case. Returns one result per
-    frame and whether Ctrl-C stopped it.
-    """
-    cv2 = import_cv2()
-    capture = open_capture(cv2, source)
-    fps = capture_fps(cv2, capture)
-    chunk = 1 if source.kind == "webcam" else batch_size
-    sink, viewer = VideoSink(cv2, out_path, fps), Viewer(show, wait_ms=1)
-    results: list[dict] = []
-    interrupted = False
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if source.kind == "video" else 0
-    progress = tqdm(total=min(total, max_frames or total) or None, desc="detect", unit="frame")
-    try:
-        for frames in read_frames(capture, chunk, max_frames):
-            _detect_frames(detector, frames, fps, results, sink, viewer)
-            progress.update(len(frames))
-            if viewer.stop_requested:
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-        log.warning("interrupted: stopping after %d frames", len(results))
-    finally:
-        progress.close()
-        capture.release()
-        sink.close()
-        viewer.close()
-    return results, interrupted
-
-
-def _detect_frames(
-    detector: Detector, frames: list, fps: float, results: list, sink: VideoSink, viewer: Viewer
-) -> None:
-    images = [bgr_to_pil(frame) for frame in frames]
-    for image, dets in zip(images, detector(images), strict=True):
-        index, (width, height) = len(results), image.size
-        found = detections_to_dicts(dets, width, height, detector.class_names)
-        frame = {"frame": index, "time_s": round(index / fps, 4), "width": width, "height": height}
-        results.append({**frame, "detections": found})
-        drawn = detector.draw(image, dets)
-        sink.write(drawn)
-        viewer.show(drawn)
 
 
 def build_detector(config: DetectConfig) -> Detector:
@@ -458,6 +305,7 @@ def build_detector(config: DetectConfig) -> Detector:
         nms_threshold=config.nms_threshold,
         device=device,
         amp_dtype=select_amp_dtype(device, config.amp),
+        letterbox=config.letterbox,
     )
 
 
@@ -465,15 +313,6 @@ def write_json(document: dict, path: Path) -> None:
     """Write ``document`` atomically (temp file in the same folder, then ``os.replace``)."""
     with atomic_open(path, "w") as handle:
         json.dump(document, handle)  # compact: a long video holds many thousand frames
-
-
-def video_output_path(source: Source, out_dir: Path) -> Path:
-    if source.kind == "webcam":
-        return out_dir / f"webcam{source.webcam}.mp4"
-    path = out_dir / f"{source.paths[0].stem}.mp4"
-    if path.exists() and path.resolve() == source.paths[0].resolve():
-        raise ValueError(f"--out {out_dir} would overwrite the input {path}: choose another")
-    return path
 
 
 def run_detect(config: DetectConfig) -> dict:

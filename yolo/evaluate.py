@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
@@ -20,6 +21,7 @@ from utils.metrics import DetectionEvaluator, to_json
 from utils.transforms import build_eval_transform
 from utils.visualize import draw_detections, format_ap_table, plot_pr_curves, save_figure
 from yolo.build import build_val_loader, load_trained_model, require_weights, resolve_demo
+from yolo.detect import boxes_to_voc_pixels
 from yolo.nms import postprocess
 from yolo.rundir import check_writable
 from yolo.runtime import (
@@ -149,20 +151,28 @@ def measure_fps(
 
 
 def write_voc_results(records: list, classes: tuple[str, ...], out_dir: str | Path) -> None:
-    """VOC test-server files ``comp4_det_test_<class>.txt``: ``image_id score x1 y1 x2 y2`` in
-    1-based pixels of the original image, as the devkit expects."""
+    """VOC result files ``comp4_det_test_<class>.txt``: ``image_id score x1 y1 x2 y2``.
+
+    ``records``: ``(image_id, (height, width), detections [K, 6])`` with normalised xyxy boxes.
+    Boxes are written in the VOC pixel frame of the original image, ``(x1 W + 1, y1 H + 1,
+    x2 W, y2 H)`` to 0.01 pixel (the inverse of the loader's mapping, so the devkit's +1 IoU
+    is ours); scores in the shortest form that reads back to the same value, so that the
+    devkit's stable sort sees the order and the ties the evaluator saw. Lines keep the order
+    of ``records``, then of rows.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines: dict[int, list[str]] = {c: [] for c in range(len(classes))}
     for image_id, (height, width), dets in records:
-        scale = torch.tensor([width, height, width, height], dtype=dets.dtype)
-        corners = (dets[:, :4] * scale).tolist()  # [K, 4] pixels, 0-based
+        dets = torch.as_tensor(dets).detach().cpu()
+        dtype = torch.float64 if dets.dtype == torch.float64 else torch.float32
+        corners = boxes_to_voc_pixels(dets[:, :4].double(), width, height).tolist()  # [K, 4]
+        scores = dets[:, 4].to(dtype).numpy()
         for (x1, y1, x2, y2), score, label in zip(
-            corners, dets[:, 4].tolist(), dets[:, 5].tolist(), strict=True
+            corners, scores, dets[:, 5].tolist(), strict=True
         ):
-            lines[int(label)].append(
-                f"{image_id} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}"
-            )
+            text = np.format_float_positional(score, trim="-")
+            lines[int(label)].append(f"{image_id} {text} {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f}")
     for label, name in enumerate(classes):
         atomic_write_text(
             out_dir / f"comp4_det_test_{name}.txt", "".join(f"{x}\n" for x in lines[label])
