@@ -12,7 +12,8 @@ python detect.py --weights model/yolov2/best.pt --source 0 --show
 import sys
 
 from yolo.cli import run
-from yolo.detect import DetectConfig, run_detect
+from yolo.config import DetectConfig
+from yolo.detect import run_detect
 
 PRESET = DetectConfig(model="darknet19", conf_threshold=0.25, out="model/detect")
 

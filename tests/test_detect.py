@@ -13,10 +13,16 @@ import yolo.video as video
 from utils.anchors import default_anchors
 from utils.data import VOC_CLASSES
 from utils.transforms import build_eval_transform, unletterbox_boxes
+from utils.voc import boxes_to_voc_pixels
+from yolo.checkpoint import FORMAT
 from yolo.darknet import save_darknet_weights
 from yolo.model import build_model
+from yolo.runtime import Runtime
 
 IMG_SIZE = "128"
+
+
+CPU = Runtime(torch.device("cpu"))
 
 
 def save_checkpoint(model: nn.Module, path: Path, classes: list[str]) -> Path:
@@ -26,6 +32,7 @@ def save_checkpoint(model: nn.Module, path: Path, classes: list[str]) -> Path:
             "config": {"model": "tiny"},
             "classes": classes,
             "anchors": default_anchors().tolist(),
+            "format": FORMAT,
         },
         path,
     )
@@ -142,7 +149,7 @@ def test_darknet_weights_give_the_same_detections_as_the_checkpoint(tmp_path):
 
 def test_boxes_to_voc_pixels_known_values():
     boxes = torch.tensor([[0.1, 0.2, 0.5, 1.0], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.505, 0.51]])
-    pixels = engine.boxes_to_voc_pixels(boxes, width=200, height=100)
+    pixels = boxes_to_voc_pixels(boxes, width=200, height=100)
     expected = torch.tensor([[21.0, 21, 100, 100], [1, 1, 200, 100], [101, 51, 101, 51]])
     torch.testing.assert_close(pixels, expected)  # the last: one pixel, xmin == xmax
 
@@ -181,9 +188,7 @@ def test_detections_are_mapped_back_to_each_original_image(tmp_path, monkeypatch
     write_image(paths[0], 320, 160, seed=0)
     write_image(paths[1], 90, 300, seed=1)
     model = ShapeRecorder()
-    detector = engine.Detector(
-        model, default_anchors(), ("a", "b"), 96, 0.3, 0.45, torch.device("cpu")
-    )
+    detector = engine.Detector(model, default_anchors(), ("a", "b"), 96, 0.3, 0.45, CPU)
     results = engine.detect_images(detector, paths, batch_size=1, out_dir=None)
     assert [tuple(x.shape) for x in model.inputs] == [(1, 3, 96, 96)] * 2
     assert all(x.min() >= 0.0 and x.max() <= 1.0 for x in model.inputs)
@@ -199,7 +204,14 @@ def test_letterbox_feeds_darknets_letterbox_and_maps_boxes_back(tmp_path, monkey
     write_image(path, 320, 160, seed=0)
     model = ShapeRecorder()
     detector = engine.Detector(
-        model, default_anchors(), ("a", "b"), 96, 0.3, 0.45, torch.device("cpu"), letterbox=True
+        model,
+        default_anchors(),
+        ("a", "b"),
+        96,
+        0.3,
+        0.45,
+        Runtime(torch.device("cpu")),
+        letterbox=True,
     )
     dets = detector([engine.load_image(path)])[0]
     image = model.inputs[0][0]  # [3, 96, 96]: 320 x 160 -> 96 x 48 between two grey bands

@@ -23,12 +23,15 @@ from tests.test_metrics_devkit import (
 )
 from utils.anchors import default_anchors, save_anchors
 from utils.data import VOCDataset
+from utils.transforms import build_eval_transform
 from utils.voc import load_classes
-from yolo.build import load_trained_model
+from yolo.build import build_val_loader, load_trained_model
 from yolo.checkpoint import FORMAT, save_checkpoint
+from yolo.config import TestConfig
 from yolo.darknet import save_darknet_weights
-from yolo.evaluate import write_voc_results
+from yolo.evaluate import evaluate, write_voc_results
 from yolo.model import build_model
+from yolo.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_SCRIPTS = (
@@ -291,3 +294,58 @@ def test_devkit_on_the_written_files_equals_the_evaluator(tmp_path):
         assert got[0] == want[0] and got[2:] == want[2:]  # recall, AP07, AP12
         np.testing.assert_array_equal(got[1], want[1])  # precision, NaN where the devkit has it
     assert_equals_devkit(evaluate_pixel_set(images), devkit_per_class(images), curve_tol=0.0)
+
+
+def test_the_checkpoints_evaluation_size_and_letterbox(tmp_path, demo_root, demo_model, capsys):
+    checkpoint = save_checkpoint(
+        {
+            "model": demo_model.state_dict(),
+            "config": {"model": "tiny", "eval_img_size": 64},
+            "classes": list(load_classes(demo_root / "demo_classes.txt")),
+            "anchors": default_anchors().tolist(),
+            "format": FORMAT,
+        },
+        tmp_path / "best.pt",
+    )
+    common = ["--weights", str(checkpoint), "--data-root", str(demo_root), "--val-set",
+              "demo:val", "--device", "cpu", "--workers", "0", "--fps-iters", "1"]  # fmt: skip
+    voc = ("--save-voc-results", str(tmp_path / "voc"))
+    assert test_yolov2.main([*common, "--out", str(tmp_path / "a"), *voc]) == 0
+    assert "FPS at 64 on CPU" in capsys.readouterr().out  # no --img-size: the checkpoint's
+    plain = (tmp_path / "voc" / "comp4_det_test_ring.txt").read_text()
+    assert test_yolov2.main([*common, "--out", str(tmp_path / "b"), "--letterbox", *voc]) == 0
+    boxed = (tmp_path / "voc" / "comp4_det_test_ring.txt").read_text()
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["num_images"] == 8
+    assert plain != boxed  # another input, other boxes
+    for line in boxed.splitlines():  # mapped back into the original image: VOC pixel frame
+        x1, y1 = (float(v) for v in line.split()[2:4])
+        assert x1 >= 1.0 and y1 >= 1.0
+
+
+class _Background(torch.nn.Module):
+    """A detector that sees nothing: every objectness logit is -20."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.outputs = 5 * (5 + num_classes)
+
+    def forward(self, images):
+        n, _, h, w = images.shape
+        raw = torch.zeros(n, 5, self.outputs // 5, h // 32, w // 32)
+        raw[:, :, 4] = -20.0
+        return raw.flatten(1, 2)  # [N, A, 5+C, S, S] -> [N, A*(5+C), S, S]
+
+
+def test_an_unreadable_validation_image_keeps_its_objects_as_misses(voc_writer):
+    voc_writer.add("good", [("cat", (1, 1, 32, 24), 0)])
+    voc_writer.annotation("broken", [("cat", (5, 5, 20, 20), 0), ("cat", (30, 5, 50, 40), 0)])
+    voc_writer.raw_image("broken", b"\xff\xd8 not really a jpeg")
+    sets = voc_writer.write_set("val")
+    config = TestConfig(data_root=str(voc_writer.root), val_set=f"{sets[0][0]}:val", workers=0)
+    runtime = Runtime(torch.device("cpu"))
+    loader = build_val_loader(config, ("cat",), build_eval_transform(64), workers=0,
+                              runtime=runtime)  # fmt: skip
+    res, _ = evaluate(_Background(1), loader, default_anchors(), runtime=runtime,
+                      class_names=("cat",))  # fmt: skip
+    assert res["num_images"] == 2 and res["num_ground_truths"] == 3
+    assert res["unreadable_images"] == ["broken"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from utils.data import VOC_CLASSES
 from yolo.darknet import darknet_weights_nbytes, load_darknet_weights, save_darknet_weights
-from yolo.model import build_model
+from yolo.model import ConvBlock, build_model
 from yolo.weights import (
     DARKNET_COCO_CLASSES,
     DARKNET_RELEASES,
@@ -94,17 +94,19 @@ def cfg_convs(sections, num_layers: int | None = None) -> list[tuple]:
 
 def model_convs(model: nn.Module) -> list[tuple]:
     """The same tuples for a darknet model's conv layers, in ``.weights`` file order."""
+    # the prediction conv is a plain linear nn.Conv2d; every other conv sits in a ConvBlock
+    activations = {id(m.conv): m.act for m in model.modules() if isinstance(m, ConvBlock)}
     return [
         (
-            block.conv.in_channels,
-            block.conv.out_channels,
-            block.conv.kernel_size[0],
-            block.conv.stride[0],
-            block.conv.padding[0],
-            block.bn is not None,
-            "leaky" if isinstance(block.act, nn.LeakyReLU) else "linear",
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size[0],
+            conv.stride[0],
+            conv.padding[0],
+            bn is not None,
+            "leaky" if isinstance(activations.get(id(conv)), nn.LeakyReLU) else "linear",
         )
-        for block in model.darknet_blocks()
+        for conv, bn in model.darknet_layers()
     ]
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "rgb_to_hsv",
     "sample_darknet_params",
     "unletterbox_boxes",
+    "unletterbox_detections",
 ]
 
 MULTISCALE_SIZES = tuple(range(320, 609, 32))
@@ -151,6 +152,14 @@ def unletterbox_boxes(boxes: torch.Tensor, width: int, height: int, size: int) -
     scale = boxes.new_tensor([new_width, new_height] * 2) / size
     offset = boxes.new_tensor([size - new_width, size - new_height] * 2) / 2.0 / size
     return (boxes - offset) / scale
+
+
+def unletterbox_detections(detections: torch.Tensor, width: int, height: int, size: int):
+    """Detections ``[K, 6]`` of a letterboxed ``size x size`` input -> the same detections with
+    boxes normalised to the ``width x height`` image and clipped to it (a copy)."""
+    out = detections.clone()
+    out[:, :4] = unletterbox_boxes(detections[:, :4], width, height, size).clamp_(0.0, 1.0)
+    return out
 
 
 class EvalTransform:

@@ -22,6 +22,7 @@ from pathlib import Path, PureWindowsPath
 
 import defusedxml.ElementTree as SafeET
 import numpy as np
+import torch
 from defusedxml import DefusedXmlException
 
 from utils.images import IMAGE_SUFFIXES
@@ -167,6 +168,14 @@ def voc_box(
         return None, f"box {corners} outside the {width}x{height} image, dropped"
     note = "clamped" if not np.array_equal(span, clamped) else ""
     return (clamped / limits).astype(np.float32), note
+
+
+def boxes_to_voc_pixels(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The inverse of :func:`voc_box`: ``[K, 4]`` normalised xyxy -> ``[K, 4]`` VOC corners of
+    a ``width`` x ``height`` image, ``(x1 W + 1, y1 H + 1, x2 W, y2 H)``, 1-based inclusive
+    pixels, as VOC XML and result files write them."""
+    scale = boxes.new_tensor([width, height, width, height])
+    return boxes * scale + boxes.new_tensor([1.0, 1.0, 0.0, 0.0])
 
 
 class ImageFolder:

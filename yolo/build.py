@@ -199,6 +199,7 @@ def build_val_loader(config, classes, transform, *, workers: int, runtime: Runti
         keep_difficult=True,
         strict=config.strict,
         transform=transform,
+        keep_unreadable=True,  # an unreadable image's objects count as misses, not vanish
     )
     if runtime.is_main:
         log.info("val set: %s", dataset.summary())

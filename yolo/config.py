@@ -330,6 +330,43 @@ class ExportConfig:
         )
 
 
+@dataclass(frozen=True)
+class DetectConfig:
+    """Detection on images, a folder, a video file or a webcam."""
+
+    weights: str | None = flag(
+        None, "checkpoint .pt of this project, darknet .weights, or a name such as yolov2-voc"
+    )
+    source: tuple[str, ...] = flag(
+        (), "image files and/or folders, one video file, or a webcam index such as 0"
+    )
+    model: str = flag("darknet19", "model for darknet .weights files", choices=MODELS)
+    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
+    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
+    img_size: int | None = flag(None, "network input size (default: the checkpoint's, else 416)")
+    letterbox: bool = flag(
+        False, "resize keeping the aspect ratio (darknet's letterbox_image), grey borders"
+    )
+    conf_threshold: float = flag(
+        0.25, "display threshold: lower scores are neither drawn nor saved (mAP uses 0.005)"
+    )
+    nms_threshold: float = flag(0.45, "NMS IoU threshold")
+    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    amp: bool = flag(True, "half precision on CUDA")
+    batch_size: int = flag(8, "images (or video frames) per forward pass")
+    out: str = flag("model/detect", "output folder for annotated images/video and detections.json")
+    show: bool = flag(False, "show results in a window (needs a display); q or Esc stops")
+    max_frames: int | None = flag(None, "stop a video or webcam after this many frames")
+
+    def __post_init__(self) -> None:
+        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
+        if self.img_size is not None:
+            _check_size("img_size", self.img_size)
+        _check_thresholds(self.conf_threshold, self.nms_threshold)
+        _check(self.batch_size >= 1, "--batch-size must be at least 1")
+        _check(self.max_frames is None or self.max_frames >= 1, "--max-frames must be >= 1")
+
+
 def parse_k(spec: str) -> list[int]:
     """``"5"`` -> ``[5]``; ``"1-15"`` -> ``[1, ..., 15]``. Raises ValueError naming the flag."""
     low, dash, high = spec.strip().partition("-")

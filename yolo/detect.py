@@ -19,17 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from utils.fileio import atomic_open
-from utils.transforms import build_eval_transform, unletterbox_boxes
+from utils.images import load_rgb
+from utils.transforms import build_eval_transform, unletterbox_detections
 from utils.visualize import draw_detections
-from yolo.build import load_trained_model
-from yolo.config import MODELS, flag
+from utils.voc import boxes_to_voc_pixels
+from yolo.build import load_trained_model, require_weights
+from yolo.config import DetectConfig
 from yolo.nms import postprocess
-from yolo.runtime import select_amp_dtype, select_device
+from yolo.runtime import Runtime, select_amp_dtype, select_device
 from yolo.video import Viewer, detect_stream, video_output_path
 
 log = logging.getLogger(__name__)
@@ -38,51 +40,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 JSON_NAME = "detections.json"
 DOCUMENTED_SETTINGS = ("weights", "img_size", "letterbox", "conf_threshold", "nms_threshold")
-READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-@dataclass(frozen=True)
-class DetectConfig:
-    """Detection on images, a folder, a video file or a webcam."""
-
-    weights: str | None = flag(None, "checkpoint .pt of this project, or darknet .weights")
-    source: tuple[str, ...] = flag(
-        (), "image files and/or folders, one video file, or a webcam index such as 0"
-    )
-    model: str = flag("darknet19", f"model for darknet .weights files, one of {MODELS}")
-    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
-    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
-    img_size: int = flag(416, "network input size (a multiple of 32)")
-    letterbox: bool = flag(
-        False,
-        "resize as darknet's letterbox_image (aspect ratio kept, grey borders) instead of its "
-        "plain resize_image",
-    )
-    conf_threshold: float = flag(
-        0.25,
-        "display threshold: detections scoring below it are neither drawn nor saved "
-        "(mAP evaluation uses 0.005)",
-    )
-    nms_threshold: float = flag(0.45, "NMS IoU threshold")
-    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
-    amp: bool = flag(True, "half precision on CUDA")
-    batch_size: int = flag(8, "images (or video frames) per forward pass")
-    out: str = flag("model/detect", "output folder for annotated images/video and detections.json")
-    show: bool = flag(False, "show results in a window (needs a display); q or Esc stops")
-    max_frames: int | None = flag(None, "stop a video or webcam after this many frames")
-
-    def __post_init__(self) -> None:
-        checks = (
-            (self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}"),
-            (self.img_size > 0 and self.img_size % 32 == 0, "--img-size: use a multiple of 32"),
-            (0.0 <= self.conf_threshold <= 1.0, "--conf-threshold: a score in [0, 1]"),
-            (0.0 < self.nms_threshold <= 1.0, "--nms-threshold: an IoU in (0, 1]"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.max_frames is None or self.max_frames >= 1, "--max-frames must be >= 1"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+READ_ERRORS = (OSError, ValueError)  # UnreadableImage is a ValueError
 
 
 @dataclass(frozen=True)
@@ -120,10 +78,12 @@ def resolve_source(items: Sequence[str]) -> Source:
 
 
 def load_image(path: Path) -> Image.Image:
-    """An RGB image, decoded now (so a broken file fails here), upright per its EXIF tag."""
-    with Image.open(path) as image:
-        image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
+    """An RGB image, decoded now and upright per its EXIF tag, as training and evaluation read
+    it; a truncated file is decoded as far as it goes, with a warning."""
+    image, truncated = load_rgb(path)
+    if truncated:
+        log.warning("%s is truncated: detecting on the part that decodes", path)
+    return image
 
 
 def preprocess(
@@ -133,14 +93,6 @@ def preprocess(
     evaluation transform prepares them (darknet's resize, or its letterbox)."""
     transform = build_eval_transform(img_size, letterbox=letterbox)
     return torch.stack([transform(image, {})[0] for image in images])  # N x [3, S, S]
-
-
-def boxes_to_voc_pixels(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """``[K, 4]`` normalised xyxy -> ``[K, 4]`` in the VOC pixel frame of a ``width`` x
-    ``height`` image: ``(x1 W + 1, y1 H + 1, x2 W, y2 H)``, 1-based inclusive pixels, the
-    inverse of the loader's mapping of VOC XML boxes."""
-    scale = boxes.new_tensor([width, height, width, height])
-    return boxes * scale + boxes.new_tensor([1.0, 1.0, 0.0, 0.0])
 
 
 def detections_to_dicts(
@@ -169,31 +121,23 @@ class Detector:
     img_size: int
     conf_threshold: float
     nms_threshold: float
-    device: torch.device
-    amp_dtype: torch.dtype | None = None
+    runtime: Runtime
     letterbox: bool = False
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         """One ``[K, 6]`` detection tensor (on the CPU) per image, boxes normalised xyxy of that
         image, clipped to it."""
-        batch = preprocess(images, self.img_size, letterbox=self.letterbox).to(self.device)
-        dtype, enabled = self.amp_dtype or torch.float32, self.amp_dtype is not None
-        with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
+        batch = self.runtime.to_device(preprocess(images, self.img_size, letterbox=self.letterbox))
+        with self.runtime.autocast():
             raw = self.model(batch).float()  # [N, A*(5+C), S, S]
-        anchors = self.anchors.to(self.device)
+        anchors = self.anchors.to(self.runtime.device)
         thresholds = {"conf_threshold": self.conf_threshold, "nms_threshold": self.nms_threshold}
         detections = [dets.cpu() for dets in postprocess(raw, anchors, **thresholds)]
         if not self.letterbox:
             return detections
         pairs = zip(detections, images, strict=True)
-        return [self._unletterbox(dets, image.size) for dets, image in pairs]
-
-    def _unletterbox(self, detections: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Boxes of the letterboxed input -> of the ``size`` (width, height) image, clipped."""
-        out = detections.clone()
-        out[:, :4] = unletterbox_boxes(detections[:, :4], *size, self.img_size).clamp_(0.0, 1.0)
-        return out
+        return [unletterbox_detections(dets, *image.size, self.img_size) for dets, image in pairs]
 
     def describe(self, detections: torch.Tensor, width: int, height: int) -> list[dict]:
         """The JSON entries of one image's detections (see ``detections_to_dicts``)."""
@@ -287,7 +231,8 @@ def _finish_image(
 def build_detector(config: DetectConfig) -> Detector:
     """Load the weights (checkpoint or darknet) onto the configured device."""
     device = select_device(config.device)
-    model, class_names, anchors, _ = load_trained_model(
+    runtime = Runtime(device, amp_dtype=select_amp_dtype(device, config.amp))
+    model, class_names, anchors, img_size = load_trained_model(
         config.weights,
         model_name=config.model,
         classes_file=config.classes,
@@ -300,11 +245,10 @@ def build_detector(config: DetectConfig) -> Detector:
         model.to(device),
         anchors.to(device),
         tuple(class_names),
-        img_size=config.img_size,
+        img_size=config.img_size or img_size,
         conf_threshold=config.conf_threshold,
         nms_threshold=config.nms_threshold,
-        device=device,
-        amp_dtype=select_amp_dtype(device, config.amp),
+        runtime=runtime,
         letterbox=config.letterbox,
     )
 
@@ -321,11 +265,7 @@ def run_detect(config: DetectConfig) -> dict:
     Returns the JSON document. Unreadable images are skipped and counted; Ctrl-C on a video or
     webcam stops it cleanly with everything so far written.
     """
-    if not config.weights:
-        raise ValueError(
-            "--weights is required: a checkpoint of this project (model/<run>/best.pt) or "
-            "darknet's yolov2-voc.weights"
-        )
+    require_weights(config)
     if not config.source:
         raise ValueError(
             "--source is required: image files, folders, a video file or a webcam index"

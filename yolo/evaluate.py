@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from utils.fileio import atomic_write_text
 from utils.metrics import DetectionEvaluator, to_json
-from utils.transforms import build_eval_transform
+from utils.transforms import build_eval_transform, unletterbox_detections
 from utils.visualize import draw_detections, format_ap_table, plot_pr_curves, save_figure
+from utils.voc import boxes_to_voc_pixels
 from yolo.build import build_val_loader, load_trained_model, require_weights, resolve_demo
-from yolo.detect import boxes_to_voc_pixels
 from yolo.nms import postprocess
 from yolo.rundir import check_writable
 from yolo.runtime import (
@@ -49,6 +49,7 @@ def evaluate(
     num_vis_images: int = 0,
     records: list | None = None,
     stop=None,
+    letterbox: bool = False,
 ) -> tuple[dict | None, list]:
     """Detections on a validation loader scored by :class:`DetectionEvaluator`.
 
@@ -59,6 +60,8 @@ def evaluate(
     ``(metrics, samples)`` with up to ``num_vis_images`` samples ``(image [3,H,W], detections
     [K,6], ground truth [G,6])``; ``(None, [])`` when ``stop`` was requested meanwhile.
     ``records``, when given, receives ``(image_id, orig_size, detections)`` for every image.
+    ``letterbox``: the loader letterboxes (darknet's ``letterbox_image``), so the boxes are
+    mapped back to each original image.
     """
     model = unwrap(model).eval()
     anchors = anchors.to(runtime.device)
@@ -74,10 +77,14 @@ def evaluate(
         )
         for image, dets, meta in zip(images, detections, metas, strict=True):
             dets = dets[:0] if meta.get("unreadable") else dets.cpu()
+            if len(samples) < num_vis_images:  # drawn on the network's input, in its frame
+                truth = meta["gt"][:0] if letterbox else meta["gt"]
+                samples.append((image.float().cpu(), dets, truth))
+            if letterbox:
+                height, width = meta["orig_size"]
+                dets = unletterbox_detections(dets, width, height, images.shape[-1])
             local.append((meta["image_id"], tuple(meta["orig_size"]), dets, meta["gt"],
                           bool(meta.get("unreadable"))))  # fmt: skip
-            if len(samples) < num_vis_images:
-                samples.append((image.float().cpu(), dets, meta["gt"]))
     if stop is not None and broadcast_flag(stop.requested, runtime):
         return None, []
     gathered = {rec[0]: rec for rec in gather_to_main(local, runtime)}
@@ -203,7 +210,7 @@ def _run_test(config, runtime: Runtime) -> dict:
     model = trained.model.to(runtime.device)
     if runtime.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    transform = build_eval_transform(img_size)
+    transform = build_eval_transform(img_size, letterbox=config.letterbox)
     loader = build_val_loader(config, classes, transform, workers=config.workers, runtime=runtime)
     records: list = []
     res, samples = evaluate(
@@ -216,6 +223,7 @@ def _run_test(config, runtime: Runtime) -> dict:
         nms_threshold=config.nms_threshold,
         num_vis_images=config.num_vis_images,
         records=records,
+        letterbox=config.letterbox,
     )
     out = Path(config.out)
     fps = measure_fps(model, anchors, img_size=img_size, runtime=runtime, iters=config.fps_iters)
