@@ -2,7 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from yolo.build import build_optimizer
+from yolo.build import build_optimizer, initial_weights
+from yolo.checkpoint import FORMAT, save_checkpoint
+from yolo.darknet import save_darknet_weights
+from yolo.model import build_model
 
 
 def test_weight_decay_only_on_weights():
@@ -25,3 +28,27 @@ def test_adamw_keeps_the_decay_groups_and_unknown_names_fail():
     assert optimizer.defaults["betas"][0] == 0.8
     with pytest.raises(ValueError, match="sgd or adamw"):
         build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=0.0, name="lamb")
+
+
+def test_weights_for_another_class_count_fill_all_but_the_prediction_conv(tmp_path, caplog):
+    torch.manual_seed(0)
+    voc = build_model("tiny", num_classes=20)  # stands in for darknet's yolov2-tiny-voc
+    save_darknet_weights(voc, tmp_path / "voc.weights")
+    save_checkpoint(
+        {"model": voc.state_dict(), "config": {}, "format": FORMAT}, tmp_path / "voc.pt"
+    )
+    for source in ("voc.weights", "voc.pt"):
+        torch.manual_seed(1)
+        mine = build_model("tiny", num_classes=1)  # a one-class dataset
+        head = mine.head.conv.weight.clone()
+        initial_weights(mine, str(tmp_path / source))
+        assert torch.equal(mine.head.conv.weight, head)  # its own, sized for one class
+        assert torch.equal(mine.neck.conv.weight, voc.neck.conv.weight)
+        assert torch.equal(mine.backbone[0].bn.running_var, voc.backbone[0].bn.running_var)
+        assert "the prediction conv starts from scratch" in caplog.text
+        caplog.clear()
+        same = build_model("tiny", num_classes=20)
+        initial_weights(same, str(tmp_path / source))
+        assert torch.equal(same.head.conv.weight, voc.head.conv.weight) and not caplog.text
+    with pytest.raises(ValueError, match="darknet19 and tiny models only"):
+        initial_weights(build_model("resnet18"), str(tmp_path / "voc.weights"))

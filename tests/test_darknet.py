@@ -384,7 +384,7 @@ def test_other_class_count_is_explained(tiny_file):
 def test_resnet_has_no_darknet_layout(tmp_path):
     with torch.device("meta"):
         model = build_model("resnet18")
-    with pytest.raises(TypeError, match="darknet19 and tiny models only"):
+    with pytest.raises(ValueError, match="darknet19 and tiny models only"):
         save_darknet_weights(model, tmp_path / "r.weights")
 
 

@@ -18,6 +18,12 @@ from utils.transforms import build_eval_transform, build_train_transform
 from utils.voc import load_classes, parse_sets
 from yolo.checkpoint import load_checkpoint, load_model_weights
 from yolo.config import DEMO_ROOT
+from yolo.darknet import (
+    darknet_conv_layers,
+    darknet_weights_nbytes,
+    load_darknet_weights,
+    read_header,
+)
 from yolo.loss import YOLOv2Loss
 from yolo.model import build_model
 from yolo.runtime import Runtime
@@ -27,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEMO_CLASSES_FILE = "demo_classes.txt"
 DARKNET_IMG_SIZE = 416  # what yolov2-voc.cfg evaluates at
+PREDICTION_KEYS = ("head.conv.weight", "head.conv.bias")  # the layer sized by classes, anchors
 
 
 def resolve_demo(config):
@@ -95,9 +102,30 @@ def build_training(config, num_classes: int, anchors: torch.Tensor, runtime: Run
 
 
 def initial_weights(model: nn.Module, weights: str) -> None:
-    """``--weights`` of a new run: start from a checkpoint of this project."""
-    path = find_weights(weights).path
-    load_model_weights(model, load_checkpoint(path)["model"], str(path))
+    """``--weights`` of a new run: start from a checkpoint of this project or darknet's weights
+    (a file or a release name). Weights for another class or anchor count fill every layer but
+    the prediction conv, which keeps its initialisation (fine-tuning to a new dataset)."""
+    found = find_weights(weights)
+    if found.model is not None and found.model != model.backbone_name:
+        raise ValueError(f"--weights {weights} is a {found.model} model: use --model {found.model}")
+    if found.path.suffix == ".weights" or found.model is not None:
+        full = darknet_weights_nbytes(model, header_bytes=read_header(found.path)[4])
+        fits = found.path.stat().st_size == full
+        layers = len(darknet_conv_layers(model))
+        load_darknet_weights(model, found.path, max_layers=None if fits else layers - 1)
+    else:
+        state = load_checkpoint(found.path)["model"]
+        own = model.state_dict()
+        fits = all(state[k].shape == own[k].shape for k in PREDICTION_KEYS if k in state)
+        if not fits:
+            state = {**state, **{k: own[k] for k in PREDICTION_KEYS}}
+        load_model_weights(model, state, str(found.path))
+    if not fits:
+        log.warning(
+            "%s predicts another number of classes or anchors: every layer but the prediction "
+            "conv starts from it; the prediction conv starts from scratch",
+            weights,
+        )
 
 
 def build_train_model(config, num_classes: int, num_anchors: int) -> nn.Module:

@@ -44,7 +44,7 @@ def darknet_conv_layers(model: nn.Module) -> list[ConvLayer]:
     layers = getattr(model, "darknet_layers", None)
     if layers is None:
         name = getattr(model, "backbone_name", type(model).__name__)
-        raise TypeError(
+        raise ValueError(
             f"darknet .weights files fit the darknet19 and tiny models only, not {name!r}"
         )
     return layers()
@@ -145,8 +145,13 @@ def count_layers_in_file(path: Path, model: nn.Module, found: int, header: int) 
 
 
 @torch.no_grad()
-def load_darknet_weights(model: nn.Module, path: str | os.PathLike) -> dict:
+def load_darknet_weights(
+    model: nn.Module, path: str | os.PathLike, *, max_layers: int | None = None
+) -> dict:
     """Load a darknet ``.weights`` file (the full model or leading conv layers) in place.
+
+    ``max_layers``: load only the first layers, from a file whose later layers may differ (a
+    model for another class count: its prediction layer is left as it is).
 
     Returns:
         ``{"major", "minor", "revision", "seen", "header_bytes", "layers_loaded",
@@ -158,7 +163,16 @@ def load_darknet_weights(model: nn.Module, path: str | os.PathLike) -> dict:
     layers = darknet_conv_layers(model)
     major, minor, revision, seen, header = read_header(path)
     found = path.stat().st_size
-    num_layers = count_layers_in_file(path, model, found, header)
+    if max_layers is None:
+        num_layers = count_layers_in_file(path, model, found, header)
+    else:
+        num_layers = max_layers
+        needed = header + FLOAT_BYTES * sum(layer_float_counts(layers)[:max_layers])
+        if found < needed:
+            raise ValueError(
+                f"{path}: {found:,} bytes hold fewer than the first {max_layers} conv layers of "
+                f"the {getattr(model, 'backbone_name', 'darknet')} model ({needed:,} bytes)"
+            )
     floats = np.fromfile(path, dtype="<f4", offset=header)
     values = torch.from_numpy(floats)
     pos = 0
