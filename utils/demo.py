@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["DEMO_CLASSES", "generate_demo_dataset", "main"]
+__all__ = ["DEMO_CLASSES", "DEMO_CLASSES_FILE", "generate_demo_dataset", "main"]
 
 log = logging.getLogger(__name__)
 
 DEMO_CLASSES = ("circle", "square", "triangle", "cross", "ring")
+DEMO_CLASSES_FILE = "demo_classes.txt"  # in the dataset's root
 _FORMAT_VERSION = 2
 _MIN_SIDE, _MAX_SIDE = 0.15, 0.55  # object side, log-uniform, as a fraction of the short side
 _MAX_OBJECTS = 5
@@ -223,7 +224,7 @@ def generate_demo_dataset(
     if not 64 <= min_size <= max_size:
         raise ValueError(f"need 64 <= min_size <= max_size, got {min_size}, {max_size}")
     root = Path(root)
-    folder, classes_file = root / "VOCdemo", root / "demo_classes.txt"
+    folder, classes_file = root / "VOCdemo", root / DEMO_CLASSES_FILE
     params = {
         "format_version": _FORMAT_VERSION,
         "classes": list(DEMO_CLASSES),
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         min_size=args.min_size,
         max_size=args.max_size,
     )
-    classes_file = root / "demo_classes.txt"
+    classes_file = root / DEMO_CLASSES_FILE
     log.info("demo dataset ready in %s (sets demo:train, demo:val; classes %s)", root, classes_file)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from utils.anchors import default_anchors, load_anchors
 from utils.data import VOC_CLASSES, VOCDataset
-from utils.demo import generate_demo_dataset
+from utils.demo import DEMO_CLASSES_FILE, generate_demo_dataset
 from utils.loader import build_dataloader
 from utils.transforms import build_eval_transform, build_train_transform
 from utils.voc import load_classes, parse_sets
@@ -31,7 +31,6 @@ from yolo.weights import DARKNET_RELEASES, ResolvedWeights, resolve_weights
 
 log = logging.getLogger(__name__)
 
-DEMO_CLASSES_FILE = "demo_classes.txt"
 DARKNET_IMG_SIZE = 416  # what yolov2-voc.cfg evaluates at
 PREDICTION_KEYS = ("head.conv.weight", "head.conv.bias")  # the layer sized by classes, anchors
 
