@@ -200,7 +200,8 @@ def report_text(result: ImportResult) -> str:
     lines = [
         f"{len(result.splits['trainval'])} images ({len(result.splits['train'])} train, "
         f"{len(result.splits['val'])} val), {result.num_objects} objects, "
-        f"{len(result.classes)} classes: {', '.join(result.classes)}",
+        f"{len(result.classes)} {'class' if len(result.classes) == 1 else 'classes'}: "
+        f"{', '.join(result.classes)}",
         f"{len(result.skipped)} files skipped, {len(result.notes)} notes",
     ]
     lines += [f"skipped {file}: {reason}" for file, reason in result.skipped]
