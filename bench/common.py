@@ -1,6 +1,8 @@
-"""What the bench scripts share: the line naming the machine, writing the results, and timing
-(synchronised calls, and training steps through the engine's own ``train_one_epoch``)."""
+"""What the bench scripts share: the line naming the machine, writing the results, timing
+(synchronised calls, training steps through the engine's own ``train_one_epoch``), sections with
+time budgets written as they go, child processes, and the GPU check's child-side functions."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -9,16 +11,22 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from xml.etree import ElementTree
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torchvision
+from torch import nn
 
 import yolo.build
+import yolo.train
 from utils.fileio import atomic_write_text
 from yolo.checkpoint import load_checkpoint
+from yolo.config import TrainConfig
+from yolo.runtime import broadcast_flag, setup_runtime
 from yolo.train import TrainState, fit, train_one_epoch
 
 __all__ = [
@@ -33,6 +41,8 @@ __all__ = [
     "fit_with_signal",
     "junit_counts",
     "machine_line",
+    "nccl_probe",
+    "resume_phases",
     "run_checked",
     "run_child",
     "run_section",
@@ -119,7 +129,7 @@ def time_training(
     """Train ``warmup`` then ``steps`` items of the iterator ``batches`` ((images, targets,
     metas) as the loader yields them, at ``size``) through the engine's ``train_one_epoch``;
     the timed part's images/s, ms per batch, share of time waiting for data and (CUDA) peak
-    memory allocated. An optimizer step every batch ends each batch with a host sync (the
+    memory allocated. With ``accum`` 1 an optimizer step ends every batch with a host sync (the
     engine's finite check), so GPU work does not leak into the next data wait."""
     state = TrainState()
 
@@ -351,3 +361,69 @@ def junit_counts(path: Path) -> tuple[dict, list[str]]:
     summary = {"passed": passed, "failed": counts["failures"], "errors": counts["errors"],
                "skipped": counts["skipped"]}  # fmt: skip
     return summary, failed
+
+
+# The GPU check's child processes -------------------------------------------------------------
+
+
+def resume_phases(phases: list, mode: str, root: str, folder: str, plan: list) -> dict:
+    """The resume check's ``phases`` (in a child process with CUDA: mode "deterministic"
+    patches the engine for good).
+
+    "straight" trains the epochs; "interrupted" trains another run, stopped by SIGINT from a
+    training forward pass; "resumed" resumes it and compares its last.pt with the straight
+    one. Mode "deterministic": cudnn.benchmark off, deterministic algorithms on (the ops
+    without one warn, and are listed).
+    """
+    size, batch_size, workers, stop_at, epochs = plan
+    if mode == "deterministic":
+        engine_setup = yolo.train.setup_runtime
+
+        def deterministic_setup(*args):
+            runtime = engine_setup(*args)
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            return runtime
+
+        yolo.train.setup_runtime = deterministic_setup
+    config = TrainConfig(
+        model="tiny", run="resumed", data_root=root, train_sets=("demo:train",),
+        val_set="demo:val", classes=f"{root}/demo_classes.txt", epochs=epochs,
+        batch_size=batch_size, accum=1, img_size=size, eval_img_size=size, min_size=size,
+        max_size=2 * size, multi_scale_every=2, workers=workers, burn_in=2, lr=1e-3,
+        eval_every=2, num_vis_images=0, log_dir=f"{folder}/logs", model_dir=f"{folder}/model",
+    )  # fmt: skip
+    result = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for phase in phases:
+            if phase == "straight":
+                fit(dataclasses.replace(config, run="straight"))
+            elif phase == "interrupted":
+                summary, state = fit_with_signal(config, stop_at, signal.SIGINT)
+                if not summary.get("interrupted"):
+                    raise RuntimeError(f"SIGINT at forward pass {stop_at} did not stop the run")
+                result["stopped_at"] = f"epoch {state['epoch'] + 1}, batch {state['batch']}"
+            else:
+                fit(dataclasses.replace(config, resume="last"))
+                runs = (Path(folder, "model", run, "last.pt") for run in ("straight", "resumed"))
+                result.update(compare_checkpoints(*runs))
+    messages = {str(w.message) for w in caught if "deterministic" in str(w.message)}
+    result["nondeterministic_ops"] = sorted({m.split(" does not have")[0][:80] for m in messages})
+    return result
+
+
+def nccl_probe() -> dict:
+    """Under torchrun, one process: NCCL collectives as the engine makes them."""
+    runtime = setup_runtime("cuda", True)  # world size 1: the engine joins no process group
+    dist.init_process_group("nccl")
+    # broadcast_flag returns at once for one process; told of two, it makes its all_reduce
+    # (on a CUDA tensor, as NCCL needs) on this one-rank group
+    told_two = dataclasses.replace(runtime, world_size=2)
+    flags = [broadcast_flag(False, told_two), broadcast_flag(True, told_two)]
+    model = nn.Conv2d(3, 4, 3).to(runtime.device)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device])
+    ddp(torch.rand(2, 3, 8, 8, device=runtime.device)).sum().backward()
+    result = {"backend": dist.get_backend(), "broadcast_flag": flags, "ddp_backward": True}
+    dist.destroy_process_group()
+    return result

@@ -45,31 +45,25 @@ import gc
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
 
-import yolo.train as engine  # noqa: E402
 from bench.common import (  # noqa: E402
     RESULTS,
     Budget,
     Report,
     child_env,
-    compare_checkpoints,
     environment,
-    fit_with_signal,
     junit_counts,
+    resume_phases,
     run_checked,
     run_child,
     run_section,
@@ -84,19 +78,18 @@ from yolo.config import TrainConfig  # noqa: E402
 from yolo.evaluate import measure_fps  # noqa: E402
 from yolo.model import build_model  # noqa: E402
 from yolo.nms import postprocess  # noqa: E402
-from yolo.runtime import Runtime, broadcast_flag, setup_runtime  # noqa: E402
+from yolo.runtime import Runtime, setup_runtime  # noqa: E402
 from yolo.schedule import build_schedule  # noqa: E402
 
 SECTIONS = {  # name: (title, seconds on CUDA: 8 minutes in all, with Python's start)
-    "setup": ("0. Set-up: pytest started, data generated", 30),
+    "setup": ("0. Set-up: pytest started, data generated", 45),
     "pytest": ("1. pytest -m gpu", 60),
-    "train": ("2. Training throughput through train_one_epoch", 130),
-    "inference": ("3. Inference images/s, darknet19", 100),
-    "resume": ("4. Resume after SIGINT against a straight run", 90),
-    "torchrun": ("5. torchrun --nproc_per_node 1 and NCCL", 60),
+    "train": ("2. Training throughput through train_one_epoch", 125),
+    "inference": ("3. Inference images/s, darknet19", 95),
+    "resume": ("4. Resume after SIGINT against a straight run", 85),
+    "torchrun": ("5. torchrun --nproc_per_node 1 and NCCL", 55),
 }
 NO_CUDA = "skipped: no CUDA"
-MODULE = "bench.gpu_check"  # how a child process imports this file
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1")
 
 
@@ -231,7 +224,10 @@ def train_section(ctx: Context, budget: Budget) -> str:
             ctx.report.row("train", model=name, size=size, loader="budget spent")
             continue
         workers = ctx.plan.workers if index == 0 else ctx.plan.workers[-1:]
-        fitted.append(f"{name} {size}: {train_case(ctx, budget, name, size, workers)}")
+        try:
+            fitted.append(f"{name} {size}: {train_case(ctx, budget, name, size, workers)}")
+        except Exception as error:  # reported; the other models still run
+            ctx.report.row("train", model=name, size=size, loader=f"failed: {error!r}"[:300])
     count, low, high = ctx.plan.images
     return (
         f"Batch that fits (of {ctx.plan.batch_size}, halved on OOM): {', '.join(fitted)}. "
@@ -281,8 +277,9 @@ def inference_section(ctx: Context, budget: Budget) -> str:
     device, (sizes, batches, dtypes, modes) = ctx.runtime.device, ctx.plan.infer
     layout = torch.channels_last if ctx.plan.cuda else torch.contiguous_format
     eager = build_model("darknet19").eval().to(device, memory_format=layout)
-    anchors, compiled, failure = resolve_anchors(None).to(device), None, ""
-    for mode, size, batch, dtype in itertools.product(modes, sizes, batches, dtypes):
+    anchors, failure = resolve_anchors(None).to(device), ""
+    compiled = torch.compile(eager, dynamic=False) if "compile" in modes else None  # lazy
+    for mode, dtype, size, batch in itertools.product(modes, dtypes, sizes, batches):
         row = dict(mode=mode, size=size, batch=batch, dtype=str(dtype).removeprefix("torch."))
         runtime = Runtime(device, amp_dtype=None if dtype == torch.float32 else dtype)
         if failure or budget.left() < (40 if mode == "compile" else 5):
@@ -290,13 +287,13 @@ def inference_section(ctx: Context, budget: Budget) -> str:
             continue
         model = eager
         if mode == "compile":
-            model = compiled = compiled or torch.compile(eager, dynamic=False)
             try:
-                row["compile_s"] = compile_first_call(model, runtime, size, batch)
+                row["compile_s"] = compile_first_call(compiled, runtime, size, batch)
             except Exception as error:  # reported; the eager rows stand
                 failure = f"compile failed: {type(error).__name__}: {str(error)[:300]}"
                 ctx.report.row("inference", **row, note=failure)
                 continue
+            model = compiled
         ctx.report.row("inference", **row, **speeds(ctx, model, anchors, size, batch, runtime))
     skipped = "" if ctx.plan.cuda else f"{NO_CUDA}: bf16, torch.compile, 416/544, batch 32. "
     return skipped + (
@@ -309,53 +306,6 @@ def inference_section(ctx: Context, budget: Budget) -> str:
 
 
 # 4. resume ----------------------------------------------------------------------------------
-
-
-def resume_phases(phases: list, mode: str, root: str, folder: str, plan: list) -> dict:
-    """The resume check's ``phases`` (in a child process with CUDA: mode "deterministic"
-    patches the engine for good).
-
-    "straight" trains the epochs; "interrupted" trains another run, stopped by SIGINT from a
-    training forward pass; "resumed" resumes it and compares its last.pt with the straight
-    one. Mode "deterministic": cudnn.benchmark off, deterministic algorithms on (the ops
-    without one warn, and are listed).
-    """
-    size, batch_size, workers, stop_at, epochs = plan
-    if mode == "deterministic":
-        engine_setup = engine.setup_runtime
-
-        def deterministic_setup(*args):
-            runtime = engine_setup(*args)
-            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            return runtime
-
-        engine.setup_runtime = deterministic_setup
-    config = TrainConfig(
-        model="tiny", run="resumed", data_root=root, train_sets=("demo:train",),
-        val_set="demo:val", classes=f"{root}/demo_classes.txt", epochs=epochs,
-        batch_size=batch_size, accum=1, img_size=size, eval_img_size=size, min_size=size,
-        max_size=2 * size, multi_scale_every=2, workers=workers, burn_in=2, lr=1e-3,
-        eval_every=2, num_vis_images=0, log_dir=f"{folder}/logs", model_dir=f"{folder}/model",
-    )  # fmt: skip
-    result = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for phase in phases:
-            if phase == "straight":
-                engine.fit(dataclasses.replace(config, run="straight"))
-            elif phase == "interrupted":
-                summary, state = fit_with_signal(config, stop_at, signal.SIGINT)
-                if not summary.get("interrupted"):
-                    raise RuntimeError(f"SIGINT at forward pass {stop_at} did not stop the run")
-                result["stopped_at"] = f"epoch {state['epoch'] + 1}, batch {state['batch']}"
-            else:
-                engine.fit(dataclasses.replace(config, resume="last"))
-                runs = (Path(folder, "model", run, "last.pt") for run in ("straight", "resumed"))
-                result.update(compare_checkpoints(*runs))
-    messages = {str(w.message) for w in caught if "deterministic" in str(w.message)}
-    result["nondeterministic_ops"] = sorted({m.split(" does not have")[0][:80] for m in messages})
-    return result
 
 
 def resume_section(ctx: Context, budget: Budget) -> str:
@@ -373,7 +323,9 @@ def resume_section(ctx: Context, budget: Budget) -> str:
         for part in [phases[:2], phases[2:]] if ctx.plan.cuda else [phases]:
             kwargs = dict(phases=part, mode=mode, root=str(root), folder=str(folder), plan=plan)
             if ctx.plan.cuda:
-                found = run_child(MODULE, "resume_phases", kwargs, timeout=budget.left(), env=env)
+                found = run_child(
+                    "bench.common", "resume_phases", kwargs, timeout=budget.left(), env=env
+                )
             else:  # the quick run saves the child processes' start-up
                 found = resume_phases(**kwargs)
             ops.update(found.pop("nondeterministic_ops"))
@@ -393,22 +345,6 @@ def resume_section(ctx: Context, budget: Budget) -> str:
 
 
 # 5. torchrun --------------------------------------------------------------------------------
-
-
-def nccl_probe() -> dict:
-    """Under torchrun, one process: NCCL collectives as the engine makes them."""
-    runtime = setup_runtime("cuda", True)  # world size 1: the engine joins no process group
-    dist.init_process_group("nccl")
-    # broadcast_flag returns at once for one process; told of two, it makes its all_reduce
-    # (on a CUDA tensor, as NCCL needs) on this one-rank group
-    told_two = dataclasses.replace(runtime, world_size=2)
-    flags = [broadcast_flag(False, told_two), broadcast_flag(True, told_two)]
-    model = nn.Conv2d(3, 4, 3).to(runtime.device)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device])
-    ddp(torch.rand(2, 3, 8, 8, device=runtime.device)).sum().backward()
-    result = {"backend": dist.get_backend(), "broadcast_flag": flags, "ddp_backward": True}
-    dist.destroy_process_group()
-    return result
 
 
 def torchrun_train_command(root: Path, folder: Path, device: str) -> list[str]:
@@ -431,7 +367,7 @@ def torchrun_section(ctx: Context, budget: Budget) -> str:
     ctx.report.row("torchrun", run="train_yolov2.py, 1 epoch", ok=state["epoch"] == 1,
                    seconds=time.perf_counter() - start, result=done)  # fmt: skip
     start = time.perf_counter()
-    probe = run_child(MODULE, "nccl_probe", {}, timeout=budget.left(),
+    probe = run_child("bench.common", "nccl_probe", {}, timeout=budget.left(),
                       launcher=(*TORCHRUN, "--no-python", sys.executable))  # fmt: skip
     ctx.report.row("torchrun", run="NCCL probe", ok=probe["broadcast_flag"] == [False, True],
                    seconds=time.perf_counter() - start, result=json.dumps(probe))  # fmt: skip
@@ -458,7 +394,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"  # for the child processes
     runtime = setup_runtime("auto", amp=True)
-    header = {**environment(), "plan": "full" if plan == Plan() else "quick"}
+    try:
+        header = environment()
+    except Exception as error:  # the checks matter more than the versions
+        header = {"environment": f"not read: {error!r}"}
+    header["plan"] = "full" if plan == Plan() else "quick"
     report = Report(args.out_dir, "gpu", "GPU check (bench/gpu_check.py)", header)
     jobs = {"setup": setup_section, "pytest": pytest_section, "train": train_section,
             "inference": inference_section, "resume": resume_section,

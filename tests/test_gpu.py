@@ -5,8 +5,8 @@ Every test is marked ``gpu`` (skipped without CUDA, tests/conftest.py). TF32 is 
 fp32 on CUDA is fp32. Tolerances: fp32 on the two devices differs only in the order of sums and
 in the libraries' exp/sigmoid/softmax, a few units in the last place (float32's is 1.2e-7
 relative), so decode, loss terms, gradients and detections agree to 1e-5 relative (gradients:
-1e-5 of their largest magnitude) and the model forward to 1e-4 relative L2. bf16 keeps 8 bits
-of mantissa (2^-9 = 0.2% rounding per value) at every layer: see the bf16 test for its bounds.
+1e-5 of their largest magnitude); the model forward's bounds are stated at its test. bf16 keeps
+8 bits of mantissa (2^-9 = 0.2% rounding per value) at every layer: see the bf16 test.
 """
 
 import pytest
@@ -138,15 +138,18 @@ def relative_error(have: torch.Tensor, want: torch.Tensor) -> float:
     return float((have.float().cpu() - want).norm() / want.norm())
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_model_forward_on_cuda_equals_cpu(training):
+# Eval mode as built: 1e-5. Training mode (batch statistics) amplifies any difference, about
+# 20-fold from input to output with random weights (see the bf16 test), and cuDNN's fp32
+# algorithms (e.g. Winograd) round differently from the CPU's by up to ~1e-5 a layer: 2e-3.
+@pytest.mark.parametrize(("training", "bound"), [(False, 1e-5), (True, 2e-3)])
+def test_model_forward_on_cuda_equals_cpu(training, bound):
     model, images = darknet19_and_images()
     model.train(training)
     with torch.no_grad():
         want = model(images)
         model.to(CUDA, memory_format=torch.channels_last)  # as the engine runs it
         have = model(images.to(CUDA).contiguous(memory_format=torch.channels_last))
-    assert relative_error(have, want) < 1e-4
+    assert relative_error(have, want) < bound
 
 
 def test_bf16_autocast_forward_is_close_to_fp32():
