@@ -44,7 +44,6 @@ import dataclasses
 import gc
 import itertools
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -363,7 +362,8 @@ def torchrun_section(ctx: Context, budget: Budget) -> str:
     folder, start = ctx.folder / "torchrun", time.perf_counter()
     run_checked(torchrun_train_command(ctx.data, folder, "cuda"), budget.left())
     state = load_checkpoint(folder / "model/ddp/last.pt")["state"]
-    done = f"{state['iteration']} steps, map_voc07 {state['best_map']:.3f}"
+    best = state["best_map"]  # None when the val images hold no object
+    done = f"{state['iteration']} steps, map_voc07 {'-' if best is None else f'{best:.3f}'}"
     ctx.report.row("torchrun", run="train_yolov2.py, 1 epoch", ok=state["epoch"] == 1,
                    seconds=time.perf_counter() - start, result=done)  # fmt: skip
     start = time.perf_counter()
@@ -392,7 +392,6 @@ def main(argv: list[str] | None = None) -> None:
     plan = Plan() if cuda and not args.quick else dataclasses.replace(QUICK, cuda=cuda)
     if not plan.cuda:  # a smoke run on a shared CPU, where threads waiting on each other cost most
         torch.set_num_threads(1)
-        os.environ["OMP_NUM_THREADS"] = "1"  # for the child processes
     runtime = setup_runtime("auto", amp=True)
     try:
         header = environment()
