@@ -232,9 +232,10 @@ def train_section(ctx: Context, budget: Budget) -> str:
         f"Batch that fits (of {ctx.plan.batch_size}, halved on OOM): {', '.join(fitted)}. "
         f"{ctx.plan.steps} timed batches a row, an optimizer step each, AMP "
         f"{ctx.runtime.precision}, channels_last on CUDA, random init, no multi-scale. Files: "
-        f"{count} generated demo JPEGs of {low}-{high} px a side (VOC-sized, but drawn shapes "
-        "on smooth backgrounds: smaller files, quicker to decode than photos) with darknet's "
-        "augmentation, the set listed repeatedly so that one epoch covers a row. In memory: "
+        f"{count} generated demo JPEGs of {low}-{high} px a side (VOC's photos are about "
+        "500x375; drawn shapes on smooth backgrounds make smaller files, quicker to decode), "
+        "darknet's augmentation, the set listed repeatedly so that one epoch covers a row. In "
+        "memory: "
         f"{ctx.plan.premade} such batches, pinned, cycled. data_share: time spent waiting for "
         "the next batch; vs_memory: images/s against the in-memory row."
     )
