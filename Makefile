@@ -42,3 +42,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The CUDA path on one GPU in about 8 minutes (tests, speed, resume, torchrun + NCCL): writes
+# bench/results/gpu.{md,json}; without CUDA a quick smoke run. bench/gpu_check.py says how to run
+# it on a lent GPU machine.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	PYTHONUNBUFFERED=1 $(BIN)/python bench/gpu_check.py

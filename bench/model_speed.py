@@ -9,7 +9,6 @@ per image. Writes bench/results/model_speed.{md,json}.
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench.common import machine_line, save_results  # noqa: E402
+from bench.common import machine_line, save_results, time_calls  # noqa: E402
 from yolo.model import MODEL_NAMES, build_model  # noqa: E402
 
 
@@ -30,26 +29,16 @@ def count_gflops(model: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def images_per_second(
     model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype, min_iters: int, min_s: float
 ) -> float:
     """Timed forwards (after two warm-up calls) until both ``min_iters`` and ``min_s`` are met."""
     autocast = torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with torch.no_grad(), autocast:
-        for _ in range(2):
-            model(images)
-        sync(images.device)
-        iters, start = 0, time.perf_counter()
-        while iters < min_iters or time.perf_counter() - start < min_s:
-            model(images)
-            iters += 1
-        sync(images.device)
-    return iters * images.shape[0] / (time.perf_counter() - start)
+        iters, seconds = time_calls(
+            lambda: model(images), images.device, min_iters=min_iters, min_s=min_s
+        )
+    return iters * images.shape[0] / seconds
 
 
 def settings(cuda: bool) -> list[tuple[str, torch.dtype, bool]]:

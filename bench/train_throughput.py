@@ -23,7 +23,7 @@ does. Writes bench/results/train_throughput.{md,json}.
 from __future__ import annotations
 
 import argparse
-import itertools
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -33,18 +33,17 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import machine_line, save_results  # noqa: E402
+from bench.common import machine_line, save_results, time_training  # noqa: E402
 from utils.demo import generate_demo_dataset  # noqa: E402
 from yolo.build import (  # noqa: E402
     build_loaders,
     build_training,
-    lr_schedule,
     resolve_anchors,
     resolve_classes,
 )
 from yolo.config import MODELS, TrainConfig  # noqa: E402
 from yolo.runtime import Runtime, seed_everything, setup_runtime  # noqa: E402
-from yolo.train import TrainState, train_one_epoch  # noqa: E402
+from yolo.schedule import build_schedule  # noqa: E402
 
 SIZE = 416
 MIN_SIDE, MAX_SIDE = 375, 500
@@ -53,19 +52,6 @@ DEFAULTS = {
     "cpu": {"batch_size": 8, "workers": 2, "warmup": 2, "batches": 4},
     "cuda": {"batch_size": 64, "workers": 8, "warmup": 5, "batches": 30},
 }
-
-
-class Batches:
-    """The next ``count`` batches of a shared iterator, with the length a loader has."""
-
-    def __init__(self, iterator, count: int):
-        self.iterator, self.count = iterator, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self):
-        return itertools.islice(self.iterator, self.count)
 
 
 def bench_model(name: str, root: Path, runtime: Runtime, args: argparse.Namespace) -> dict:
@@ -89,28 +75,21 @@ def bench_model(name: str, root: Path, runtime: Runtime, args: argparse.Namespac
     classes, anchors = resolve_classes(config.classes), resolve_anchors(config.anchors)
     train_loader, _ = build_loaders(config, classes, runtime)
     model, criterion, optimizer, scaler = build_training(config, len(classes), anchors, runtime)
-    state, batches, lr_at = TrainState(), iter(train_loader), lr_schedule(config)
-
-    def run(count: int) -> dict:
-        loader = Batches(batches, count)
-        return train_one_epoch(
-            model, criterion, loader, optimizer, scaler, state,
-            config=config, runtime=runtime, lr_at=lr_at,
-        )  # fmt: skip
-
-    run(args.warmup)
-    timed = run(args.batches)
+    schedule = build_schedule(config, math.ceil(len(train_loader) / config.accum))
+    timed = time_training(
+        model, criterion, optimizer, scaler, iter(train_loader), runtime=runtime,
+        schedule=schedule, size=SIZE, warmup=args.warmup, steps=args.batches, accum=args.accum,
+    )  # fmt: skip
     expected = args.batches * args.batch_size
     if timed["images"] != expected:
         raise RuntimeError(f"{name}: timed {timed['images']} images, expected {expected}")
-    total_s = timed["data_s"] + timed["compute_s"]
     dtype = runtime.amp_dtype or torch.float32
     return {
         "model": name, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
         "channels_last": device.type == "cuda", "batch_size": args.batch_size,
-        "workers": args.workers, "images_per_s": timed["images"] / total_s,
-        "data_share": timed["data_s"] / total_s, "compute_share": timed["compute_s"] / total_s,
-        "ms_per_batch": 1000 * total_s / args.batches,
+        "workers": args.workers, "images_per_s": timed["images_per_s"],
+        "data_share": timed["data_share"], "compute_share": 1 - timed["data_share"],
+        "ms_per_batch": timed["ms_per_batch"],
     }  # fmt: skip
 
 
