@@ -26,7 +26,7 @@ import yolo.train
 from utils.fileio import atomic_write_text
 from yolo.checkpoint import load_checkpoint
 from yolo.config import TrainConfig
-from yolo.runtime import broadcast_flag, setup_runtime
+from yolo.runtime import broadcast_flag, setup_runtime, teardown_runtime
 from yolo.train import TrainState, fit, train_one_epoch
 
 __all__ = [
@@ -414,16 +414,13 @@ def resume_phases(phases: list, mode: str, root: str, folder: str, plan: list) -
 
 
 def nccl_probe() -> dict:
-    """Under torchrun, one process: NCCL collectives as the engine makes them."""
-    runtime = setup_runtime("cuda", True)  # world size 1: the engine joins no process group
-    dist.init_process_group("nccl")
-    # broadcast_flag returns at once for one process; told of two, it makes its all_reduce
-    # (on a CUDA tensor, as NCCL needs) on this one-rank group
-    told_two = dataclasses.replace(runtime, world_size=2)
-    flags = [broadcast_flag(False, told_two), broadcast_flag(True, told_two)]
+    """Under torchrun, one process: the engine's NCCL collectives (``setup_runtime`` joins a
+    process group whenever torchrun launched it, also of one process)."""
+    runtime = setup_runtime("cuda", True)
+    flags = [broadcast_flag(False, runtime), broadcast_flag(True, runtime)]
     model = nn.Conv2d(3, 4, 3).to(runtime.device)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device])
     ddp(torch.rand(2, 3, 8, 8, device=runtime.device)).sum().backward()
     result = {"backend": dist.get_backend(), "broadcast_flag": flags, "ddp_backward": True}
-    dist.destroy_process_group()
+    teardown_runtime(runtime)
     return result

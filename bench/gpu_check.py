@@ -373,11 +373,10 @@ def torchrun_section(ctx: Context, budget: Budget) -> str:
     ctx.report.row("torchrun", run="NCCL probe", ok=probe["broadcast_flag"] == [False, True],
                    seconds=time.perf_counter() - start, result=json.dumps(probe))  # fmt: skip
     return (
-        "With one process (WORLD_SIZE=1) yolo.runtime.setup_runtime joins no process group, so "
-        "train_yolov2.py uses neither NCCL nor DDP there: it proves torchrun's launch and a "
-        "CUDA epoch with its evaluation. The NCCL probe joins a one-rank NCCL group itself: "
-        "broadcast_flag's all_reduce (given a Runtime that says 2 processes, so that it does "
-        "not return early) and a DDP backward."
+        "Launched by torchrun, yolo.runtime.setup_runtime joins an NCCL process group also "
+        "with one process, so train_yolov2.py runs the multi-GPU path (DDP, broadcast_flag's "
+        "all_reduce on a CUDA tensor, the evaluation's gather) on one GPU. The probe makes the "
+        "same collectives alone."
     )
 
 

@@ -27,14 +27,11 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     amp_dtype: torch.dtype | None = None
+    distributed: bool = False  # launched by torchrun: a process group and DDP, even of one
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
     @property
     def precision(self) -> str:
@@ -92,19 +89,22 @@ def select_amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 
 def setup_runtime(device_name: str, amp: bool) -> Runtime:
-    """Join the torchrun process group when launched by torchrun, else run as one process."""
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, else gloo),
+    also with one process, so that one GPU runs the multi-GPU code path; else run alone."""
+    launched = "WORLD_SIZE" in os.environ
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = select_device(device_name, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, rank, world_size, select_amp_dtype(device, amp))
+    amp_dtype = select_amp_dtype(device, amp)
+    return Runtime(device, rank, world_size, amp_dtype, distributed=launched)
 
 
 def teardown_runtime(runtime: Runtime) -> None:
