@@ -52,3 +52,13 @@ def test_weights_for_another_class_count_fill_all_but_the_prediction_conv(tmp_pa
         assert torch.equal(same.head.conv.weight, voc.head.conv.weight) and not caplog.text
     with pytest.raises(ValueError, match="darknet19 and tiny models only"):
         initial_weights(build_model("resnet18"), str(tmp_path / "voc.weights"))
+
+
+def test_weights_of_another_layout_are_refused(tmp_path):
+    torch.manual_seed(0)
+    backbone = tmp_path / "backbone.weights"  # what darknet19_448.conv.23 is to darknet19
+    save_darknet_weights(build_model("tiny"), backbone)
+    data = backbone.read_bytes()
+    backbone.write_bytes(data[: len(data) - 4 * 1000])  # not whole layers of this model
+    with pytest.raises(ValueError, match="neither this tiny model nor one of another class"):
+        initial_weights(build_model("tiny", num_classes=1), str(backbone))

@@ -19,7 +19,6 @@ from tests.darknet_reference import (
     darknet_rgb_to_hsv,
 )
 from utils.transforms import (
-    MULTISCALE_SIZES,
     DarknetParams,
     build_eval_transform,
     build_train_transform,
@@ -317,4 +316,3 @@ def test_resize_batch_aligns_corners_as_resize_image():
         resize_batch(images, 32),
         F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=True),
     )
-    assert MULTISCALE_SIZES == (320, 352, 384, 416, 448, 480, 512, 544, 576, 608)

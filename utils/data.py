@@ -333,7 +333,7 @@ class VOCDataset(Dataset):
             image = self._load(candidate)
             if image is not None:
                 return image, candidate
-        raise RuntimeError(f"no image of {self.root} sets {self.sets} decodes")
+        raise ValueError(f"no image of {self.root} sets {self.sets} decodes: check the files")
 
     def __getitem__(self, key: int | tuple[int, int]):
         index, item_seed = key if isinstance(key, tuple) else (key, None)

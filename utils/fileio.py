@@ -19,9 +19,16 @@ __all__ = ["atomic_open", "atomic_path", "atomic_write_text"]
 
 
 def _new_file_mode() -> int:
-    """0666 less the process umask (read by setting and restoring it)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """0666 less the process umask. Linux states it in /proc; elsewhere it is read by setting and
+    restoring it (a file another thread creates meanwhile would get umask 0)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(
+            next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8
+        )
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
-    "MULTISCALE_SIZES",
     "DarknetParams",
     "DarknetTrainTransform",
     "EvalTransform",
@@ -55,7 +54,6 @@ __all__ = [
     "unletterbox_detections",
 ]
 
-MULTISCALE_SIZES = tuple(range(320, 609, 32))
 _TINY = torch.finfo(torch.float32).tiny
 LETTERBOX_FILL = 0.5  # darknet's fill_image(boxed, .5)
 
@@ -409,8 +407,9 @@ def build_train_transform(
 
 def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """``[N, 3, H, W]`` float -> ``[N, 3, size, size]``, bilinear with corners aligned and no
-    antialiasing, as ``resize_image``: darknet resizes each crop straight to the current network
-    size, and two corner-aligned resizes compose to that same corner-aligned map.
+    antialiasing, as ``resize_image``. Darknet resizes each crop straight to the current network
+    size; two corner-aligned resizes map the same points (the geometry, so the boxes, agree),
+    but the pixels of a batch made at ``img_size`` and enlarged are smoother than darknet's.
 
     For multi-scale training in the loop: boxes are normalised, so targets do not change.
     Returns the input itself when it already has that size.

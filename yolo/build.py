@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from utils.anchors import default_anchors, load_anchors
@@ -22,6 +23,7 @@ from yolo.darknet import (
     darknet_conv_layers,
     darknet_weights_nbytes,
     load_darknet_weights,
+    prediction_filters_in_file,
     read_header,
 )
 from yolo.loss import YOLOv2Loss
@@ -35,11 +37,17 @@ DARKNET_IMG_SIZE = 416  # what yolov2-voc.cfg evaluates at
 PREDICTION_KEYS = ("head.conv.weight", "head.conv.bias")  # the layer sized by classes, anchors
 
 
-def resolve_demo(config):
-    """With ``--demo``: generate the demo dataset if missing and point the config at it."""
+def resolve_demo(config, runtime: Runtime | None = None):
+    """With ``--demo``: generate the demo dataset if missing and point the config at it. Under
+    torchrun, rank 0 generates it while the other ranks wait."""
     if not config.demo:
         return config
+    together = runtime is not None and runtime.distributed
+    if together and not runtime.is_main:
+        dist.barrier()
     root = generate_demo_dataset(DEMO_ROOT)
+    if together and runtime.is_main:
+        dist.barrier()
     changes = {"data_root": str(root), "classes": str(Path(root) / DEMO_CLASSES_FILE)}
     names = {item.name for item in dataclasses.fields(config)}
     if "train_sets" in names:
@@ -110,6 +118,12 @@ def initial_weights(model: nn.Module, weights: str) -> None:
     if found.path.suffix == ".weights" or found.model is not None:
         full = darknet_weights_nbytes(model, header_bytes=read_header(found.path)[4])
         fits = found.path.stat().st_size == full
+        if not fits and prediction_filters_in_file(model, found.path) is None:
+            raise ValueError(
+                f"--weights {weights} holds neither this {model.backbone_name} model nor one of "
+                "another class count (a backbone such as darknet19_448.conv.23 goes to "
+                "--darknet-weights)"
+            )
         layers = len(darknet_conv_layers(model))
         load_darknet_weights(model, found.path, max_layers=None if fits else layers - 1)
     else:
@@ -233,6 +247,7 @@ def build_val_loader(config, classes, transform, *, workers: int, runtime: Runti
     return build_dataloader(
         dataset, batch_size=config.batch_size, shuffle=False, seed=0, workers=workers,
         num_replicas=runtime.world_size, rank=runtime.rank,
+        pin_memory=runtime.device.type == "cuda",
     )  # fmt: skip
 
 
@@ -258,6 +273,7 @@ def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
     train_loader = build_dataloader(
         train_set, batch_size=config.batch_size, shuffle=True, workers=config.workers,
         seed=config.seed, num_replicas=runtime.world_size, rank=runtime.rank,
+        pin_memory=runtime.device.type == "cuda",
     )  # fmt: skip
     transform = build_eval_transform(config.eval_img_size)
     val_loader = build_val_loader(config, classes, transform, workers=config.workers,

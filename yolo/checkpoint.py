@@ -23,6 +23,7 @@ from torch import nn
 from utils.fileio import atomic_open
 from yolo.config import TrainConfig, config_from_dict, config_to_dict
 from yolo.model import upgrade_state_dict
+from yolo.runtime import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +132,11 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: dict) -> None:
+    """Restore what ``capture_rng_state`` saved, for the CUDA devices this machine has."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def load_model_weights(model: nn.Module, state_dict: dict, source: str) -> None:
@@ -182,7 +185,7 @@ def training_checkpoint(model, optimizer, scaler, state, config, classes, anchor
     """The one checkpoint dict: weights, optimizer, AMP scaler, counters, config, RNG."""
     return {
         "format": FORMAT,
-        "model": getattr(model, "module", model).state_dict(),
+        "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "scheduler": {"iteration": state.iteration, "epoch": state.epoch},
@@ -205,7 +208,9 @@ def restore_training(ckpt: dict, model, optimizer, scaler, source: str) -> dict:
     return dict(ckpt["state"])
 
 
-def checkpoint_to_resume(config, run_dir: Path, classes, anchors) -> dict | None:
+def checkpoint_to_resume(
+    config, run_dir: Path, classes, anchors, world_size: int = 1
+) -> dict | None:
     """The checkpoint ``--resume`` names (checked against this run), or None for a new run."""
     if not config.resume:
         if (run_dir / "last.pt").exists():
@@ -221,8 +226,8 @@ def checkpoint_to_resume(config, run_dir: Path, classes, anchors) -> dict | None
     if changed:
         log.warning("resuming %s with changed settings: %s", path, changed)
     state = ckpt["state"]
-    if "epoch_images" not in state:  # written before runs resumed by images
-        state["epoch_images"] = state["batch"] * ckpt["config"]["batch_size"]
+    if "epoch_images" not in state:  # written before runs resumed by images, as many processes
+        state["epoch_images"] = state["batch"] * ckpt["config"]["batch_size"] * world_size
     return ckpt
 
 

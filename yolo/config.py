@@ -20,7 +20,7 @@ from pathlib import Path
 from utils.download import VOC_TARBALLS, check_mirror
 from utils.fileio import atomic_write_text
 from yolo.converter import ASSIGNMENTS
-from yolo.model import MODEL_NAMES
+from yolo.model import DARKNET_NAMES, MODEL_NAMES
 
 MODELS = MODEL_NAMES
 OPTIMIZERS = ("sgd", "adamw")
@@ -121,7 +121,7 @@ class TrainConfig:
         _check_thresholds(self.conf_threshold, self.nms_threshold)
         _check(not (self.weights and self.resume), "--weights and --resume together: --resume "
                "continues a run with its own weights; leave out --weights")  # fmt: skip
-        if self.darknet_weights and self.model not in ("darknet19", "tiny"):
+        if self.darknet_weights and self.model not in DARKNET_NAMES:
             raise ValueError(f"--darknet-weights needs a darknet model, not --model {self.model}")
         for spec in (*self.train_sets, self.val_set):
             _check(spec.count(":") == 1, f"image set {spec!r}: write NAME:SPLIT, e.g. 2007:test")
@@ -150,7 +150,7 @@ class TestConfig:
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
     batch_size: int = flag(16, "images per batch")
     workers: int = flag(4, "data loader worker processes")
-    amp: bool = flag(True, "half precision on CUDA")
+    amp: bool = flag(False, "bf16/fp16 on CUDA: faster, but the numbers move off fp32's")
     out: str = flag("model/test", "output folder for metrics.json, pr_curves.png, detections/")
     num_vis_images: int = flag(8, "validation images drawn into OUT/detections/")
     fps_iters: int = flag(50, "timed batch-1 forward passes for the FPS figures")

@@ -144,6 +144,19 @@ def count_layers_in_file(path: Path, model: nn.Module, found: int, header: int) 
     raise ValueError(" ".join(lines))
 
 
+def prediction_filters_in_file(model: nn.Module, path: Path) -> int | None:
+    """The filter count of a ``.weights`` file's prediction conv when the file holds every
+    layer of ``model`` but with another prediction conv (another class or anchor count, as
+    ``yolov2-voc.weights`` for a one-class dataset), else None."""
+    layers = darknet_conv_layers(model)
+    counts = layer_float_counts(layers)
+    header = read_header(path)[4]
+    rest = path.stat().st_size - header - FLOAT_BYTES * sum(counts[:-1])
+    conv = layers[-1][0]
+    per_filter = FLOAT_BYTES * (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1)
+    return rest // per_filter if rest > 0 and rest % per_filter == 0 else None
+
+
 @torch.no_grad()
 def load_darknet_weights(
     model: nn.Module, path: str | os.PathLike, *, max_layers: int | None = None

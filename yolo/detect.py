@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.fileio import atomic_open
+from utils.images import IMAGE_SUFFIXES as DATASET_SUFFIXES
 from utils.images import load_rgb
 from utils.transforms import build_eval_transform, unletterbox_detections
 from utils.visualize import draw_detections
@@ -36,7 +37,7 @@ from yolo.video import Viewer, detect_stream, video_output_path
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (*DATASET_SUFFIXES, ".tif", ".tiff", ".webp")  # what a folder may hold
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 JSON_NAME = "detections.json"
 DOCUMENTED_SETTINGS = ("weights", "img_size", "letterbox", "conf_threshold", "nms_threshold")
@@ -290,6 +291,7 @@ def run_detect(config: DetectConfig) -> dict:
         )
     skipped = sum("error" in result for result in results)
     settings = {name: getattr(config, name) for name in DOCUMENTED_SETTINGS}
+    settings["img_size"] = detector.img_size  # the size used, the checkpoint's by default
     document = {**settings, "source": list(config.source), "classes": list(detector.class_names)}
     document.update(skipped=skipped, interrupted=interrupted, results=results)
     write_json(document, out_dir / JSON_NAME)

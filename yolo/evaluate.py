@@ -76,7 +76,7 @@ def evaluate(
             raw.float(), anchors, conf_threshold=conf_threshold, nms_threshold=nms_threshold
         )
         for image, dets, meta in zip(images, detections, metas, strict=True):
-            dets = dets[:0] if meta.get("unreadable") else dets.cpu()
+            dets = dets.cpu()[:0] if meta.get("unreadable") else dets.cpu()
             if len(samples) < num_vis_images:  # drawn on the network's input, in its frame
                 truth = meta["gt"][:0] if letterbox else meta["gt"]
                 samples.append((image.float().cpu(), dets, truth))
@@ -189,11 +189,10 @@ def write_voc_results(records: list, classes: tuple[str, ...], out_dir: str | Pa
 def run_test(config) -> dict:
     """Evaluate ``config.weights`` on ``config.val_set``; write metrics, plots and samples."""
     require_weights(config)
-    config = resolve_demo(config)
     check_writable(Path(config.out), "--out")
     runtime = setup_runtime(config.device, config.amp)
     try:
-        return _run_test(config, runtime)
+        return _run_test(resolve_demo(config, runtime), runtime)
     finally:
         teardown_runtime(runtime)
 
@@ -225,6 +224,8 @@ def _run_test(config, runtime: Runtime) -> dict:
         records=records,
         letterbox=config.letterbox,
     )
+    if not runtime.is_main:  # under torchrun, rank 0 scores the gathered detections
+        return {}
     out = Path(config.out)
     fps = measure_fps(model, anchors, img_size=img_size, runtime=runtime, iters=config.fps_iters)
     metrics = {**to_json(res), **fps, "weights": str(config.weights)}

@@ -51,6 +51,8 @@ def record_evaluation(state, res: dict, classes, writer, samples) -> None:
     value = res["map_voc07"]
     if math.isfinite(value) and (state.best_map is None or value > state.best_map):
         state.best_map, state.best_epoch = value, state.epoch
+    if not math.isfinite(value):
+        log.warning("the validation set holds no (non-difficult) object: no mAP, no best.pt")
     if state.history and state.history[-1]["epoch"] == state.epoch:
         state.history[-1].update({k: res[k] for k in ("map_voc07", "map_voc12", "map_coco")})
     log.info("epoch %d: %s\n%s", state.epoch, summary_line(res), format_ap_table(res, classes))
@@ -69,8 +71,8 @@ def report_epoch(state, config: TrainConfig, run_dir: Path) -> None:
     if row.get("epoch_s") is not None:
         parts.append(f"{row['epoch_s']:.0f} s")
     if row.get("map_voc07") is not None:
-        parts.append(f"mAP07 {row['map_voc07']:.4f} (best {state.best_map:.4f} at epoch "
-                     f"{state.best_epoch})")  # fmt: skip
+        best = "none" if state.best_map is None else f"{state.best_map:.4f} at {state.best_epoch}"
+        parts.append(f"mAP07 {row['map_voc07']:.4f} (best {best})")
     log.info("%s", "  ".join(parts))
     if state.history:
         save_figure(plot_training_history(state.history), run_dir / "results.png")
@@ -85,10 +87,13 @@ def report_end(state, config: TrainConfig, run_dir: Path, log_dir: Path) -> None
             f"best VOC07 mAP {state.best_map:.4f} at epoch {state.best_epoch}, last "
             f"{evaluated[-1]:.4f}"
         )
+    best = run_dir / ("best.pt" if state.best_map is not None else "last.pt")
     lines += [
-        f"checkpoints: {run_dir / 'best.pt'} (best mAP), {run_dir / 'last.pt'}",
+        f"checkpoints: {run_dir / 'best.pt'} (best mAP), {run_dir / 'last.pt'}"
+        if state.best_map is not None
+        else f"checkpoint:  {run_dir / 'last.pt'} (no mAP, so no best.pt)",
         f"curves:      {run_dir / 'results.png'}; tensorboard --logdir {log_dir.parent}",
-        f"next:        {_test_command(config, run_dir / 'best.pt')}",
+        f"next:        {_test_command(config, best)}",
     ]
     sys.stdout.write("\n" + "\n".join(lines) + "\n")
 

@@ -69,6 +69,9 @@ from yolo.schedule import Schedule, build_schedule, multiscale_sizes, train_size
 
 log = logging.getLogger(__name__)
 
+# What torch's DataLoader says when a worker process dies (not when its code raises)
+WORKER_DIED = ("exited unexpectedly", "is killed by signal")
+
 
 @dataclass
 class TrainState:
@@ -186,7 +189,7 @@ def train_one_epoch(
             if interrupted:
                 break
     except RuntimeError as error:
-        if "DataLoader worker" not in str(error) or in_step:
+        if not any(sign in str(error) for sign in WORKER_DIED) or in_step:
             raise
         _roll_back(state, model, committed)
         raise DataLoaderDied(str(error)) from None
@@ -272,11 +275,11 @@ def _items_to_skip(state: TrainState, runtime: Runtime) -> int:
 
 def fit(config: TrainConfig) -> dict:
     """Train as ``config`` says; returns a summary (best mAP, paths, ``exit_code``)."""
-    config = resolve_demo(config)
-    run_dir, log_dir = Path(config.model_dir) / config.run, Path(config.log_dir) / config.run
     runtime = setup_runtime(config.device, config.amp)
     with ExitStack() as stack:
         stack.callback(teardown_runtime, runtime)
+        config = resolve_demo(config, runtime)
+        run_dir, log_dir = Path(config.model_dir) / config.run, Path(config.log_dir) / config.run
         if runtime.is_main:
             check_writable(run_dir, "--model-dir")
             check_writable(log_dir, "--log-dir")
@@ -284,7 +287,7 @@ def fit(config: TrainConfig) -> dict:
             remove_stale_temp_files(run_dir)
         seed_everything(config.seed)
         classes, anchors = resolve_classes(config.classes), resolve_anchors(config.anchors)
-        ckpt = checkpoint_to_resume(config, run_dir, classes, anchors)
+        ckpt = checkpoint_to_resume(config, run_dir, classes, anchors, runtime.world_size)
         if ckpt is not None and ckpt["finished"] and ckpt["state"]["epoch"] >= config.epochs:
             log.info("run %s already finished %d epochs: nothing to resume; raise --epochs to "
                      "train further", config.run, ckpt["state"]["epoch"])  # fmt: skip
@@ -344,10 +347,11 @@ def fit(config: TrainConfig) -> dict:
                 )  # fmt: skip
             except DataLoaderDied as error:
                 save("last.pt")
+                saved = f"saved at iteration {state.iteration}" if runtime.is_main else "in last.pt"
                 raise ChildProcessError(
                     f"{error}: a data loader worker was killed (out of memory?). The run is "
-                    f"saved at iteration {state.iteration}; resume with fewer workers: "
-                    f"{resume_command(config)} --workers {config.workers // 2}"
+                    f"{saved}; resume with fewer workers: {resume_command(config)} --workers "
+                    f"{config.workers // 2}"
                 ) from None
             if not stopped:
                 state.epoch, state.batch, state.epoch_images = state.epoch + 1, 0, 0
