@@ -192,12 +192,15 @@ def test_cli_imports_and_prints_a_train_command_that_parses(labelled, tmp_path, 
     argv = ["--images", str(images), "--annotations", str(annotations), "--out", str(out)]
     with caplog.at_level(logging.INFO):
         assert _main()([*argv, "--val", "0.25", "--seed", "2"]) == 0
-    command = caplog.text.split("next, train:\n")[1].splitlines()[0]
-    words = shlex.split(command)
-    assert words[:2] == ["python", "train_yolov2.py"]
-    config = parse_config(TrainConfig(), words[2:])  # every flag exists and validates
-    assert config.data_root == str(out) and config.classes == str(out / "classes.txt")
-    assert config.train_sets == ("pets:train",) and config.val_set == "pets:val"
+    commands = [line for line in caplog.messages[-1].splitlines() if line.startswith("python")]
+    assert len(commands) == 2  # a GPU one from darknet's weights, a CPU one from scratch
+    for command in commands:
+        words = shlex.split(command)
+        assert words[:2] == ["python", "train_yolov2.py"]
+        config = parse_config(TrainConfig(), words[2:])  # every flag exists and validates
+        assert config.data_root == str(out) and config.classes == str(out / "classes.txt")
+        assert config.train_sets == ("pets:train",) and config.val_set == "pets:val"
+    assert "--weights yolov2-voc" in commands[0] and "--model tiny" in commands[1]
     assert "skipped" in caplog.text and REPORT in caplog.text
 
 
