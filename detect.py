@@ -4,9 +4,9 @@ webcam gives an mp4 at the source's fps and size) and detections.json (boxes in 
 pixels and normalised) into --out. A webcam runs until q/Esc in the --show window, Ctrl-C or
 --max-frames.
 
-Examples: python detect.py --weights model/yolov2/best.pt --source photos/ ;
-python detect.py --weights yolov2-voc.weights --source clip.mp4 ;
-python detect.py --weights model/yolov2/best.pt --source 0 --show
+Examples: python detect.py --weights model/yolov2-darknet19/best.pt --source photos/ ;
+python detect.py --weights yolov2-voc --source clip.mp4 ;
+python detect.py --weights model/yolov2-darknet19/best.pt --source 0 --show
 """
 
 import sys

@@ -7,9 +7,9 @@ anchors are stored in the model's metadata_props. With --check (the default) onn
 outputs are compared with PyTorch's before the file is written. Needs: pip install onnx
 onnxruntime (and onnxscript for --exporter dynamo).
 
-Examples: python export.py --weights model/yolov2/best.pt ;
-python export.py --weights yolov2-voc.weights --out model/export/yolov2-voc.onnx --dynamic-size ;
-python export.py --weights model/yolov2/best.pt --no-decode --img-size 608
+Examples: python export.py --weights model/yolov2-darknet19/best.pt ;
+python export.py --weights yolov2-voc --out model/export/yolov2-voc.onnx --dynamic-size ;
+python export.py --weights model/yolov2-darknet19/best.pt --no-decode --img-size 608
 """
 
 import sys

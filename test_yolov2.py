@@ -1,7 +1,7 @@
 """Evaluate YOLOv2 (darknet19) weights on VOC2007 test: VOC07/VOC12/COCO mAP, per-class AP,
 PR curves, drawn detections and FPS, written to --out.
 
-Also takes darknet's own ``yolov2-voc.weights`` (--weights yolov2-voc.weights).
+Also takes darknet's own weights: --weights yolov2-voc (downloaded once) or a .weights file.
 """
 
 import sys
