@@ -36,6 +36,7 @@ from types import MappingProxyType
 
 import torch
 
+from utils.anchors import DARKNET_VOC_ANCHORS_GRID
 from utils.data import VOC_CLASSES
 from utils.fileio import atomic_path
 from yolo.darknet import read_header
@@ -101,10 +102,6 @@ class DarknetRelease:
 
 # darknet's [region] anchors= of cfg/yolov2-voc.cfg, yolov2-tiny-voc.cfg and yolov2.cfg:
 # (w, h) in cells of the stride-32 grid.
-YOLOV2_VOC_ANCHORS = (
-    (1.3221, 1.73145), (3.19275, 4.00944), (5.05587, 8.09892), (9.47112, 4.84053),
-    (11.2364, 10.0071),
-)  # fmt: skip
 YOLOV2_TINY_VOC_ANCHORS = ((1.08, 1.19), (3.42, 4.41), (6.63, 11.38), (9.42, 5.11), (16.62, 10.52))
 YOLOV2_COCO_ANCHORS = (
     (0.57273, 0.677385), (1.87446, 2.06253), (3.33843, 5.47434), (7.88282, 3.52778),
@@ -120,7 +117,7 @@ DARKNET_RELEASES: Mapping[str, DarknetRelease] = MappingProxyType(
             model="darknet19",
             num_bytes=202_704_260,
             classes=VOC_CLASSES,
-            anchors=YOLOV2_VOC_ANCHORS,
+            anchors=DARKNET_VOC_ANCHORS_GRID,
             img_size=416,
         ),
         "yolov2-tiny-voc": DarknetRelease(
