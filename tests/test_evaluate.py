@@ -44,7 +44,11 @@ ENTRY_SCRIPTS = (
     "detect.py",
     "kmeans.py",
     "export.py",
+    "download_voc.py",
+    "import_voc.py",
 )
+# a flag each script's --help must list
+KEY_FLAG = {"kmeans.py": "--k ", "download_voc.py": "--mirror", "import_voc.py": "--annotations"}
 METRIC_KEYS = ("map_voc07", "map_voc12", "map_coco", "ap50_coco", "ap75_coco")
 
 
@@ -63,7 +67,7 @@ def test_every_entry_script_has_help(script, monkeypatch, capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith(f"usage: {script}")
-    assert ("--k " if script == "kmeans.py" else "--weights") in text
+    assert KEY_FLAG.get(script, "--weights") in text and "(default: (" not in text
 
 
 @pytest.fixture(scope="module")
