@@ -57,12 +57,15 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, weights: bool = True
+) -> dict:
     """Read a checkpoint of this project, refusing anything that is not plain data.
 
     ``torch.load(weights_only=True)`` never runs code from the file; a file that needs arbitrary
     unpickling (a checkpoint from another project, or a malicious one) is refused with an error
-    that says why. Non-finite weights (a diverged run) are refused too.
+    that says why. Non-finite weights (a diverged run) are refused too. ``weights=False`` maps
+    the tensors from the file without reading them, for a caller that wants the rest.
     """
     path = Path(path)
     if not path.is_file():
@@ -75,7 +78,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"another format; {path.stat().st_size} bytes)"
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=not weights)
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"refusing to load {path}: it holds Python objects that could run code when "
@@ -91,18 +94,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"'config' keys, found {type(state).__name__}"
             + (f" with keys {sorted(state)[:8]}" if isinstance(state, dict) else "")
         )
-    check_finite_weights(state["model"], str(path))
-    return _upgrade(state, path)
+    if weights:
+        check_finite_weights(state["model"], str(path))
+    return _upgrade(state, path, say=weights)
 
 
-def _upgrade(state: dict, path: Path) -> dict:
-    """A checkpoint of an earlier format, in today's format (in memory only)."""
+def _upgrade(state: dict, path: Path, say: bool) -> dict:
+    """A checkpoint of an earlier format, in today's format (in memory only); ``say``: warn."""
     if state.get("format", 1) >= FORMAT:
         return state
     state = dict(state)
     state["model"] = upgrade_state_dict(state["model"])
     if "anchors" in state:
         state["anchors"] = [[v * LEGACY_GRID_SIZE for v in pair] for pair in state["anchors"]]
+    if "anchors" in state and say:
         log.warning(
             "%s was written before anchors were stored in grid cells: its anchors (fractions "
             "of a 416 image) are read x%d as grid cells",
@@ -248,5 +253,5 @@ def resume_settings(config: TrainConfig, given: frozenset[str]) -> TrainConfig:
         return config
     path = Path(config.model_dir) / config.run / "last.pt"
     path = path if config.resume == "last" else Path(config.resume)
-    saved = config_from_dict(TrainConfig, load_checkpoint(path)["config"])
+    saved = config_from_dict(TrainConfig, load_checkpoint(path, weights=False)["config"])
     return dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
