@@ -73,6 +73,19 @@ def plain_lloyd(wh: torch.Tensor, centres: torch.Tensor, max_iter: int):
 # utils.kmeans
 
 
+def assert_lloyd_equals_the_plain_loop(wh: torch.Tensor, centres: torch.Tensor) -> None:
+    """``lloyd`` from ``centres`` ``[R, k, 2]`` equals ``plain_lloyd`` restart by restart, and
+    leaves no cluster empty."""
+    final, mean_ious, iterations = lloyd(wh, centres, max_iter=300)
+    for restart in range(len(centres)):
+        expected, expected_iou, expected_iterations = plain_lloyd(wh, centres[restart], 300)
+        torch.testing.assert_close(final[restart], expected, rtol=1e-6, atol=0)
+        assert float(mean_ious[restart]) == pytest.approx(expected_iou, rel=1e-9)
+        assert int(iterations[restart]) == expected_iterations
+        labels = wh_iou(wh[:, None], final[restart]).argmax(dim=1)  # [M]
+        assert len(labels.unique()) == centres.shape[1]  # no cluster left empty
+
+
 def test_recovers_planted_clusters():
     wh = planted_boxes()
     result = run_kmeans(wh, 4, restarts=5, seed=0)
@@ -112,14 +125,7 @@ def test_lloyd_equals_a_plain_lloyd_loop(trial):
     centres = kmeanspp_init(wh, k, 3, generator)  # [3, k, 2]
     centres[2, -1] = centres[2, 0]  # a duplicate centre: its cluster starts empty
     centres[1, 1:] = centres[1, 0]  # k - 1 clusters start empty
-    final, mean_ious, iterations = lloyd(wh, centres, max_iter=300)
-    for restart in range(3):
-        expected, expected_iou, expected_iterations = plain_lloyd(wh, centres[restart], 300)
-        torch.testing.assert_close(final[restart], expected, rtol=1e-6, atol=0)
-        assert float(mean_ious[restart]) == pytest.approx(expected_iou, rel=1e-9)
-        assert int(iterations[restart]) == expected_iterations
-        labels = wh_iou(wh[:, None], final[restart]).argmax(dim=1)  # [M]
-        assert len(labels.unique()) == k  # no cluster left empty
+    assert_lloyd_equals_the_plain_loop(wh, centres)
 
 
 def test_lloyd_reseeds_until_no_cluster_is_empty():
@@ -130,14 +136,7 @@ def test_lloyd_reseeds_until_no_cluster_is_empty():
         wh = (torch.rand(30, 2, generator=generator) * 5).ceil() / 5  # [30, 2], 25 shapes at most
         seeds = wh[torch.randint(30, (4,), generator=generator)]  # [4, 2]
         centres = seeds[:, None].expand(4, 5, 2)  # [4, 5, 2]: the 5 centres of a restart equal
-        final, mean_ious, iterations = lloyd(wh, centres, max_iter=300)
-        for restart in range(4):
-            expected, expected_iou, expected_iterations = plain_lloyd(wh, centres[restart], 300)
-            torch.testing.assert_close(final[restart], expected, rtol=1e-6, atol=0)
-            assert float(mean_ious[restart]) == pytest.approx(expected_iou, rel=1e-9)
-            assert int(iterations[restart]) == expected_iterations
-            labels = wh_iou(wh[:, None], final[restart]).argmax(dim=1)  # [30]
-            assert len(labels.unique()) == 5
+        assert_lloyd_equals_the_plain_loop(wh, centres)
 
 
 def test_lloyd_stops_at_max_iter():

@@ -257,11 +257,6 @@ def _log_step(writer, values: dict[str, float], lr: float, size: int, step: int)
     writer.add_scalar("train/img_size", size, step)
 
 
-def set_loader_epoch(loader, epoch: int, start: int = 0) -> None:
-    """Tell the loader's seeded sampler which epoch it is and how many items to skip."""
-    loader.sampler.set_epoch(epoch, start=start)
-
-
 def _items_to_skip(state: TrainState, runtime: Runtime) -> int:
     """This process's items of the epoch already trained (resume by images, not batches)."""
     if state.epoch_images % runtime.world_size:
@@ -336,7 +331,7 @@ def fit(config: TrainConfig) -> dict:
 
         def train_epoch() -> bool:
             """Train the rest of the epoch; True when a stop cut it short."""
-            set_loader_epoch(train_loader, state.epoch, start=_items_to_skip(state, runtime))
+            train_loader.sampler.set_epoch(state.epoch, start=_items_to_skip(state, runtime))
             whole = state.epoch_images == 0
             try:
                 metrics, stopped = train_one_epoch(
