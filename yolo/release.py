@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from utils.fileio import atomic_path
 
 METADATA_KEY = "yolov2"
