@@ -19,22 +19,21 @@ as skipped (tests/test_gpu_check.py runs it so):
     make gpu-check                                      # .venv/bin/python bench/gpu_check.py
     python bench/gpu_check.py --quick --out-dir /tmp/gpu
 
-On a lent GPU machine (python3 with torch, no network) defusedxml and pycocotools travel as
-wheels. Once, here, in the repository root:
+On any machine with a CUDA GPU and network, in the repository root, run ``make gpu-check``
+(it creates .venv from requirements-dev.txt, then runs this script) and commit the
+bench/results/gpu.md and gpu.json it writes. A GPU machine without network installs from
+wheels fetched elsewhere: on a machine with network, for the GPU machine's Python version
+(3.12 below) and platform,
 
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d .whl defusedxml==0.7.1 pycocotools==2.0.11
+    pip download -r requirements-dev.txt -d wheels --only-binary=:all: --python-version 3.12
+    # add: --platform manylinux_2_28_x86_64 when the two machines differ
 
-then one device ``run`` with ``carry: [".whl"]``, ``timeout_s: 560`` and the command
+copy the wheels folder into the repository on the GPU machine, and there run
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
-    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out-dir $OUT 2>$OUT/gpu_stderr.log
+    PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/wheels make gpu-check
 
-(the table on stdout, progress bars and warnings in gpu_stderr.log); copy the returned gpu.md
-and gpu.json into bench/results/.
+(pip reads its options from the environment; the table goes to stdout, progress bars and
+warnings to stderr).
 """
 
 from __future__ import annotations

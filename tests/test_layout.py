@@ -1,4 +1,4 @@
-"""The dependency direction of DESIGN.md: entry scripts -> yolo -> utils, never backwards."""
+"""The dependency direction (docs/design.md): entry scripts -> yolo -> utils, never backwards."""
 
 import ast
 from pathlib import Path
