@@ -7,7 +7,7 @@ import sys
 
 from yolo.cli import run
 from yolo.config import TestConfig
-from yolo.evaluate import run_test
+from yolo.testing import run_test
 
 PRESET = TestConfig(model="resnet101", out="model/test-resnet101")
 

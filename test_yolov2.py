@@ -8,7 +8,7 @@ import sys
 
 from yolo.cli import run
 from yolo.config import TestConfig
-from yolo.evaluate import run_test
+from yolo.testing import run_test
 
 PRESET = TestConfig(model="darknet19", out="model/test-yolov2")
 

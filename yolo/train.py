@@ -30,14 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from utils.transforms import resize_batch
-from yolo.build import (
-    build_loaders,
-    build_training,
-    initial_weights,
-    resolve_anchors,
-    resolve_classes,
-    resolve_demo,
-)
+from yolo.build import build_loaders, build_training, initial_weights
 from yolo.checkpoint import (
     checkpoint_to_resume,
     restore_training,
@@ -45,7 +38,9 @@ from yolo.checkpoint import (
     training_checkpoint,
 )
 from yolo.config import TrainConfig, save_config_json
+from yolo.demo import resolve_demo
 from yolo.evaluate import evaluate
+from yolo.load import resolve_anchors, resolve_classes
 from yolo.report import (
     config_text,
     record_epoch,
