@@ -29,6 +29,7 @@ EXPORTERS = ("torchscript", "dynamo")
 OPSET_RANGES = {"torchscript": (13, 20), "dynamo": (18, 23)}
 MAX_K = 64  # most anchors kmeans.py makes
 DEMO_ROOT = "data/demo"
+DEVICE_HELP = "auto | cpu | cuda | cuda:N"
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -82,7 +83,7 @@ class TrainConfig:
     assignment: str = flag("global", "loss target assignment", choices=ASSIGNMENTS)
     conf_threshold: float = flag(0.005, "evaluation score threshold")
     nms_threshold: float = flag(0.45, "evaluation NMS IoU threshold")
-    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    device: str = flag("auto", DEVICE_HELP)
     workers: int = flag(4, "data loader worker processes")
     seed: int = flag(0, "seed for shuffling, augmentation and initialisation")
     resume: str | None = flag(None, "resume model/<run>/last.pt, or the PATH given", const="last")
@@ -128,26 +129,39 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class TestConfig:
-    """Evaluation of trained weights on a validation set."""
-
-    __test__ = False  # not a pytest test class, despite the name
+class WeightsConfig:
+    """The flags that load trained weights, shared by the test, export and detect configs: a
+    checkpoint supplies its own model, classes, anchors and size; darknet's .weights take them
+    from these flags."""
 
     weights: str | None = flag(
         None, "checkpoint .pt of this project, darknet .weights, or a name such as yolov2-voc"
     )
     model: str = flag("darknet19", "model for darknet .weights files", choices=MODELS)
+    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
+    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
+    img_size: int | None = flag(None, "network input size (default: the checkpoint's, else 416)")
+
+    def __post_init__(self) -> None:
+        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
+        if self.img_size is not None:
+            _check_size("img_size", self.img_size)
+
+
+@dataclass(frozen=True)
+class TestConfig(WeightsConfig):
+    """Evaluation of trained weights on a validation set."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
     data_root: str = flag("data/VOCdevkit", "VOCdevkit folder")
     val_set: str = flag("2007:test", "NAME:SPLIT to evaluate")
-    classes: str | None = flag(None, "classes file (default: the checkpoint's, else VOC's)")
-    anchors: str | None = flag(None, "anchors JSON (default: the checkpoint's, else darknet's)")
     demo: bool = flag(False, "evaluate on the demo dataset's val split")
     strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
-    img_size: int | None = flag(None, "evaluation size (default: the checkpoint's, else 416)")
     letterbox: bool = flag(False, "resize keeping the aspect ratio (darknet's letterbox_image)")
     conf_threshold: float = flag(0.005, "score threshold")
     nms_threshold: float = flag(0.45, "NMS IoU threshold")
-    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    device: str = flag("auto", DEVICE_HELP)
     batch_size: int = flag(16, "images per batch")
     workers: int = flag(4, "data loader worker processes")
     amp: bool = flag(False, "bf16/fp16 on CUDA: faster, but the numbers move off fp32's")
@@ -157,9 +171,7 @@ class TestConfig:
     save_voc_results: str | None = flag(None, "write comp4_det_test_<class>.txt files here")
 
     def __post_init__(self) -> None:
-        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
-        if self.img_size is not None:
-            _check_size("img_size", self.img_size)
+        super().__post_init__()
         _check(self.batch_size >= 1 and self.workers >= 0, "--batch-size >= 1, --workers >= 0")
         _check(self.fps_iters >= 1, "--fps-iters must be at least 1")
         _check_thresholds(self.conf_threshold, self.nms_threshold)
@@ -293,16 +305,10 @@ def save_config_json(config, path: str | Path) -> None:
 
 
 @dataclass(frozen=True)
-class ExportConfig:
-    """ONNX export of a checkpoint of this project or of darknet's weights."""
+class ExportConfig(WeightsConfig):
+    """ONNX export of a checkpoint of this project or of darknet's weights (``img_size``: the
+    example input's)."""
 
-    weights: str | None = flag(
-        None, "checkpoint .pt of this project, darknet .weights, or a name such as yolov2-voc"
-    )
-    model: str = flag("darknet19", "model for darknet .weights files", choices=MODELS)
-    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
-    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
-    img_size: int | None = flag(None, "example input size (default: the checkpoint's, else 416)")
     batch_size: int = flag(1, "batch size of the example input (the fixed one without --dynamic)")
     dynamic: bool = flag(True, "dynamic batch axis")
     dynamic_size: bool = flag(False, "dynamic height and width too (multiples of 32)")
@@ -314,10 +320,8 @@ class ExportConfig:
     tolerance: float = flag(1e-3, "check: largest |onnx - torch| / (1 + max |torch|) accepted")
 
     def __post_init__(self) -> None:
-        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
+        super().__post_init__()
         _check(self.exporter in EXPORTERS, f"--exporter {self.exporter!r}: one of {EXPORTERS}")
-        if self.img_size is not None:
-            _check_size("img_size", self.img_size)
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         low, high = OPSET_RANGES[self.exporter]
         _check(low <= self.opset <= high, f"--opset {self.opset}: {self.exporter}: {low}-{high}")
@@ -331,19 +335,12 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class DetectConfig:
+class DetectConfig(WeightsConfig):
     """Detection on images, a folder, a video file or a webcam."""
 
-    weights: str | None = flag(
-        None, "checkpoint .pt of this project, darknet .weights, or a name such as yolov2-voc"
-    )
     source: tuple[str, ...] = flag(
         (), "image files and/or folders, one video file, or a webcam index such as 0"
     )
-    model: str = flag("darknet19", "model for darknet .weights files", choices=MODELS)
-    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
-    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
-    img_size: int | None = flag(None, "network input size (default: the checkpoint's, else 416)")
     letterbox: bool = flag(
         False, "resize keeping the aspect ratio (darknet's letterbox_image), grey borders"
     )
@@ -351,7 +348,7 @@ class DetectConfig:
         0.25, "display threshold: lower scores are neither drawn nor saved (mAP uses 0.005)"
     )
     nms_threshold: float = flag(0.45, "NMS IoU threshold")
-    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    device: str = flag("auto", DEVICE_HELP)
     amp: bool = flag(True, "half precision on CUDA")
     batch_size: int = flag(8, "images (or video frames) per forward pass")
     out: str = flag("model/detect", "output folder for annotated images/video and detections.json")
@@ -359,9 +356,7 @@ class DetectConfig:
     max_frames: int | None = flag(None, "stop a video or webcam after this many frames")
 
     def __post_init__(self) -> None:
-        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
-        if self.img_size is not None:
-            _check_size("img_size", self.img_size)
+        super().__post_init__()
         _check_thresholds(self.conf_threshold, self.nms_threshold)
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         _check(self.max_frames is None or self.max_frames >= 1, "--max-frames must be >= 1")
