@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.darknet_aug import DARKNET_AUGMENTATION as AUG
 from utils.download import VOC_TARBALLS, check_mirror
 from utils.fileio import atomic_write_text
 from yolo.converter import ASSIGNMENTS
@@ -31,6 +32,23 @@ MAX_K = 64  # most anchors kmeans.py makes
 DEMO_ROOT = "data/demo"
 DEVICE_HELP = "auto | cpu | cuda | cuda:N"
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+# ``--preset small``: a small model from scratch that learns a dataset of a few hundred images
+# on a 2-core CPU in under an hour (import_voc.py prints it; the Makefile's demo shortens it).
+SMALL_DATA = {
+    "model": "tiny",
+    "img_size": 256,
+    "eval_img_size": 256,
+    "multi_scale": False,
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "batch_size": 8,
+    "accum": 1,
+    "epochs": 60,
+    "lr_steps": (45, 55),
+}
+TRAIN_PRESETS = {"small": SMALL_DATA}
 
 
 def flag(default, help_text: str, **extra):
@@ -73,11 +91,11 @@ class TrainConfig:
     burn_in_epochs: int = flag(4, "the burn-in lasts at most this many epochs (small datasets)")
     lr_steps: tuple[int, ...] = flag((60, 90), "epochs at which lr is multiplied by --lr-gamma")
     lr_gamma: float = flag(0.1, "lr factor at each of --lr-steps")
-    jitter: float = flag(0.3, "darknet jitter of the random crop")
-    hue: float = flag(0.1, "hue shift, fraction of the colour circle")
-    saturation: float = flag(1.5, "saturation scale up to this or its inverse")
-    exposure: float = flag(1.5, "exposure scale up to this or its inverse")
-    flip: float = flag(0.5, "horizontal flip probability")
+    jitter: float = flag(AUG.jitter, "darknet jitter of the random crop")
+    hue: float = flag(AUG.hue, "hue shift, fraction of the colour circle")
+    saturation: float = flag(AUG.saturation, "saturation scale up to this or its inverse")
+    exposure: float = flag(AUG.exposure, "exposure scale up to this or its inverse")
+    flip: float = flag(AUG.flip, "horizontal flip probability")
     keep_difficult: bool = flag(False, "train on difficult objects too (darknet leaves them out)")
     strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
     assignment: str = flag("global", "loss target assignment", choices=ASSIGNMENTS)
@@ -259,15 +277,24 @@ def build_parser(preset, description: str | None = None) -> argparse.ArgumentPar
             elem = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
             names = (option, item.metadata["alias"]) if "alias" in item.metadata else (option,)
             parser.add_argument(*names, type=elem, **kwargs)
+    if isinstance(preset, TrainConfig):
+        settings = " ".join(f"{k}={_shown(v)}" for k, v in SMALL_DATA.items())
+        parser.add_argument(
+            "--preset", choices=sorted(TRAIN_PRESETS),
+            help=f"settings under the flags given: small = {settings}",
+        )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     return parser
 
 
 def parse_args(preset, argv: list[str] | None = None, description: str | None = None):
-    """Apply command-line overrides to a preset -> ``(config, given)``: ``given`` is the set of
+    """Apply command-line overrides to a preset -> ``(config, given)``: ``--preset NAME``
+    replaces the preset's values by :data:`TRAIN_PRESETS`' first; ``given`` is the set of
     field names the command line set, and ``config.debug`` is not a field: ``--debug`` is in
     ``given`` as "debug". Unknown flags and invalid values exit with an error."""
     args = vars(build_parser(preset, description).parse_args(argv))
+    if "preset" in args:  # its settings, then the flags given over them
+        preset = dataclasses.replace(preset, **TRAIN_PRESETS[args.pop("preset")])
     given = frozenset(args)
     debug = args.pop("debug", False)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
