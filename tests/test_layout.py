@@ -88,3 +88,19 @@ def test_yolo_and_utils_import_each_other_in_no_cycle():
     assert {"yolo.detect", "yolo.video", "yolo.train", "utils.data"} <= graph.keys()
     assert "yolo.source" in graph["yolo.video"]  # the graph sees real edges
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_torch_free_names_agree_with_what_builds_them():
+    from utils.anchors import default_anchors
+    from yolo.loss import YOLOv2Loss
+    from yolo.model import build_model
+    from yolo.names import ASSIGNMENTS, DARKNET_NAMES, MODEL_NAMES, RESNET_NAMES
+    from yolo.resnet import RESNETS
+
+    assert tuple(RESNETS) == RESNET_NAMES and (*DARKNET_NAMES, *RESNET_NAMES) == MODEL_NAMES
+    for name in DARKNET_NAMES:  # each builds (resnets would download weights; RESNETS above)
+        assert build_model(name, num_classes=2, num_anchors=1).backbone_name == name
+    for mode in ASSIGNMENTS:
+        assert YOLOv2Loss(default_anchors(), 2, assignment=mode).assignment == mode
+    with pytest.raises(ValueError, match="not one of"):
+        YOLOv2Loss(default_anchors(), 2, assignment="other")

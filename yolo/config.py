@@ -20,8 +20,7 @@ from pathlib import Path
 from utils.darknet_aug import DARKNET_AUGMENTATION as AUG
 from utils.download import VOC_TARBALLS, check_mirror
 from utils.fileio import atomic_write_text
-from yolo.converter import ASSIGNMENTS
-from yolo.model import DARKNET_NAMES, MODEL_NAMES
+from yolo.names import ASSIGNMENTS, DARKNET_NAMES, MODEL_NAMES
 
 MODELS = MODEL_NAMES
 OPTIMIZERS = ("sgd", "adamw")
