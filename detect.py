@@ -13,13 +13,12 @@ import sys
 
 from yolo.cli import run
 from yolo.config import DetectConfig
-from yolo.detect import run_detect
 
 PRESET = DetectConfig(model="darknet19", conf_threshold=0.25, out="model/detect")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PRESET, argv, __doc__, run_detect)
+    return run(PRESET, argv, __doc__, "yolo.detect:run_detect")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ import sys
 
 from yolo.cli import run
 from yolo.config import DownloadConfig
-from yolo.prepare import run_download
 
 PRESET = DownloadConfig()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PRESET, argv, __doc__, run_download)
+    return run(PRESET, argv, __doc__, "yolo.prepare:run_download")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ import sys
 
 from yolo.cli import run
 from yolo.config import ExportConfig
-from yolo.export import run_export
 
 PRESET = ExportConfig(model="darknet19", out="model/export/yolov2.onnx")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PRESET, argv, __doc__, run_export)
+    return run(PRESET, argv, __doc__, "yolo.export:run_export")
 
 
 if __name__ == "__main__":

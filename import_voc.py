@@ -12,13 +12,12 @@ import sys
 
 from yolo.cli import run
 from yolo.config import ImportConfig
-from yolo.prepare import run_import
 
 PRESET = ImportConfig()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PRESET, argv, __doc__, run_import)
+    return run(PRESET, argv, __doc__, "yolo.prepare:run_import")
 
 
 if __name__ == "__main__":

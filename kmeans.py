@@ -15,13 +15,12 @@ import sys
 
 from yolo.cli import run
 from yolo.config import KMeansConfig
-from yolo.kmeans import find_anchors
 
 PRESET = KMeansConfig()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PRESET, argv, __doc__, find_anchors)
+    return run(PRESET, argv, __doc__, "yolo.kmeans:find_anchors")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ import sys
 
 from yolo.cli import run
 from yolo.config import TestConfig
-from yolo.evaluate import run_test
 
 PRESET = TestConfig(model="resnet101", out="model/test-resnet101")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PRESET, argv, __doc__, run_test)
+    return run(PRESET, argv, __doc__, "yolo.testing:run_test")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ import sys
 
 from yolo.cli import run
 from yolo.config import TestConfig
-from yolo.evaluate import run_test
 
 PRESET = TestConfig(model="darknet19", out="model/test-yolov2")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PRESET, argv, __doc__, run_test)
+    return run(PRESET, argv, __doc__, "yolo.testing:run_test")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,8 @@ copy of torchvision's ImageNet weights, ``--no-pretrained`` trains the backbone 
 
 import sys
 
-from yolo.checkpoint import resume_settings
 from yolo.cli import run
 from yolo.config import TrainConfig
-from yolo.train import fit
 
 PRESET = TrainConfig(
     model="resnet18", run="yolov2-resnet18", pretrained="default", eval_img_size=544
@@ -18,7 +16,7 @@ PRESET = TrainConfig(
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PRESET, argv, __doc__, fit, prepare=resume_settings)
+    return run(PRESET, argv, __doc__, "yolo.train:fit", prepare="yolo.checkpoint:resume_settings")
 
 
 if __name__ == "__main__":

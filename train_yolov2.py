@@ -7,16 +7,14 @@ darknet's burn-in, /10 at epochs 60 and 90, effective batch 64, multi-scale 320.
 
 import sys
 
-from yolo.checkpoint import resume_settings
 from yolo.cli import run
 from yolo.config import TrainConfig
-from yolo.train import fit
 
 PRESET = TrainConfig(model="darknet19", run="yolov2-darknet19", eval_img_size=416)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PRESET, argv, __doc__, fit, prepare=resume_settings)
+    return run(PRESET, argv, __doc__, "yolo.train:fit", prepare="yolo.checkpoint:resume_settings")
 
 
 if __name__ == "__main__":

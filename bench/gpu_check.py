@@ -70,14 +70,15 @@ from bench.common import (  # noqa: E402
     time_training,
 )
 from utils.demo import generate_demo_dataset  # noqa: E402
-from yolo.build import build_loaders, build_training, resolve_anchors  # noqa: E402
+from yolo.build import build_loaders, build_training  # noqa: E402
 from yolo.checkpoint import load_checkpoint  # noqa: E402
 from yolo.config import TrainConfig  # noqa: E402
-from yolo.evaluate import measure_fps  # noqa: E402
+from yolo.load import resolve_anchors  # noqa: E402
 from yolo.model import build_model  # noqa: E402
 from yolo.nms import postprocess  # noqa: E402
 from yolo.runtime import Runtime, setup_runtime  # noqa: E402
 from yolo.schedule import build_schedule  # noqa: E402
+from yolo.testing import measure_fps  # noqa: E402
 
 SECTIONS = {  # name: (title, seconds on CUDA: 8 minutes in all, with Python's start)
     "setup": ("0. Set-up: pytest started, data generated", 45),
@@ -299,7 +300,7 @@ def inference_section(ctx: Context, budget: Budget) -> str:
         "Random weights (darknet's init, objectness prior 0.01): no box scores above the "
         "evaluation threshold 0.005, so end to end adds decode and threshold but no NMS "
         "(dets_per_img). fp32: TF32 convolutions, as setup_runtime sets. Batch 1: "
-        "yolo.evaluate.measure_fps (50 calls after 5); batch 32: at least 10 calls and 0.5 s; "
+        "yolo.testing.measure_fps (50 calls after 5); batch 32: at least 10 calls and 0.5 s; "
         "synchronised. compile_s: torch.compile's first call at that shape and dtype."
     )
 

@@ -35,13 +35,9 @@ import torch  # noqa: E402
 
 from bench.common import machine_line, save_results, time_training  # noqa: E402
 from utils.demo import generate_demo_dataset  # noqa: E402
-from yolo.build import (  # noqa: E402
-    build_loaders,
-    build_training,
-    resolve_anchors,
-    resolve_classes,
-)
+from yolo.build import build_loaders, build_training  # noqa: E402
 from yolo.config import MODELS, TrainConfig  # noqa: E402
+from yolo.load import resolve_anchors, resolve_classes  # noqa: E402
 from yolo.runtime import Runtime, seed_everything, setup_runtime  # noqa: E402
 from yolo.schedule import build_schedule  # noqa: E402
 

@@ -87,3 +87,33 @@ def test_a_second_sigterm_ends_the_process_with_143():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == -signal.SIGTERM and "still running" not in result.stdout
+
+
+# Runs an entry script's --help, then says which heavy packages that imported.
+HELP_RUNNER = """
+import runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as done:
+    assert done.code in (0, None), done.code
+print(sorted(name for name in ("torch", "torchvision", "numpy", "PIL") if name in sys.modules))
+"""
+ENTRY_SCRIPTS = sorted(path.name for path in REPO.glob("*.py"))
+
+
+@pytest.mark.parametrize("script", ENTRY_SCRIPTS)
+def test_help_and_flag_parsing_import_no_torch(script):
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_RUNNER, script], cwd=REPO, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-300:]
+
+
+def test_a_job_named_by_string_is_imported_once_the_flags_parsed():
+    assert run(TrainConfig(), ["--epochs", "3"], None, "yolo.config:config_to_dict") == 0
+    with pytest.raises(SystemExit):
+        run(TrainConfig(), ["--epochs", "0"], None, "no.such.module:job")  # parse fails first

@@ -134,3 +134,20 @@ def test_round_trip_through_json(tmp_path):
     assert config_from_dict(TestConfig, config_to_dict(TestConfig())) == TestConfig()
     with pytest.raises(ValueError, match="unknown fields"):
         config_from_dict(TrainConfig, {**data, "bogus": 1})
+
+
+def test_preset_small_sets_its_values_and_flags_given_win():
+    from yolo.config import parse_args
+
+    config, given = parse_args(TrainConfig(), ["--preset", "small", "--epochs", "12"])
+    assert config.model == "tiny" and config.optimizer == "adamw" and not config.multi_scale
+    assert config.lr_steps == (45, 55) and config.img_size == 256
+    assert config.epochs == 12 and given == {"epochs"}  # the flag given over the preset's 60
+    explicit = ["--model", "tiny", "--img-size", "256", "--eval-img-size", "256",
+                "--no-multi-scale", "--optimizer", "adamw", "--lr", "1e-3", "--batch-size", "8",
+                "--accum", "1", "--epochs", "60", "--lr-steps", "45", "55"]  # fmt: skip
+    assert parse_config(TrainConfig(), ["--preset", "small"]) == parse_config(
+        TrainConfig(), explicit
+    )
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig(), ["--preset", "huge"])

@@ -18,6 +18,7 @@ from yolo.checkpoint import FORMAT
 from yolo.darknet import save_darknet_weights
 from yolo.model import build_model
 from yolo.runtime import Runtime
+from yolo.source import Source, resolve_source
 
 IMG_SIZE = "128"
 
@@ -241,18 +242,18 @@ def test_preprocess_is_a_plain_resize_to_rgb_in_unit_range():
 
 
 def test_resolve_source(tmp_path):
-    assert engine.resolve_source(["0"]) == engine.Source("webcam", webcam=0)
+    assert resolve_source(["0"]) == Source("webcam", webcam=0)
     (tmp_path / "clip.MP4").write_bytes(b"")
-    assert engine.resolve_source([str(tmp_path / "clip.MP4")]).kind == "video"
+    assert resolve_source([str(tmp_path / "clip.MP4")]).kind == "video"
     write_image(tmp_path / "x.png", 8, 8, 0)
     with pytest.raises(ValueError, match="one video file on its own"):
-        engine.resolve_source([str(tmp_path / "clip.MP4"), str(tmp_path / "x.png")])
+        resolve_source([str(tmp_path / "clip.MP4"), str(tmp_path / "x.png")])
     with pytest.raises(FileNotFoundError, match=r"missing\.jpg"):
-        engine.resolve_source([str(tmp_path / "missing.jpg")])
+        resolve_source([str(tmp_path / "missing.jpg")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
-        engine.resolve_source([str(tmp_path / "empty")])
-    images = engine.resolve_source([str(tmp_path), str(tmp_path / "x.png")])
+        resolve_source([str(tmp_path / "empty")])
+    images = resolve_source([str(tmp_path), str(tmp_path / "x.png")])
     assert images.kind == "images" and images.paths == (tmp_path / "x.png",) * 2
 
 

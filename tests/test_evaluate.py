@@ -1,4 +1,4 @@
-"""The test scripts end to end (yolo.evaluate.run_test) and every entry script's --help."""
+"""The test scripts end to end (yolo.testing.run_test) and every entry script's --help."""
 
 import json
 import logging
@@ -25,11 +25,12 @@ from utils.anchors import default_anchors, save_anchors
 from utils.data import VOCDataset
 from utils.transforms import build_eval_transform
 from utils.voc import load_classes
-from yolo.build import build_val_loader, load_trained_model
+from yolo.build import build_val_loader
 from yolo.checkpoint import FORMAT, save_checkpoint
 from yolo.config import TestConfig
 from yolo.darknet import save_darknet_weights
 from yolo.evaluate import evaluate, write_voc_results
+from yolo.load import load_trained_model
 from yolo.model import build_model
 from yolo.runtime import Runtime
 
@@ -172,7 +173,7 @@ def test_a_checkpoint_keeps_its_classes_and_anchors(tmp_path, demo_model, caplog
         },
         tmp_path / "best.pt",
     )
-    with caplog.at_level(logging.WARNING, logger="yolo.build"):
+    with caplog.at_level(logging.WARNING, logger="yolo.load"):
         _, classes, loaded, _ = load_trained_model(
             str(checkpoint),
             model_name="darknet19",
@@ -185,7 +186,7 @@ def test_a_checkpoint_keeps_its_classes_and_anchors(tmp_path, demo_model, caplog
     caplog.clear()
     classes_file.write_text("a\nb\nc\nd\ne\n")  # what the checkpoint holds: nothing to say
     save_anchors(default_anchors(), anchors)
-    with caplog.at_level(logging.WARNING, logger="yolo.build"):
+    with caplog.at_level(logging.WARNING, logger="yolo.load"):
         load_trained_model(
             str(checkpoint),
             model_name="tiny",

@@ -200,7 +200,8 @@ def test_cli_imports_and_prints_a_train_command_that_parses(labelled, tmp_path, 
         config = parse_config(TrainConfig(), words[2:])  # every flag exists and validates
         assert config.data_root == str(out) and config.classes == str(out / "classes.txt")
         assert config.train_sets == ("pets:train",) and config.val_set == "pets:val"
-    assert "--weights yolov2-voc" in commands[0] and "--model tiny" in commands[1]
+    assert "--weights yolov2-voc" in commands[0] and "--preset small" in commands[1]
+    assert parse_config(TrainConfig(), shlex.split(commands[1])[2:]).model == "tiny"
     assert "skipped" in caplog.text and REPORT in caplog.text
 
 

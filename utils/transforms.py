@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from utils.darknet_aug import DARKNET_AUGMENTATION as AUG
+
 __all__ = [
     "DarknetParams",
     "DarknetTrainTransform",
@@ -315,11 +317,11 @@ class DarknetTrainTransform:
         self,
         img_size: int = 416,
         *,
-        jitter: float = 0.3,
-        hue: float = 0.1,
-        saturation: float = 1.5,
-        exposure: float = 1.5,
-        flip_p: float = 0.5,
+        jitter: float = AUG.jitter,
+        hue: float = AUG.hue,
+        saturation: float = AUG.saturation,
+        exposure: float = AUG.exposure,
+        flip_p: float = AUG.flip,
         min_box_size: float = 0.001,
     ):
         _check_size(img_size)
@@ -392,11 +394,11 @@ class DarknetTrainTransform:
 def build_train_transform(
     img_size: int = 416,
     *,
-    jitter: float = 0.3,
-    hue: float = 0.1,
-    saturation: float = 1.5,
-    exposure: float = 1.5,
-    flip_p: float = 0.5,
+    jitter: float = AUG.jitter,
+    hue: float = AUG.hue,
+    saturation: float = AUG.saturation,
+    exposure: float = AUG.exposure,
+    flip_p: float = AUG.flip,
 ) -> DarknetTrainTransform:
     """Training preset: darknet's jitter crop, resize, flip and HSV distortion (yolov2-voc.cfg
     values by default)."""

@@ -1,24 +1,18 @@
-"""Builders shared by the train, test and detect scripts: data, model, optimizer, schedule."""
+"""Builders of a training run: data loaders, model, loss, optimizer and AMP scaler (the test
+script reuses :func:`build_val_loader`). Inference loading is :mod:`yolo.load`."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from utils.anchors import default_anchors, load_anchors
-from utils.data import VOC_CLASSES, VOCDataset
-from utils.demo import DEMO_CLASSES_FILE, generate_demo_dataset
+from utils.data import VOCDataset
 from utils.loader import build_dataloader
 from utils.transforms import build_eval_transform, build_train_transform
-from utils.voc import load_classes, parse_sets
+from utils.voc import parse_sets
 from yolo.checkpoint import load_checkpoint, load_model_weights
-from yolo.config import DEMO_ROOT
 from yolo.darknet import (
     darknet_conv_layers,
     darknet_weights_nbytes,
@@ -26,43 +20,14 @@ from yolo.darknet import (
     prediction_filters_in_file,
     read_header,
 )
+from yolo.load import find_weights
 from yolo.loss import YOLOv2Loss
 from yolo.model import build_model
 from yolo.runtime import Runtime
-from yolo.weights import DARKNET_RELEASES, ResolvedWeights, resolve_weights
 
 log = logging.getLogger(__name__)
 
-DARKNET_IMG_SIZE = 416  # what yolov2-voc.cfg evaluates at
 PREDICTION_KEYS = ("head.conv.weight", "head.conv.bias")  # the layer sized by classes, anchors
-
-
-def resolve_demo(config, runtime: Runtime | None = None):
-    """With ``--demo``: generate the demo dataset if missing and point the config at it. Under
-    torchrun, rank 0 generates it while the other ranks wait."""
-    if not config.demo:
-        return config
-    together = runtime is not None and runtime.distributed
-    if together and not runtime.is_main:
-        dist.barrier()
-    root = generate_demo_dataset(DEMO_ROOT)
-    if together and runtime.is_main:
-        dist.barrier()
-    changes = {"data_root": str(root), "classes": str(Path(root) / DEMO_CLASSES_FILE)}
-    names = {item.name for item in dataclasses.fields(config)}
-    if "train_sets" in names:
-        changes["train_sets"] = ("demo:train",)
-    changes["val_set"] = "demo:val"
-    return dataclasses.replace(config, **changes)
-
-
-def resolve_classes(classes_file: str | None) -> tuple[str, ...]:
-    return load_classes(classes_file) if classes_file else VOC_CLASSES
-
-
-def resolve_anchors(anchors_file: str | None) -> torch.Tensor:
-    """``[A, 2]`` anchors in grid cells: the file's, else darknet's VOC set."""
-    return load_anchors(anchors_file) if anchors_file else default_anchors()
 
 
 def build_optimizer(
@@ -153,82 +118,6 @@ def build_train_model(config, num_classes: int, num_anchors: int) -> nn.Module:
     return build_model(
         config.model, num_classes=num_classes, num_anchors=num_anchors, pretrained=pretrained
     )
-
-
-class TrainedModel(NamedTuple):
-    """A model ready for inference and what it needs: its class names, its anchors ``[A, 2]``
-    (grid cells) and the input size it was evaluated at in training."""
-
-    model: nn.Module
-    classes: tuple[str, ...]
-    anchors: torch.Tensor
-    img_size: int
-
-
-def find_weights(weights: str) -> ResolvedWeights:
-    """``--weights``: a file, or the name of darknet's published weights (downloaded once)."""
-    try:
-        return resolve_weights(weights)
-    except FileNotFoundError as error:
-        if Path(weights).suffix or "/" in weights:  # a path, not a mistyped name
-            raise FileNotFoundError(
-                f"weights {weights} not found: a run's own weights are model/<run>/best.pt; "
-                f"darknet's can be named: {', '.join(DARKNET_RELEASES)}"
-            ) from None
-        raise FileNotFoundError(f"{error}; a run's own weights are model/<run>/best.pt") from None
-
-
-def load_trained_model(
-    weights: str, *, model_name: str, classes_file: str | None, anchors_file: str | None
-) -> TrainedModel:
-    """A model in eval mode from a project checkpoint (.pt), a darknet .weights file or the
-    name of darknet's published weights (e.g. ``yolov2-voc``).
-
-    A darknet file takes ``model_name``, ``classes_file`` and ``anchors_file`` (default VOC's
-    classes and darknet's anchors) and is evaluated at 416; a named release and a checkpoint
-    supply their own model, classes, anchors and evaluation size, and a warning says so where
-    the files given differ from them.
-    """
-    found = find_weights(weights)
-    path = found.path
-    if found.classes is not None:  # a named darknet release
-        _warn_ignored(classes_file, anchors_file, found.classes, found.anchors, found.name)
-        model = build_model(found.model, num_classes=len(found.classes),
-                            num_anchors=len(found.anchors), pretrained=str(path))  # fmt: skip
-        return TrainedModel(model.eval(), found.classes, found.anchors, found.img_size)
-    if path.suffix == ".weights":
-        classes = resolve_classes(classes_file)
-        anchors = resolve_anchors(anchors_file)
-        model = build_model(
-            model_name, num_classes=len(classes), num_anchors=len(anchors), pretrained=str(path)
-        )
-        return TrainedModel(model.eval(), classes, anchors, DARKNET_IMG_SIZE)
-    state = load_checkpoint(path)
-    classes = tuple(state["classes"])
-    anchors = torch.tensor(state["anchors"], dtype=torch.float32)
-    _warn_ignored(classes_file, anchors_file, classes, anchors, f"checkpoint {path}")
-    model = build_model(state["config"]["model"], num_classes=len(classes),
-                        num_anchors=len(anchors))  # fmt: skip
-    load_model_weights(model, state["model"], str(path))
-    img_size = state["config"].get("eval_img_size", DARKNET_IMG_SIZE)
-    return TrainedModel(model.eval(), classes, anchors, img_size)
-
-
-def _warn_ignored(classes_file, anchors_file, classes, anchors, source: str) -> None:
-    """Say where ``--classes``/``--anchors`` name other values than the weights hold."""
-    if classes_file and resolve_classes(classes_file) != classes:
-        log.warning("--classes %s ignored: %s holds its own", classes_file, source)
-    if anchors_file and not torch.equal(resolve_anchors(anchors_file), anchors):
-        log.warning("--anchors %s ignored: %s holds its own", anchors_file, source)
-
-
-def require_weights(config) -> None:
-    """Test, detect and export need ``--weights``; say which kinds it takes."""
-    if not config.weights:
-        raise ValueError(
-            "--weights is required: a checkpoint of this project (model/<run>/best.pt), "
-            "darknet's .weights file, or a name such as yolov2-voc"
-        )
 
 
 def build_val_loader(config, classes, transform, *, workers: int, runtime: Runtime):

@@ -213,6 +213,13 @@ def restore_training(ckpt: dict, model, optimizer, scaler, source: str) -> dict:
     return dict(ckpt["state"])
 
 
+def resume_path(config: TrainConfig) -> Path:
+    """The checkpoint ``--resume`` names: the run's ``last.pt``, or the PATH given."""
+    if config.resume == "last":
+        return Path(config.model_dir) / config.run / "last.pt"
+    return Path(config.resume)
+
+
 def checkpoint_to_resume(
     config, run_dir: Path, classes, anchors, world_size: int = 1
 ) -> dict | None:
@@ -224,7 +231,7 @@ def checkpoint_to_resume(
                 f"--resume, start another with --run NAME, or delete {run_dir} to start over"
             )
         return None
-    path = run_dir / "last.pt" if config.resume == "last" else Path(config.resume)
+    path = resume_path(config)
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, config, classes, anchors, path)
     changed = changed_settings(config_from_dict(TrainConfig, ckpt["config"]), config)
@@ -251,7 +258,6 @@ def resume_settings(config: TrainConfig, given: frozenset[str]) -> TrainConfig:
     command line changed (``given``), so a resumed run never falls back to a preset's value."""
     if not config.resume:
         return config
-    path = Path(config.model_dir) / config.run / "last.pt"
-    path = path if config.resume == "last" else Path(config.resume)
-    saved = config_from_dict(TrainConfig, load_checkpoint(path, weights=False)["config"])
+    saved = load_checkpoint(resume_path(config), weights=False)["config"]
+    saved = config_from_dict(TrainConfig, saved)
     return dataclasses.replace(saved, **{name: getattr(config, name) for name in given})

@@ -17,10 +17,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.darknet_aug import DARKNET_AUGMENTATION as AUG
 from utils.download import VOC_TARBALLS, check_mirror
 from utils.fileio import atomic_write_text
-from yolo.converter import ASSIGNMENTS
-from yolo.model import DARKNET_NAMES, MODEL_NAMES
+from yolo.names import ASSIGNMENTS, DARKNET_NAMES, MODEL_NAMES
 
 MODELS = MODEL_NAMES
 OPTIMIZERS = ("sgd", "adamw")
@@ -29,7 +29,25 @@ EXPORTERS = ("torchscript", "dynamo")
 OPSET_RANGES = {"torchscript": (13, 20), "dynamo": (18, 23)}
 MAX_K = 64  # most anchors kmeans.py makes
 DEMO_ROOT = "data/demo"
+DEVICE_HELP = "auto | cpu | cuda | cuda:N"
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+# ``--preset small``: a small model from scratch that learns a dataset of a few hundred images
+# on a 2-core CPU in under an hour (import_voc.py prints it; the Makefile's demo shortens it).
+SMALL_DATA = {
+    "model": "tiny",
+    "img_size": 256,
+    "eval_img_size": 256,
+    "multi_scale": False,
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "batch_size": 8,
+    "accum": 1,
+    "epochs": 60,
+    "lr_steps": (45, 55),
+}
+TRAIN_PRESETS = {"small": SMALL_DATA}
 
 
 def flag(default, help_text: str, **extra):
@@ -72,17 +90,17 @@ class TrainConfig:
     burn_in_epochs: int = flag(4, "the burn-in lasts at most this many epochs (small datasets)")
     lr_steps: tuple[int, ...] = flag((60, 90), "epochs at which lr is multiplied by --lr-gamma")
     lr_gamma: float = flag(0.1, "lr factor at each of --lr-steps")
-    jitter: float = flag(0.3, "darknet jitter of the random crop")
-    hue: float = flag(0.1, "hue shift, fraction of the colour circle")
-    saturation: float = flag(1.5, "saturation scale up to this or its inverse")
-    exposure: float = flag(1.5, "exposure scale up to this or its inverse")
-    flip: float = flag(0.5, "horizontal flip probability")
+    jitter: float = flag(AUG.jitter, "darknet jitter of the random crop")
+    hue: float = flag(AUG.hue, "hue shift, fraction of the colour circle")
+    saturation: float = flag(AUG.saturation, "saturation scale up to this or its inverse")
+    exposure: float = flag(AUG.exposure, "exposure scale up to this or its inverse")
+    flip: float = flag(AUG.flip, "horizontal flip probability")
     keep_difficult: bool = flag(False, "train on difficult objects too (darknet leaves them out)")
     strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
     assignment: str = flag("global", "loss target assignment", choices=ASSIGNMENTS)
     conf_threshold: float = flag(0.005, "evaluation score threshold")
     nms_threshold: float = flag(0.45, "evaluation NMS IoU threshold")
-    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    device: str = flag("auto", DEVICE_HELP)
     workers: int = flag(4, "data loader worker processes")
     seed: int = flag(0, "seed for shuffling, augmentation and initialisation")
     resume: str | None = flag(None, "resume model/<run>/last.pt, or the PATH given", const="last")
@@ -128,26 +146,39 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class TestConfig:
-    """Evaluation of trained weights on a validation set."""
-
-    __test__ = False  # not a pytest test class, despite the name
+class WeightsConfig:
+    """The flags that load trained weights, shared by the test, export and detect configs: a
+    checkpoint supplies its own model, classes, anchors and size; darknet's .weights take them
+    from these flags."""
 
     weights: str | None = flag(
         None, "checkpoint .pt of this project, darknet .weights, or a name such as yolov2-voc"
     )
     model: str = flag("darknet19", "model for darknet .weights files", choices=MODELS)
+    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
+    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
+    img_size: int | None = flag(None, "network input size (default: the checkpoint's, else 416)")
+
+    def __post_init__(self) -> None:
+        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
+        if self.img_size is not None:
+            _check_size("img_size", self.img_size)
+
+
+@dataclass(frozen=True)
+class TestConfig(WeightsConfig):
+    """Evaluation of trained weights on a validation set."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
     data_root: str = flag("data/VOCdevkit", "VOCdevkit folder")
     val_set: str = flag("2007:test", "NAME:SPLIT to evaluate")
-    classes: str | None = flag(None, "classes file (default: the checkpoint's, else VOC's)")
-    anchors: str | None = flag(None, "anchors JSON (default: the checkpoint's, else darknet's)")
     demo: bool = flag(False, "evaluate on the demo dataset's val split")
     strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
-    img_size: int | None = flag(None, "evaluation size (default: the checkpoint's, else 416)")
     letterbox: bool = flag(False, "resize keeping the aspect ratio (darknet's letterbox_image)")
     conf_threshold: float = flag(0.005, "score threshold")
     nms_threshold: float = flag(0.45, "NMS IoU threshold")
-    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    device: str = flag("auto", DEVICE_HELP)
     batch_size: int = flag(16, "images per batch")
     workers: int = flag(4, "data loader worker processes")
     amp: bool = flag(False, "bf16/fp16 on CUDA: faster, but the numbers move off fp32's")
@@ -157,9 +188,7 @@ class TestConfig:
     save_voc_results: str | None = flag(None, "write comp4_det_test_<class>.txt files here")
 
     def __post_init__(self) -> None:
-        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
-        if self.img_size is not None:
-            _check_size("img_size", self.img_size)
+        super().__post_init__()
         _check(self.batch_size >= 1 and self.workers >= 0, "--batch-size >= 1, --workers >= 0")
         _check(self.fps_iters >= 1, "--fps-iters must be at least 1")
         _check_thresholds(self.conf_threshold, self.nms_threshold)
@@ -247,15 +276,24 @@ def build_parser(preset, description: str | None = None) -> argparse.ArgumentPar
             elem = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
             names = (option, item.metadata["alias"]) if "alias" in item.metadata else (option,)
             parser.add_argument(*names, type=elem, **kwargs)
+    if isinstance(preset, TrainConfig):
+        settings = " ".join(f"{k}={_shown(v)}" for k, v in SMALL_DATA.items())
+        parser.add_argument(
+            "--preset", choices=sorted(TRAIN_PRESETS),
+            help=f"settings under the flags given: small = {settings}",
+        )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     return parser
 
 
 def parse_args(preset, argv: list[str] | None = None, description: str | None = None):
-    """Apply command-line overrides to a preset -> ``(config, given)``: ``given`` is the set of
+    """Apply command-line overrides to a preset -> ``(config, given)``: ``--preset NAME``
+    replaces the preset's values by :data:`TRAIN_PRESETS`' first; ``given`` is the set of
     field names the command line set, and ``config.debug`` is not a field: ``--debug`` is in
     ``given`` as "debug". Unknown flags and invalid values exit with an error."""
     args = vars(build_parser(preset, description).parse_args(argv))
+    if "preset" in args:  # its settings, then the flags given over them
+        preset = dataclasses.replace(preset, **TRAIN_PRESETS[args.pop("preset")])
     given = frozenset(args)
     debug = args.pop("debug", False)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
@@ -293,16 +331,10 @@ def save_config_json(config, path: str | Path) -> None:
 
 
 @dataclass(frozen=True)
-class ExportConfig:
-    """ONNX export of a checkpoint of this project or of darknet's weights."""
+class ExportConfig(WeightsConfig):
+    """ONNX export of a checkpoint of this project or of darknet's weights (``img_size``: the
+    example input's)."""
 
-    weights: str | None = flag(
-        None, "checkpoint .pt of this project, darknet .weights, or a name such as yolov2-voc"
-    )
-    model: str = flag("darknet19", "model for darknet .weights files", choices=MODELS)
-    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
-    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
-    img_size: int | None = flag(None, "example input size (default: the checkpoint's, else 416)")
     batch_size: int = flag(1, "batch size of the example input (the fixed one without --dynamic)")
     dynamic: bool = flag(True, "dynamic batch axis")
     dynamic_size: bool = flag(False, "dynamic height and width too (multiples of 32)")
@@ -314,10 +346,8 @@ class ExportConfig:
     tolerance: float = flag(1e-3, "check: largest |onnx - torch| / (1 + max |torch|) accepted")
 
     def __post_init__(self) -> None:
-        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
+        super().__post_init__()
         _check(self.exporter in EXPORTERS, f"--exporter {self.exporter!r}: one of {EXPORTERS}")
-        if self.img_size is not None:
-            _check_size("img_size", self.img_size)
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         low, high = OPSET_RANGES[self.exporter]
         _check(low <= self.opset <= high, f"--opset {self.opset}: {self.exporter}: {low}-{high}")
@@ -331,19 +361,12 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class DetectConfig:
+class DetectConfig(WeightsConfig):
     """Detection on images, a folder, a video file or a webcam."""
 
-    weights: str | None = flag(
-        None, "checkpoint .pt of this project, darknet .weights, or a name such as yolov2-voc"
-    )
     source: tuple[str, ...] = flag(
         (), "image files and/or folders, one video file, or a webcam index such as 0"
     )
-    model: str = flag("darknet19", "model for darknet .weights files", choices=MODELS)
-    classes: str | None = flag(None, "classes file for .weights (a checkpoint has its own)")
-    anchors: str | None = flag(None, "anchors JSON for .weights (a checkpoint has its own)")
-    img_size: int | None = flag(None, "network input size (default: the checkpoint's, else 416)")
     letterbox: bool = flag(
         False, "resize keeping the aspect ratio (darknet's letterbox_image), grey borders"
     )
@@ -351,7 +374,7 @@ class DetectConfig:
         0.25, "display threshold: lower scores are neither drawn nor saved (mAP uses 0.005)"
     )
     nms_threshold: float = flag(0.45, "NMS IoU threshold")
-    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    device: str = flag("auto", DEVICE_HELP)
     amp: bool = flag(True, "half precision on CUDA")
     batch_size: int = flag(8, "images (or video frames) per forward pass")
     out: str = flag("model/detect", "output folder for annotated images/video and detections.json")
@@ -359,9 +382,7 @@ class DetectConfig:
     max_frames: int | None = flag(None, "stop a video or webcam after this many frames")
 
     def __post_init__(self) -> None:
-        _check(self.model in MODELS, f"--model {self.model!r}: choose one of {MODELS}")
-        if self.img_size is not None:
-            _check_size("img_size", self.img_size)
+        super().__post_init__()
         _check_thresholds(self.conf_threshold, self.nms_threshold)
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         _check(self.max_frames is None or self.max_frames >= 1, "--max-frames must be >= 1")

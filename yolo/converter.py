@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from utils.boxes import cxcywh_to_xyxy, wh_iou
+from yolo.names import ASSIGNMENTS
 
 __all__ = [
     "ASSIGNMENTS",
@@ -47,7 +48,6 @@ __all__ = [
     "match_max_total_iou",
 ]
 
-ASSIGNMENTS = ("global", "darknet")
 # Widths and heights below this fraction of the image are raised to it: log(0) has no value.
 MIN_BOX_SIZE = 1e-6
 

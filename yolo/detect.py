@@ -24,58 +24,22 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.fileio import atomic_open
-from utils.images import IMAGE_SUFFIXES as DATASET_SUFFIXES
 from utils.images import load_rgb
 from utils.transforms import build_eval_transform, unletterbox_detections
 from utils.visualize import draw_detections
 from utils.voc import boxes_to_voc_pixels
-from yolo.build import load_trained_model, require_weights
 from yolo.config import DetectConfig
+from yolo.load import load_trained_model, require_weights
 from yolo.nms import postprocess
 from yolo.runtime import Runtime, select_amp_dtype, select_device
+from yolo.source import resolve_source
 from yolo.video import Viewer, detect_stream, video_output_path
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (*DATASET_SUFFIXES, ".tif", ".tiff", ".webp")  # what a folder may hold
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 JSON_NAME = "detections.json"
 DOCUMENTED_SETTINGS = ("weights", "img_size", "letterbox", "conf_threshold", "nms_threshold")
 READ_ERRORS = (OSError, ValueError)  # UnreadableImage is a ValueError
-
-
-@dataclass(frozen=True)
-class Source:
-    """What ``--source`` names: ``kind`` is "images", "video" or "webcam"."""
-
-    kind: str
-    paths: tuple[Path, ...] = ()
-    webcam: int | None = None
-
-
-def resolve_source(items: Sequence[str]) -> Source:
-    """Classify ``--source``: a webcam index, one video file, or image files and folders.
-
-    A folder contributes its files with an image suffix (sorted, not recursive).
-    """
-    if len(items) == 1 and items[0].isdigit():
-        return Source("webcam", webcam=int(items[0]))
-    paths: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ValueError(f"--source {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
-            paths.extend(found)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise FileNotFoundError(f"--source {path}: no such file or folder")
-    videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
-    if videos and len(paths) > 1:
-        raise ValueError(f"--source: give one video file on its own, got {len(paths)} inputs")
-    return Source("video", paths=tuple(paths)) if videos else Source("images", paths=tuple(paths))
 
 
 def load_image(path: Path) -> Image.Image:

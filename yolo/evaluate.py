@@ -1,37 +1,27 @@
-"""Evaluation: :func:`evaluate` (used every epoch by the trainer) and :func:`run_test`, the engine
-of the test scripts (metrics, plots, drawn detections, FPS, VOC result files)."""
+"""Evaluation of a model on a validation loader: :func:`evaluate` (every epoch of the trainer, and
+the test scripts through :mod:`yolo.testing`), its summary line and its tensorboard logging.
+
+:func:`write_voc_results` (defined in :mod:`yolo.results`) stays importable from here."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import sys
-import time
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from utils.fileio import atomic_write_text
-from utils.metrics import DetectionEvaluator, to_json
-from utils.transforms import build_eval_transform, unletterbox_detections
-from utils.visualize import draw_detections, format_ap_table, plot_pr_curves, save_figure
-from utils.voc import boxes_to_voc_pixels
-from yolo.build import build_val_loader, load_trained_model, require_weights, resolve_demo
+from utils.metrics import DetectionEvaluator
+from utils.transforms import unletterbox_detections
+from utils.visualize import draw_detections, plot_pr_curves
 from yolo.nms import postprocess
-from yolo.rundir import check_writable
-from yolo.runtime import (
-    Runtime,
-    broadcast_flag,
-    gather_to_main,
-    setup_runtime,
-    teardown_runtime,
-    unwrap,
-)
+from yolo.results import write_voc_results
+from yolo.runtime import Runtime, broadcast_flag, gather_to_main, unwrap
+
+__all__ = ["evaluate", "log_evaluation", "summary_line", "write_voc_results"]
 
 log = logging.getLogger(__name__)
 
@@ -119,128 +109,3 @@ def log_evaluation(writer, res: dict, samples: list, classes, step: int) -> None
     for i, (image, dets, gt) in enumerate(samples):
         drawn = draw_detections(image, dets, classes, ground_truths=gt)
         writer.add_image(f"val/detections/{i}", pil_to_tensor(drawn), step)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def measure_fps(
-    model: nn.Module,
-    anchors: torch.Tensor,
-    *,
-    img_size: int,
-    runtime: Runtime,
-    iters: int = 50,
-    warmup: int = 5,
-) -> dict:
-    """Batch-1 frames per second: the model alone (the FPS papers report) and end to end with
-    postprocess; synchronised on CUDA so the clock measures the GPU's work."""
-    device = runtime.device
-    image = runtime.to_device(torch.rand(1, 3, img_size, img_size))
-    anchors = anchors.to(device)
-    results = {}
-    for name, with_post in (("fps_model", False), ("fps_end_to_end", True)):
-        for i in range(warmup + iters):
-            if i == warmup:
-                _sync(device)
-                start = time.perf_counter()
-            with runtime.autocast():
-                raw = model(image)
-            if with_post:
-                postprocess(raw.float(), anchors)
-        _sync(device)
-        results[name] = iters / (time.perf_counter() - start)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return {**results, "device": name, "precision": runtime.precision, "img_size": img_size}
-
-
-def write_voc_results(records: list, classes: tuple[str, ...], out_dir: str | Path) -> None:
-    """VOC result files ``comp4_det_test_<class>.txt``: ``image_id score x1 y1 x2 y2``.
-
-    ``records``: ``(image_id, (height, width), detections [K, 6])`` with normalised xyxy boxes.
-    Boxes are written in the VOC pixel frame of the original image, ``(x1 W + 1, y1 H + 1,
-    x2 W, y2 H)`` to 0.01 pixel (the inverse of the loader's mapping, so the devkit's +1 IoU
-    is ours); scores in the shortest form that reads back to the same value, so that the
-    devkit's stable sort sees the order and the ties the evaluator saw. Lines keep the order
-    of ``records``, then of rows.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines: dict[int, list[str]] = {c: [] for c in range(len(classes))}
-    for image_id, (height, width), dets in records:
-        dets = torch.as_tensor(dets).detach().cpu()
-        dtype = torch.float64 if dets.dtype == torch.float64 else torch.float32
-        corners = boxes_to_voc_pixels(dets[:, :4].double(), width, height).tolist()  # [K, 4]
-        scores = dets[:, 4].to(dtype).numpy()
-        for (x1, y1, x2, y2), score, label in zip(
-            corners, scores, dets[:, 5].tolist(), strict=True
-        ):
-            text = np.format_float_positional(score, trim="-")
-            lines[int(label)].append(f"{image_id} {text} {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f}")
-    for label, name in enumerate(classes):
-        atomic_write_text(
-            out_dir / f"comp4_det_test_{name}.txt", "".join(f"{x}\n" for x in lines[label])
-        )
-
-
-def run_test(config) -> dict:
-    """Evaluate ``config.weights`` on ``config.val_set``; write metrics, plots and samples."""
-    require_weights(config)
-    check_writable(Path(config.out), "--out")
-    runtime = setup_runtime(config.device, config.amp)
-    try:
-        return _run_test(resolve_demo(config, runtime), runtime)
-    finally:
-        teardown_runtime(runtime)
-
-
-def _run_test(config, runtime: Runtime) -> dict:
-    trained = load_trained_model(
-        config.weights,
-        model_name=config.model,
-        classes_file=config.classes,
-        anchors_file=config.anchors,
-    )
-    classes, anchors = trained.classes, trained.anchors
-    img_size = config.img_size or trained.img_size
-    model = trained.model.to(runtime.device)
-    if runtime.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    transform = build_eval_transform(img_size, letterbox=config.letterbox)
-    loader = build_val_loader(config, classes, transform, workers=config.workers, runtime=runtime)
-    records: list = []
-    res, samples = evaluate(
-        model,
-        loader,
-        anchors,
-        runtime=runtime,
-        class_names=classes,
-        conf_threshold=config.conf_threshold,
-        nms_threshold=config.nms_threshold,
-        num_vis_images=config.num_vis_images,
-        records=records,
-        letterbox=config.letterbox,
-    )
-    if not runtime.is_main:  # under torchrun, rank 0 scores the gathered detections
-        return {}
-    out = Path(config.out)
-    fps = measure_fps(model, anchors, img_size=img_size, runtime=runtime, iters=config.fps_iters)
-    metrics = {**to_json(res), **fps, "weights": str(config.weights)}
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    save_figure(plot_pr_curves(res, classes), out / "pr_curves.png")
-    (out / "detections").mkdir(parents=True, exist_ok=True)
-    for i, (image, dets, gt) in enumerate(samples):
-        draw_detections(image, dets, classes, ground_truths=gt).save(
-            out / "detections" / f"{i:03d}.jpg", quality=90
-        )
-    if config.save_voc_results:
-        write_voc_results(records, classes, config.save_voc_results)
-    sys.stdout.write(format_ap_table(res, classes) + "\n")
-    sys.stdout.write(
-        f"FPS at {img_size} on {fps['device']} ({fps['precision']}), batch 1: model "
-        f"{fps['fps_model']:.1f}, end to end {fps['fps_end_to_end']:.1f}\nwrote {out}/\n"
-    )
-    return metrics

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from utils.fileio import atomic_path
-from yolo.build import load_trained_model, require_weights
 from yolo.config import ExportConfig
 from yolo.converter import decode
+from yolo.load import load_trained_model, require_weights
 
 __all__ = ["DecodedYOLO", "ParityError", "run_export"]
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from utils.winit import init_darknet_conv, init_detection_head, init_kaiming_conv
 from yolo.darknet import load_darknet_weights
+from yolo.names import MODEL_NAMES
 from yolo.resnet import RESNETS, build_resnet
 
 __all__ = [
@@ -67,9 +68,6 @@ TINY_BACKBONE = (  # yolov2-tiny-voc.cfg layers 0-12: conv 1-7
     ("conv", 128, 3), ("max", 2, 2), ("conv", 256, 3), ("max", 2, 2), ("conv", 512, 3),
     ("max", 2, 1), ("conv", 1024, 3),
 )  # fmt: skip
-
-DARKNET_NAMES = ("darknet19", "tiny")
-MODEL_NAMES = (*DARKNET_NAMES, *RESNETS)
 
 
 def darknet_reorg(x: torch.Tensor, stride: int = 2) -> torch.Tensor:

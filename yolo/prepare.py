@@ -44,17 +44,10 @@ def run_import(config) -> dict:
     log.info(
         "next, train on a GPU from darknet's VOC model (downloaded once):\n%s --weights "
         "yolov2-voc\nor on a CPU, a small model from scratch (docs/own-data.md):"
-        "\n%s %s",
-        command, command, CPU_SETTINGS,
+        "\n%s --preset small",
+        command, command,
     )  # fmt: skip
     return {"name": result.name, "classes": list(result.classes)}
-
-
-# What learns on a few hundred photos on a 2-core CPU in under an hour (docs/own-data.md)
-CPU_SETTINGS = (
-    "--model tiny --img-size 256 --eval-img-size 256 --no-multi-scale --optimizer adamw "
-    "--lr 1e-3 --batch-size 8 --accum 1 --epochs 60 --lr-steps 45 55"
-)
 
 
 def train_command(out: str, name: str) -> str:

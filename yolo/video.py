@@ -1,5 +1,6 @@
 """Video files, webcams and the ``--show`` window for ``detect.py``: OpenCV capture and
-writing, and :func:`detect_stream`, which runs a :class:`yolo.detect.Detector` on the frames.
+writing, and :func:`detect_stream`, which runs a detector (:class:`yolo.detect.Detector`) on the
+frames.
 
 OpenCV is imported only when one of these is used.
 """
@@ -12,19 +13,28 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from yolo.detect import Detector, Source
+from yolo.source import Source
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FPS = 30.0
 QUIT_KEYS = (ord("q"), 27)  # q, Esc
+
+
+class Detector(Protocol):
+    """What the stream needs of :class:`yolo.detect.Detector` (which imports this module)."""
+
+    def __call__(self, images: list[Image.Image]) -> list: ...
+
+    def describe(self, detections, width: int, height: int) -> list[dict]: ...
+
+    def draw(self, image: Image.Image, detections) -> Image.Image: ...
 
 
 def import_cv2():
