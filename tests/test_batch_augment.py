@@ -18,6 +18,7 @@ from utils.batch_augment import (
     augment_batch,
     collate_raw,
     resolve_augment_on,
+    train_pipeline,
 )
 from utils.data import VOCDataset
 from utils.demo import DEMO_CLASSES
@@ -211,6 +212,10 @@ def test_resolve_augment_on_and_bad_input():
     assert resolve_augment_on("auto", "cuda:1") == "device"
     assert resolve_augment_on("device", "cpu") == "device"
     assert resolve_augment_on("cpu", "cuda") == "cpu"
+    transform = build_train_transform(64)
+    assert train_pipeline(transform, "auto", "cpu") == (transform, collate_detection)
+    deferred, collate = train_pipeline(transform, "auto", "cuda")
+    assert deferred.transform is transform and collate is collate_raw
     with pytest.raises(ValueError, match="augment_on must be one of auto, cpu, device"):
         resolve_augment_on("gpu", "cpu")
     with pytest.raises(TypeError, match="DarknetTrainTransform"):

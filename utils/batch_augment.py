@@ -18,7 +18,11 @@ everything on the CPU. Here the work splits in two:
 
 Sampling at the size the step uses means a multi-scale batch is made at its size directly, as
 darknet does, where the per-image path makes ``img_size`` and resizes (``resize_batch``).
-``--augment-on``: :func:`resolve_augment_on` picks the path.
+The workers hand over whole decoded images (uint8, padded to the batch's largest): about a
+quarter of the bytes of float ``[3, 416, 416]`` for VOC-sized photos, but far more for photos
+much larger than the training size (a 12-megapixel photo is 36 MB), which are better shrunk
+once on disk or left to the per-image path. ``--augment-on``: :func:`resolve_augment_on` picks
+the path, :func:`train_pipeline` gives the loader's pieces.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from utils.loader import collate_targets
+from utils.loader import collate_detection, collate_targets
 from utils.transforms import DarknetParams, DarknetTrainTransform, distort_hsv
 
 __all__ = [
@@ -42,6 +46,7 @@ __all__ = [
     "augment_batch",
     "collate_raw",
     "resolve_augment_on",
+    "train_pipeline",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,20 @@ def resolve_augment_on(choice: str, device: torch.device | str) -> str:
     if choice != "auto":
         return choice
     return "device" if torch.device(device).type == "cuda" else "cpu"
+
+
+def train_pipeline(transform: DarknetTrainTransform, augment_on: str, device):
+    """The training set's transform and the loader's collate for ``--augment-on`` on
+    ``device`` -> ``(transform, collate_fn)``: ``(transform, collate_detection)`` for the
+    per-image path, ``(DeferredTrainTransform(transform), collate_raw)`` for the device path
+    (whose loader yields ``(RawBatch, targets, metas)``: the step calls :func:`augment_batch`).
+    """
+    if resolve_augment_on(augment_on, device) == "cpu":
+        return transform, collate_detection
+    if torch.device(device).type != "cuda":
+        log.info("augment_on=device on %s: the batch is made in the training process, not in "
+                 "parallel workers (bench/data_throughput.py compares)", device)  # fmt: skip
+    return DeferredTrainTransform(transform), collate_raw
 
 
 class DeferredTrainTransform:
