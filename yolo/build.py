@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from utils.batch_augment import train_pipeline
 from utils.data import VOCDataset
 from utils.loader import build_dataloader
 from utils.transforms import build_eval_transform, build_train_transform
@@ -136,19 +137,14 @@ def build_val_loader(config, classes, transform, *, workers: int, runtime: Runti
     return build_dataloader(
         dataset, batch_size=config.batch_size, shuffle=False, seed=0, workers=workers,
         num_replicas=runtime.world_size, rank=runtime.rank,
-        pin_memory=runtime.device.type == "cuda",
+        pin_memory=runtime.device.type == "cuda", collate_fn=collate,
     )  # fmt: skip
 
 
 def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
     """Training loader (darknet augmentation, seeded, sharded) and validation loader."""
-    train_set = VOCDataset(
-        config.data_root,
-        parse_sets(list(config.train_sets)),
-        classes,
-        keep_difficult=config.keep_difficult,
-        strict=config.strict,
-        transform=build_train_transform(
+    train_transform, collate = train_pipeline(
+        build_train_transform(
             config.img_size,
             jitter=config.jitter,
             hue=config.hue,
@@ -156,6 +152,16 @@ def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
             exposure=config.exposure,
             flip_p=config.flip,
         ),
+        config.augment_on,
+        runtime.device,
+    )
+    train_set = VOCDataset(
+        config.data_root,
+        parse_sets(list(config.train_sets)),
+        classes,
+        keep_difficult=config.keep_difficult,
+        strict=config.strict,
+        transform=train_transform,
     )
     if runtime.is_main:
         log.info("train set: %s", train_set.summary())

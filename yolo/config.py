@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.darknet_aug import AUGMENT_ON
 from utils.darknet_aug import DARKNET_AUGMENTATION as AUG
 from utils.download import VOC_TARBALLS, check_mirror
 from utils.fileio import atomic_write_text
@@ -95,6 +96,12 @@ class TrainConfig:
     saturation: float = flag(AUG.saturation, "saturation scale up to this or its inverse")
     exposure: float = flag(AUG.exposure, "exposure scale up to this or its inverse")
     flip: float = flag(AUG.flip, "horizontal flip probability")
+    augment_on: str = flag(
+        "auto",
+        "where darknet's augmentation runs: cpu (per image in the loader workers), device "
+        "(batched on the training device), auto (device on CUDA, else cpu)",
+        choices=AUGMENT_ON,
+    )
     keep_difficult: bool = flag(False, "train on difficult objects too (darknet leaves them out)")
     strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
     assignment: str = flag("global", "loss target assignment", choices=ASSIGNMENTS)
