@@ -137,7 +137,7 @@ def build_val_loader(config, classes, transform, *, workers: int, runtime: Runti
     return build_dataloader(
         dataset, batch_size=config.batch_size, shuffle=False, seed=0, workers=workers,
         num_replicas=runtime.world_size, rank=runtime.rank,
-        pin_memory=runtime.device.type == "cuda", collate_fn=collate,
+        pin_memory=runtime.device.type == "cuda",
     )  # fmt: skip
 
 
@@ -168,7 +168,7 @@ def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
     train_loader = build_dataloader(
         train_set, batch_size=config.batch_size, shuffle=True, workers=config.workers,
         seed=config.seed, num_replicas=runtime.world_size, rank=runtime.rank,
-        pin_memory=runtime.device.type == "cuda",
+        pin_memory=runtime.device.type == "cuda", collate_fn=collate,
     )  # fmt: skip
     transform = build_eval_transform(config.eval_img_size)
     val_loader = build_val_loader(config, classes, transform, workers=config.workers,
