@@ -3,9 +3,9 @@
 Two forms of the same content, both loadable wherever a checkpoint is (test, detect, export,
 ``load_detector``, ``--weights``):
 
-- ``.pt``: a checkpoint dict with ``"release": True`` and the keys inference reads (``model``,
-  ``config``, ``classes``, ``anchors``, ``format``, ``best_map``, ``epoch``); ``best.pt`` of a
-  run is written in this form, while ``last.pt`` keeps everything a resume needs.
+- ``.pt``: the checkpoint dict with ``"release": True`` and without what only a resume reads
+  (optimizer, AMP scaler, RNG states); ``best.pt`` of a run is written in this form, while
+  ``last.pt`` keeps everything a resume needs.
 - ``.safetensors``: the model's tensors in safetensors, and the rest as JSON strings in the
   same file's header metadata (``"yolov2"`` holds it), so no pickle is ever involved.
 
@@ -20,14 +20,14 @@ from pathlib import Path
 from utils.fileio import atomic_path
 
 METADATA_KEY = "yolov2"
-RELEASE_KEYS = ("format", "model", "config", "classes", "anchors", "anchors_unit")
+TRAINING_ONLY = ("optimizer", "scaler", "scheduler", "rng")  # what only a resume reads
 
 
 def release_checkpoint(checkpoint: dict) -> dict:
-    """A full training checkpoint -> its release form (the same weights; counters kept small)."""
-    state = checkpoint.get("state", {})
-    release = {key: checkpoint[key] for key in RELEASE_KEYS if key in checkpoint}
-    release.update(release=True, best_map=state.get("best_map"), epoch=state.get("epoch"))
+    """A training checkpoint -> its release form: the same dict without the optimizer, scaler
+    and RNG states (``state`` with the counters and best mAP stays: a few numbers)."""
+    release = {key: value for key, value in checkpoint.items() if key not in TRAINING_ONLY}
+    release["release"] = True
     return release
 
 
@@ -36,7 +36,7 @@ def save_safetensors(checkpoint: dict, path: str | Path) -> Path:
     atomically."""
     from safetensors.torch import save_file
 
-    release = release_checkpoint(checkpoint) if not checkpoint.get("release") else checkpoint
+    release = release_checkpoint(checkpoint)
     tensors = {k: v.detach().cpu().contiguous() for k, v in release["model"].items()}
     meta = {k: v for k, v in release.items() if k != "model"}
     path = Path(path)

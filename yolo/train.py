@@ -38,6 +38,7 @@ from yolo.demo import resolve_demo
 from yolo.epoch import DataLoaderDied, TrainState, train_one_epoch
 from yolo.evaluate import evaluate
 from yolo.load import resolve_anchors, resolve_classes
+from yolo.release import release_checkpoint
 from yolo.report import (
     config_text,
     record_epoch,
@@ -179,6 +180,8 @@ def save(run: Run, state: TrainState, name: str) -> None:
     if run.runtime.is_main:
         saved = training_checkpoint(run.model, run.optimizer, run.scaler, state, run.config,
                                     run.classes, run.anchors)  # fmt: skip
+        if name == "best.pt":  # the file to share: what inference needs, a third of last.pt
+            saved = release_checkpoint(saved)
         save_checkpoint(saved, run.run_dir / name)
 
 
