@@ -26,6 +26,7 @@ from yolo.names import ASSIGNMENTS, DARKNET_NAMES, MODEL_NAMES
 MODELS = MODEL_NAMES
 OPTIMIZERS = ("sgd", "adamw")
 EXPORTERS = ("torchscript", "dynamo")
+EXPORT_FORMATS = ("onnx", "pt", "safetensors")
 # Opsets each exporter of torch 2.x writes natively; dynamo converts anything older than 18.
 OPSET_RANGES = {"torchscript": (13, 20), "dynamo": (18, 23)}
 MAX_K = 64  # most anchors kmeans.py makes
@@ -342,6 +343,12 @@ class ExportConfig(WeightsConfig):
     """ONNX export of a checkpoint of this project or of darknet's weights (``img_size``: the
     example input's)."""
 
+    format: str = flag(
+        "onnx",
+        "onnx, or a file to share a checkpoint of this project: pt (no optimizer state) or "
+        "safetensors (no pickle); --out's .onnx suffix becomes .pt or .safetensors",
+        choices=EXPORT_FORMATS,
+    )
     batch_size: int = flag(1, "batch size of the example input (the fixed one without --dynamic)")
     dynamic: bool = flag(True, "dynamic batch axis")
     dynamic_size: bool = flag(False, "dynamic height and width too (multiples of 32)")
