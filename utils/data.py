@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.coco import CocoDataset
 from utils.images import UnreadableImage, load_rgb, probe_image
 from utils.voc import (
     Annotation,
@@ -59,8 +60,9 @@ from utils.voc import (
     read_split,
     voc_box,
 )
+from utils.yolotxt import YoloDataset
 
-__all__ = ["VOC_CLASSES", "VOCDataset"]
+__all__ = ["VOC_CLASSES", "CocoDataset", "VOCDataset", "YoloDataset"]
 
 log = logging.getLogger(__name__)
 
