@@ -95,6 +95,7 @@ def _categories(document: dict, path, classes) -> tuple[dict, tuple, np.ndarray]
 def _images(document, path, image_dir: Path, skips: SkipLog, keep_missing: bool):
     """``{image_id: index}``, file paths, ids, sizes ``[N, 2]`` (height, width)."""
     present = set(os.listdir(image_dir)) if image_dir.is_dir() else set()
+    folder = str(image_dir)
     index, paths, ids, sizes = {}, [], [], []
     for image in document["images"]:
         try:
@@ -107,16 +108,16 @@ def _images(document, path, image_dir: Path, skips: SkipLog, keep_missing: bool)
         if image_id in index:
             skips.add("repeated image ids (first kept)", path, f"id {image_id}")
             continue
-        parts = Path(name).parts
-        if os.path.isabs(name) or ".." in parts:
+        nested = "/" in name or "\\" in name
+        if nested and (os.path.isabs(name) or ".." in Path(name).parts):
             skips.add("file_name outside the image folder", path, name)
             continue
-        exists = name in present if len(parts) == 1 else (image_dir / name).is_file()
+        exists = (image_dir / name).is_file() if nested else name in present
         if not exists and not keep_missing:
             skips.add("images without a file", image_dir / name)
             continue
         index[image_id] = len(paths)
-        paths.append(image_dir / name)
+        paths.append(os.path.join(folder, name))
         ids.append(image_id)
         sizes.append((height, width))
     return index, paths, np.array(ids, np.int64), np.array(sizes, np.int64).reshape(-1, 2)
@@ -144,7 +145,7 @@ def _annotation_rows(document, path, image_index, category_map, skips: SkipLog):
         if cid not in category_map:
             skips.add("annotations of an unknown or unlisted category_id", path, f"{cid}")
             continue
-        if not (w > 0 and h > 0 and np.isfinite([x, y, w, h]).all()):
+        if not (w > 0 and h > 0):  # NaN too; infinities are caught by the caller
             skips.add("boxes with a non-positive or non-finite size, dropped", path, f"{ann_id}")
             continue
         owner.append(image_index[image_id])
@@ -159,14 +160,20 @@ def _annotation_rows(document, path, image_index, category_map, skips: SkipLog):
 
 def _normalise(bbox: np.ndarray, sizes: np.ndarray, path, skips: SkipLog):
     """``[M, 4]`` pixels xywh -> normalised xyxy clamped to [0, 1] and the rows kept."""
+    finite = np.isfinite(bbox).all(axis=1)
+    if not finite.all():
+        skips.add("boxes with a non-positive or non-finite size, dropped", path,
+                  f"{bbox[~finite][0].tolist()}", count=int((~finite).sum()))  # fmt: skip
+        bbox = np.where(finite[:, None], bbox, -1.0)  # fully outside: dropped below, uncounted
     height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
     span = np.stack([bbox[:, 0], bbox[:, 1], bbox[:, 0] + bbox[:, 2], bbox[:, 1] + bbox[:, 3]], 1)
     limits = np.stack([width, height, width, height], 1)  # [M, 4]
     clamped = np.clip(span, 0.0, limits)
     keep = (clamped[:, 2] > clamped[:, 0]) & (clamped[:, 3] > clamped[:, 1])
-    if (~keep).any():
-        skips.add("boxes fully outside their image, dropped", path, f"{span[~keep][0].tolist()}",
-                  count=int((~keep).sum()))  # fmt: skip
+    outside = ~keep & finite
+    if outside.any():
+        skips.add("boxes fully outside their image, dropped", path,
+                  f"{span[outside][0].tolist()}", count=int(outside.sum()))  # fmt: skip
     moved = keep & (clamped != span).any(axis=1)
     if moved.any():
         skips.add("boxes partly outside their image, clamped", path, count=int(moved.sum()))
