@@ -71,8 +71,9 @@ def coco_image_dir(annotation_file: str | os.PathLike) -> Path:
     return root
 
 
-def _categories(document: dict, path, classes) -> tuple[dict, tuple, np.ndarray]:
-    """``{category_id: label}``, class names, ``[C]`` label -> category id (-1 if absent)."""
+def _categories(document: dict, path, classes) -> tuple[dict, tuple, np.ndarray, dict]:
+    """``{category_id: label}``, class names, ``[C]`` label -> category id (-1 if absent) and
+    every category's name ``{category_id: name}``."""
     names: dict[int, str] = {}
     for cat in document["categories"]:
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
@@ -83,13 +84,14 @@ def _categories(document: dict, path, classes) -> tuple[dict, tuple, np.ndarray]
     ids = sorted(names)
     if classes is None:
         classes = tuple(names[i] for i in ids)
-        return {cid: label for label, cid in enumerate(ids)}, classes, np.array(ids, np.int64)
+        mapping = {cid: label for label, cid in enumerate(ids)}
+        return mapping, classes, np.array(ids, np.int64), names
     index = {name: label for label, name in enumerate(classes)}
     mapping = {cid: index[names[cid]] for cid in ids if names[cid] in index}
     back = np.full(len(classes), -1, np.int64)
     for cid, label in mapping.items():
         back[label] = cid
-    return mapping, tuple(classes), back
+    return mapping, tuple(classes), back, names
 
 
 def _images(document, path, image_dir: Path, skips: SkipLog, keep_missing: bool):
@@ -123,7 +125,7 @@ def _images(document, path, image_dir: Path, skips: SkipLog, keep_missing: bool)
     return index, paths, np.array(ids, np.int64), np.array(sizes, np.int64).reshape(-1, 2)
 
 
-def _annotation_rows(document, path, image_index, category_map, skips: SkipLog):
+def _annotation_rows(document, path, image_index, category_map, names, skips: SkipLog):
     """Columns of the usable annotations: owner, category label, bbox ``[M, 4]``, area, crowd."""
     owner, label, bbox, area, crowd, seen = [], [], [], [], [], set()
     for ann in document["annotations"]:
@@ -143,6 +145,8 @@ def _annotation_rows(document, path, image_index, category_map, skips: SkipLog):
             skips.add("annotations of an image_id with no usable image", path, f"{image_id}")
             continue
         if cid not in category_map:
+            if cid in names:
+                skips.unknown_classes[names[cid]] += 1
             skips.add("annotations of an unknown or unlisted category_id", path, f"{cid}")
             continue
         if not (w > 0 and h > 0):  # NaN too; infinities are caught by the caller
@@ -186,10 +190,10 @@ def scan_coco(annotation_file, image_dir, classes=None, *, keep_missing: bool = 
     path, image_dir = Path(annotation_file), Path(image_dir)
     document = read_coco_json(path)
     skips = SkipLog()
-    category_map, classes, category_ids = _categories(document, path, classes)
+    category_map, classes, category_ids, names = _categories(document, path, classes)
     image_index, paths, ids, sizes = _images(document, path, image_dir, skips, keep_missing)
     owner, label, bbox, area, crowd = _annotation_rows(
-        document, path, image_index, category_map, skips
+        document, path, image_index, category_map, names, skips
     )
     del document  # the parsed JSON is the bulk of the memory: free it before packing
     boxes, keep = _normalise(bbox, sizes[owner], path, skips)
@@ -212,11 +216,12 @@ class CocoDataset(FlatDetectionDataset):
                  keep_unreadable: bool = False):  # fmt: skip
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir) if image_dir else coco_image_dir(annotation_file)
-        records, names, self.category_ids, self.skips = scan_coco(
+        records, names, self.category_ids, skips = scan_coco(
             self.annotation_file, self.image_dir, classes, keep_missing=keep_unreadable
         )
         super().__init__(records, names, where=str(self.annotation_file), transform=transform,
                          keep_unreadable=keep_unreadable)  # fmt: skip
+        self.skips = skips
         self.skips.log(self.where)
 
     def summary(self) -> str:

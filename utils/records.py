@@ -43,6 +43,7 @@ class SkipLog:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.unknown_classes: Counter[str] = Counter()  # objects of names not in the class list
         self.examples: dict[str, tuple[str, str]] = {}
 
     def add(self, kind: str, file, detail: str = "", count: int = 1) -> None:
@@ -132,6 +133,12 @@ class FlatDetectionDataset(Dataset):
         self.keep_unreadable = keep_unreadable
         self._failed: set[int] = set()
         self.unreadable: list = []
+        self.skips = SkipLog()
+
+    @property
+    def unknown_classes(self) -> Counter:
+        """Objects skipped because their class name is not in the class list, per name."""
+        return self.skips.unknown_classes
 
     def __len__(self) -> int:
         return len(self.records.paths)

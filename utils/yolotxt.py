@@ -217,6 +217,8 @@ def scan_yolo(config: dict, split: str, classes=None):
         ids.append(image.stem)
     table = np.array(rows, np.float64).reshape(-1, 5)
     label = remap[table[:, 0].astype(np.int64)]
+    for i in table[label < 0, 0].astype(int):
+        skips.unknown_classes[names[i]] += 1
     if (label < 0).any():
         skips.add("objects of classes not in the class list", config["file"],
                   str(sorted({names[i] for i in table[label < 0, 0].astype(int)})[:5]),
@@ -240,9 +242,10 @@ class YoloDataset(FlatDetectionDataset):
                  keep_unreadable: bool = False):  # fmt: skip
         source = Path(data_yaml)
         config = folder_config(source) if source.is_dir() else load_data_yaml(source)
-        records, names, self.skips = scan_yolo(config, split, classes)
+        records, names, skips = scan_yolo(config, split, classes)
         super().__init__(records, names, where=f"{source} ({split})", transform=transform,
                          keep_unreadable=keep_unreadable)  # fmt: skip
+        self.skips = skips
         self.data_yaml, self.split = source, split
         self.skips.log(self.where)
 

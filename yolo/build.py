@@ -12,8 +12,9 @@ import torch.distributed as dist
 from torch import nn
 
 from utils.anchors import default_anchors, load_anchors
-from utils.data import VOC_CLASSES, VOCDataset
+from utils.data import VOC_CLASSES
 from utils.demo import DEMO_CLASSES_FILE, generate_demo_dataset
+from utils.formats import check_trainable, dataset_classes, open_dataset
 from utils.loader import build_dataloader
 from utils.transforms import build_eval_transform, build_train_transform
 from utils.voc import load_classes, parse_sets
@@ -58,6 +59,21 @@ def resolve_demo(config, runtime: Runtime | None = None):
 
 def resolve_classes(classes_file: str | None) -> tuple[str, ...]:
     return load_classes(classes_file) if classes_file else VOC_CLASSES
+
+
+def resolve_run_classes(config) -> tuple[str, ...]:
+    """A run's classes: ``--classes``, else those of a COCO/YOLO ``--data``, else VOC's 20."""
+    if config.classes or not config.data:
+        return resolve_classes(config.classes)
+    return dataset_classes(config.data, config.data_format) or VOC_CLASSES
+
+
+def data_source(config) -> tuple[str, str | None]:
+    """``(path, format)`` of the dataset: ``--data`` (format from the path unless
+    ``--data-format``), else the VOCdevkit ``--data-root``."""
+    if getattr(config, "data", None):
+        return config.data, config.data_format
+    return config.data_root, "voc"
 
 
 def resolve_anchors(anchors_file: str | None) -> torch.Tensor:
@@ -233,10 +249,13 @@ def require_weights(config) -> None:
 
 def build_val_loader(config, classes, transform, *, workers: int, runtime: Runtime):
     """The validation set of ``config.val_set`` and its (sharded, unshuffled) loader."""
-    dataset = VOCDataset(
-        config.data_root,
-        parse_sets([config.val_set]),
-        classes,
+    path, data_format = data_source(config)
+    dataset = open_dataset(
+        path,
+        "val",
+        data_format=data_format,
+        voc_sets=parse_sets([config.val_set]),
+        classes=classes,
         keep_difficult=True,
         strict=config.strict,
         transform=transform,
@@ -253,10 +272,13 @@ def build_val_loader(config, classes, transform, *, workers: int, runtime: Runti
 
 def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
     """Training loader (darknet augmentation, seeded, sharded) and validation loader."""
-    train_set = VOCDataset(
-        config.data_root,
-        parse_sets(list(config.train_sets)),
-        classes,
+    path, data_format = data_source(config)
+    train_set = open_dataset(
+        path,
+        "train",
+        data_format=data_format,
+        voc_sets=parse_sets(list(config.train_sets)),
+        classes=classes,
         keep_difficult=config.keep_difficult,
         strict=config.strict,
         transform=build_train_transform(
@@ -270,6 +292,7 @@ def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
     )
     if runtime.is_main:
         log.info("train set: %s", train_set.summary())
+    check_trainable(train_set, config.classes)  # before the first epoch, not after a run
     train_loader = build_dataloader(
         train_set, batch_size=config.batch_size, shuffle=True, workers=config.workers,
         seed=config.seed, num_replicas=runtime.world_size, rank=runtime.rank,

@@ -29,6 +29,11 @@ EXPORTERS = ("torchscript", "dynamo")
 OPSET_RANGES = {"torchscript": (13, 20), "dynamo": (18, 23)}
 MAX_K = 64  # most anchors kmeans.py makes
 DEMO_ROOT = "data/demo"
+DATA_FORMATS = ("voc", "coco", "yolo")
+DATA_HELP = (
+    "dataset, format from the path: a VOCdevkit folder, a COCO instances_*.json or folder with "
+    "annotations/, a YOLO data.yaml or folder with images/ and labels/ (replaces --data-root)"
+)
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -46,6 +51,8 @@ class TrainConfig:
     # --run-name too: torchrun's parser reads a bare --run as an abbreviation of its --run-path
     run: str = flag("yolov2", "run name: logs/<run>/ and model/<run>/", alias="--run-name")
     data_root: str = flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
+    data: str | None = flag(None, DATA_HELP)
+    data_format: str | None = flag(None, "force the format of --data", choices=DATA_FORMATS)
     train_sets: tuple[str, ...] = flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ...")
     val_set: str = flag("2007:test", "NAME:SPLIT evaluated every --eval-every epochs")
     classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
@@ -138,6 +145,8 @@ class TestConfig:
     )
     model: str = flag("darknet19", "model for darknet .weights files", choices=MODELS)
     data_root: str = flag("data/VOCdevkit", "VOCdevkit folder")
+    data: str | None = flag(None, DATA_HELP)
+    data_format: str | None = flag(None, "force the format of --data", choices=DATA_FORMATS)
     val_set: str = flag("2007:test", "NAME:SPLIT to evaluate")
     classes: str | None = flag(None, "classes file (default: the checkpoint's, else VOC's)")
     anchors: str | None = flag(None, "anchors JSON (default: the checkpoint's, else darknet's)")
@@ -387,6 +396,8 @@ class KMeansConfig:
     """k-means anchor search on a VOC-format dataset."""
 
     data_root: str = flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
+    data: str | None = flag(None, DATA_HELP)
+    data_format: str | None = flag(None, "force the format of --data", choices=DATA_FORMATS)
     sets: tuple[str, ...] = flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ... to read")
     classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
     demo: bool = flag(False, "generate the demo dataset if missing and use its train split")

@@ -105,6 +105,9 @@ def _test_command(config: TrainConfig, weights: Path) -> str:
     args = ["python", script, "--weights", str(weights)]
     if config.demo:
         args.append("--demo")
+    elif config.data:  # the same --data: its val split is what training evaluated
+        args += ["--data", config.data, "--val-set", config.val_set]
+        args += ["--data-format", config.data_format] if config.data_format else []
     else:
         args += ["--data-root", config.data_root, "--val-set", config.val_set]
     return shlex.join(args)

@@ -35,8 +35,8 @@ from yolo.build import (
     build_training,
     initial_weights,
     resolve_anchors,
-    resolve_classes,
     resolve_demo,
+    resolve_run_classes,
 )
 from yolo.checkpoint import (
     checkpoint_to_resume,
@@ -281,7 +281,7 @@ def fit(config: TrainConfig) -> dict:
             stack.enter_context(RunLock(run_dir))
             remove_stale_temp_files(run_dir)
         seed_everything(config.seed)
-        classes, anchors = resolve_classes(config.classes), resolve_anchors(config.anchors)
+        classes, anchors = resolve_run_classes(config), resolve_anchors(config.anchors)
         ckpt = checkpoint_to_resume(config, run_dir, classes, anchors, runtime.world_size)
         if ckpt is not None and ckpt["finished"] and ckpt["state"]["epoch"] >= config.epochs:
             log.info("run %s already finished %d epochs: nothing to resume; raise --epochs to "
