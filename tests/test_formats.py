@@ -4,12 +4,14 @@ and training on a COCO or YOLO export of the demo set exactly as on its VOC orig
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import kmeans
 from tests.test_train import logged, make_config
 from utils.data import CocoDataset, VOCDataset, YoloDataset
 from utils.demo import DEMO_CLASSES
@@ -122,3 +124,17 @@ def test_evaluation_set_keeps_targets_of_unreadable_images(exports):
     ds = open_dataset(exports / "coco", "val", keep_unreadable=True)
     assert all(not ds[i][1]["unreadable"] for i in range(2))
     assert torch.is_tensor(ds.get_target(0)["areas"])
+
+
+def test_kmeans_reads_every_format_alike(demo_root, exports, tmp_path):
+    common = ["--k", "2", "--restarts", "2", "--keep-difficult"]
+    voc = ["--data", str(demo_root), "--sets", "demo:train", "--classes",
+           str(demo_root / "demo_classes.txt")]  # fmt: skip
+    runs = {"voc": voc, "coco": ["--data", str(exports / "coco")],
+            "yolo": ["--data", str(exports / "yolo" / "data.yaml")]}  # fmt: skip
+    anchors = {}
+    for name, args in runs.items():
+        assert kmeans.main([*args, *common, "--out-dir", str(tmp_path / name)]) == 0
+        document = json.loads((tmp_path / name / "kmeans.json").read_text())
+        anchors[name] = (document["num_boxes"], document["results"][0]["anchors_grid"])
+    assert anchors["voc"] == anchors["coco"] == anchors["yolo"] and anchors["voc"][0] == 60

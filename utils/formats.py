@@ -25,11 +25,21 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from utils.coco import BadDataset, CocoDataset
 from utils.data import VOC_CLASSES, VOCDataset
 from utils.yolotxt import YoloDataset, folder_config, load_data_yaml
 
-__all__ = ["FORMATS", "check_trainable", "dataset_classes", "detect_format", "open_dataset"]
+__all__ = [
+    "FORMATS",
+    "box_sizes",
+    "check_trainable",
+    "dataset_classes",
+    "detect_format",
+    "open_dataset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +180,13 @@ def check_trainable(dataset, classes_file: str | None = None) -> None:
         f"{classes_file or 'the class list'}: {'; '.join(pairs)}: fix the names there or in "
         f"the annotations"
     )
+
+
+def box_sizes(dataset) -> torch.Tensor:
+    """float32 ``[M, 2]`` (w, h) of every box of a dataset, fractions of the image."""
+    if hasattr(dataset, "num_objects"):
+        boxes = dataset.records.boxes
+    else:
+        boxes = np.concatenate([r.boxes for r in dataset.records] or [np.zeros((0, 4), np.float32)])
+    boxes = torch.from_numpy(np.asarray(boxes, np.float32))  # [M, 4]
+    return boxes[:, 2:] - boxes[:, :2]
