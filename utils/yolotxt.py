@@ -192,9 +192,10 @@ def _read_labels(path: Path, num_classes: int, skips: SkipLog):
     return rows
 
 
-def scan_yolo(config: dict, split: str, classes=None):
+def scan_yolo(config: dict, split: str, classes=None, *, labels_dir: Path | None = None):
     """``(records, classes, skips)`` of one split of a :func:`load_data_yaml` dict. With
-    ``classes``, labels map by name (the YAML's names) to that list; others are skipped."""
+    ``classes``, labels map by name (the YAML's names) to that list; others are skipped.
+    ``labels_dir``: every label file is ``labels_dir/<image stem>.txt`` instead."""
     if split not in config:
         have = [k for k in ("train", "val", "test", "all") if k in config]
         raise BadDataset(f"{config['file']}: no split {split!r} (it has {have}): add it")
@@ -206,7 +207,7 @@ def scan_yolo(config: dict, split: str, classes=None):
     images = list(dict.fromkeys(_list_images(config[split], Path(config["root"]), skips)))
     paths, ids, owner, rows = [], [], [], []
     for image in images:
-        labels = label_path(image)
+        labels = label_path(image) if labels_dir is None else labels_dir / f"{image.stem}.txt"
         if not image.is_file():
             skips.add("listed images without a file", image)
             continue

@@ -443,7 +443,9 @@ class ImportConfig:
     (import_voc.py); --images, --annotations and --out are required."""
 
     images: str | None = flag(None, "folder of the images (.jpg, .jpeg, .png, .bmp)")
-    annotations: str | None = flag(None, "folder of the VOC XML files, one per image")
+    annotations: str | None = flag(
+        None, "folder of VOC XML or YOLO-txt .txt files (+ classes.txt), or a COCO .json file"
+    )
     out: str | None = flag(None, "new folder data/NAME; NAME becomes the set name (NAME:train)")
     val: float = flag(0.2, "share of the images in the val split")
     seed: int = flag(0, "seed of the train/val split")
