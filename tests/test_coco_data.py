@@ -197,3 +197,9 @@ def test_export_cli_refuses_a_non_empty_folder(demo_root, tmp_path):
     assert main([*argv, str(tmp_path)]) == 2
     assert (tmp_path / "keep.txt").read_text() == "mine"
     assert main([*argv, str(tmp_path / "new"), "--classes", str(demo_root / "nope.txt")]) == 2
+
+
+def test_no_usable_image_is_one_error(tmp_path):
+    path = _write_coco(tmp_path, [_image(1, file=False)], [], CATS)
+    with pytest.raises(ValueError, match=r"no usable image in .*: images without a file: 1"):
+        CocoDataset(path)

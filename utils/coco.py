@@ -219,10 +219,8 @@ class CocoDataset(FlatDetectionDataset):
         records, names, self.category_ids, skips = scan_coco(
             self.annotation_file, self.image_dir, classes, keep_missing=keep_unreadable
         )
-        super().__init__(records, names, where=str(self.annotation_file), transform=transform,
-                         keep_unreadable=keep_unreadable)  # fmt: skip
-        self.skips = skips
-        self.skips.log(self.where)
+        super().__init__(records, names, skips, where=str(self.annotation_file),
+                         transform=transform, keep_unreadable=keep_unreadable)  # fmt: skip
 
     def summary(self) -> str:
         crowd = len(self.records.crowd_labels)

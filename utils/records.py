@@ -125,7 +125,11 @@ class FlatDetectionDataset(Dataset):
     with ``"unreadable"`` True (its objects count as misses).
     """
 
-    def __init__(self, records: FlatRecords, classes, *, where: str, transform, keep_unreadable):
+    def __init__(self, records: FlatRecords, classes, skips: SkipLog, *, where: str, transform,
+                 keep_unreadable):  # fmt: skip
+        if not len(records.paths):
+            found = "; ".join(skips.lines()) or "no image listed"
+            raise ValueError(f"no usable image in {where}: {found}")
         self.records = records
         self.classes = tuple(classes)
         self.where = where
@@ -133,7 +137,8 @@ class FlatDetectionDataset(Dataset):
         self.keep_unreadable = keep_unreadable
         self._failed: set[int] = set()
         self.unreadable: list = []
-        self.skips = SkipLog()
+        self.skips = skips
+        skips.log(where)
 
     @property
     def unknown_classes(self) -> Counter:

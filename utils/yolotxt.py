@@ -244,11 +244,9 @@ class YoloDataset(FlatDetectionDataset):
         source = Path(data_yaml)
         config = folder_config(source) if source.is_dir() else load_data_yaml(source)
         records, names, skips = scan_yolo(config, split, classes)
-        super().__init__(records, names, where=f"{source} ({split})", transform=transform,
+        super().__init__(records, names, skips, where=f"{source} ({split})", transform=transform,
                          keep_unreadable=keep_unreadable)  # fmt: skip
-        self.skips = skips
         self.data_yaml, self.split = source, split
-        self.skips.log(self.where)
 
     def summary(self) -> str:
         text = f"{len(self)} images, {self.num_objects} objects from {self.where}"
