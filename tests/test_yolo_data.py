@@ -108,8 +108,11 @@ def test_classes_by_name_and_missing_split(tmp_path):
     ds = YoloDataset(tmp_path, "all", classes=("q", "z"))
     assert ds.get_target(0)["labels"].tolist() == [0]
     assert ds.skips.counts["objects of classes not in the class list"] == 1
-    with pytest.raises(BadDataset, match="no split 'train'"):
+    with pytest.raises(BadDataset, match=r"no images/train folder: split it with python import"):
         YoloDataset(tmp_path, "train")
+    (tmp_path / "data.yaml").write_text("train: images\nnames: [p, q]\n")
+    with pytest.raises(BadDataset, match="no split 'val'"):
+        YoloDataset(tmp_path / "data.yaml", "val")
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,13 @@ def scan_yolo(config: dict, split: str, classes=None, *, labels_dir: Path | None
     ``labels_dir``: every label file is ``labels_dir/<image stem>.txt`` instead."""
     if split not in config:
         have = [k for k in ("train", "val", "test", "all") if k in config]
+        if "all" in config:  # a plain folder without images/train, images/val
+            root = config["root"]
+            raise BadDataset(
+                f"{root} has no images/{split} folder: split it with python import_voc.py "
+                f"--images {root / 'images'} --annotations {root / 'labels'} --out data/NAME, "
+                f"or lay it out as images/train, images/val (labels/ alike)"
+            )
         raise BadDataset(f"{config['file']}: no split {split!r} (it has {have}): add it")
     names, skips = config["names"], SkipLog()
     remap = np.arange(len(names))
