@@ -138,3 +138,12 @@ def test_kmeans_reads_every_format_alike(demo_root, exports, tmp_path):
         document = json.loads((tmp_path / name / "kmeans.json").read_text())
         anchors[name] = (document["num_boxes"], document["results"][0]["anchors_grid"])
     assert anchors["voc"] == anchors["coco"] == anchors["yolo"] and anchors["voc"][0] == 60
+
+
+def test_the_suggested_test_command_reuses_data(demo_root, exports, tmp_path):
+    from yolo.report import _test_command
+
+    coco = dataclasses.replace(make_config(tmp_path, demo_root), data=str(exports / "coco"))
+    assert _test_command(coco, Path("b.pt")).endswith(f"--data {exports / 'coco'}")
+    voc = dataclasses.replace(make_config(tmp_path, demo_root), data=str(demo_root))
+    assert _test_command(voc, Path("b.pt")).endswith("--val-set demo:val")
