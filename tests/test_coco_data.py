@@ -203,3 +203,14 @@ def test_no_usable_image_is_one_error(tmp_path):
     path = _write_coco(tmp_path, [_image(1, file=False)], [], CATS)
     with pytest.raises(ValueError, match=r"no usable image in .*: images without a file: 1"):
         CocoDataset(path)
+
+
+def test_an_image_that_does_not_decode_is_replaced_by_the_next(tmp_path):
+    path = _write_coco(tmp_path, [_image(1), _image(2, 30, 20)], [_ann(1, 2, 1, [1, 1, 5, 5])],
+                       CATS)  # fmt: skip
+    (tmp_path / "train" / "1.jpg").write_bytes(b"not a jpeg")
+    image, target = CocoDataset(path)[0]
+    assert image.size == (30, 20) and target["image_id"] == 2
+    kept = CocoDataset(path, keep_unreadable=True)
+    image, target = kept[0]
+    assert image.size == (100, 50) and target["unreadable"] and kept.unreadable == [1]

@@ -34,6 +34,11 @@ finds reach the main process only through the per-item flag).
 
 Every skip is logged once per file (``logging.warning``, the first 20) and kept in
 ``ds.skipped`` as ``(file, reason)``; ``ds.summary()`` gives the counts. Files are only read.
+
+The other formats live beside it and are importable from here: :class:`CocoDataset` (a COCO
+instances JSON, :mod:`utils.coco`) and :class:`YoloDataset` (an ultralytics data.yaml,
+:mod:`utils.yolotxt`) serve the same ``(image, target)`` items from flat numpy records;
+:func:`utils.formats.open_dataset` picks the format from a path.
 """
 
 from __future__ import annotations
