@@ -87,15 +87,17 @@ def test_boxes_negatives_and_split_entries(tmp_path):
 def test_bad_lines_are_counted(tmp_path, caplog):
     a = _image(tmp_path / "images" / "a.jpg")
     _labels(a, "0 0.5 0.5 0.2 0.2\n5 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.2\nx 0.5 0.5 0.2 0.2\n"
-               "0 1.5 0.5 0.2 0.2\n0 0.5 0.5 -0.2 0.2\n0 0.5 0.5 0 0.2\n\n")  # fmt: skip
+               "0 1.5 0.5 0.2 0.2\n0 0.5 0.5 -0.2 0.2\n0 0.5 0.5 0 0.2\n\n"
+               "1.0 0.5 0.5 0.2 0.2\n0.5 0.5 0.5 0.2 0.2\n0 nan 0.5 0.2 0.2\n")  # fmt: skip
     (tmp_path / "classes.txt").write_text("p\nq\n")
     ds = YoloDataset(tmp_path, "all")  # a plain folder: images/ + labels/ + classes.txt
     counts = ds.skips.counts
-    assert ds.num_objects == 1 and ds.classes == ("p", "q")
-    assert counts["class index outside 0..1"] == 1
+    assert ds.num_objects == 2 and ds.classes == ("p", "q")
+    assert ds.get_target(0)["labels"].tolist() == [0, 1]  # "1.0" is class 1
+    assert counts["class index outside 0..1"] == 2
     assert counts["label lines without 5 columns (c cx cy w h)"] == 1
     assert counts["label lines with a non-number"] == 1
-    assert counts["coordinates outside [0, 1]"] == 2
+    assert counts["coordinates outside [0, 1]"] == 3
     assert counts["boxes of non-positive size"] == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 5 and any("a.txt:2: class 5" in w for w in warnings)

@@ -173,22 +173,22 @@ def _read_labels(path: Path, num_classes: int, skips: SkipLog):
             skips.add("label lines without 5 columns (c cx cy w h)", where, line.strip()[:60])
             continue
         try:
-            label, (cx, cy, w, h) = int(fields[0]), (float(v) for v in fields[1:])
+            label, cx, cy, w, h = (float(v) for v in fields)
         except ValueError:
             skips.add("label lines with a non-number", where, line.strip()[:60])
             continue
-        if not 0 <= label < num_classes:
-            skips.add(f"class index outside 0..{num_classes - 1}", where, f"class {label}")
+        if not (label.is_integer() and 0 <= label < num_classes):
+            skips.add(f"class index outside 0..{num_classes - 1}", where, f"class {fields[0]}")
             continue
-        values = np.array([cx, cy, w, h])
-        if not (np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()):
+        # plain float comparisons, per line: NaN and infinities fail them too
+        if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
             skips.add("coordinates outside [0, 1]", where, line.strip()[:60])
             continue
         if w <= 0 or h <= 0:
             skips.add("boxes of non-positive size", where, line.strip()[:60])
             continue
-        box = np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0.0, 1.0)
-        rows.append((label, *box))
+        box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        rows.append((int(label), *(min(max(v, 0.0), 1.0) for v in box)))
     return rows
 
 
