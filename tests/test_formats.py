@@ -147,3 +147,15 @@ def test_the_suggested_test_command_reuses_data(demo_root, exports, tmp_path):
     assert _test_command(coco, Path("b.pt")).endswith(f"--data {exports / 'coco'}")
     voc = dataclasses.replace(make_config(tmp_path, demo_root), data=str(demo_root))
     assert _test_command(voc, Path("b.pt")).endswith("--val-set demo:val")
+
+
+def test_coco_classes_read_without_the_whole_file_and_with_it(tmp_path):
+    folder = tmp_path / "annotations"
+    folder.mkdir()
+    cats = [{"id": 5, "name": "b"}, {"id": 2, "name": "a"}]
+    path = folder / "instances_train.json"
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
+    assert dataset_classes(path) == ("a", "b")
+    decoy = {"categories": cats, "images": [], "annotations": [], "info": {"categories": [1]}}
+    path.write_text(json.dumps(decoy))
+    assert dataset_classes(tmp_path) == ("a", "b")

@@ -133,9 +133,11 @@ def _coco_categories(path: Path) -> list:
     if at >= 0:
         try:
             start = data.index(b"[", at)
-            return json.JSONDecoder().raw_decode(data[start:].decode("utf-8"))[0]
+            found = json.JSONDecoder().raw_decode(data[start:].decode("utf-8"))[0]
         except (ValueError, UnicodeDecodeError):
-            pass
+            found = None
+        if isinstance(found, list) and all(isinstance(c, dict) and "id" in c for c in found):
+            return found  # else the text was inside some string: parse the whole file
     try:
         return json.loads(data)["categories"]
     except (ValueError, KeyError, TypeError):
