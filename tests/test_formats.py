@@ -159,3 +159,9 @@ def test_coco_classes_read_without_the_whole_file_and_with_it(tmp_path):
     decoy = {"categories": cats, "images": [], "annotations": [], "info": {"categories": [1]}}
     path.write_text(json.dumps(decoy))
     assert dataset_classes(tmp_path) == ("a", "b")
+
+
+def test_data_format_without_data_is_an_error(demo_root, tmp_path):
+    config = dataclasses.replace(make_config(tmp_path, demo_root), data_format="coco")
+    with pytest.raises(ValueError, match="--data-format coco needs --data PATH"):
+        fit(config)

@@ -75,6 +75,8 @@ def data_source(config) -> tuple[str, str | None]:
     ``--data-format``), else the VOCdevkit ``--data-root``."""
     if getattr(config, "data", None):
         return config.data, config.data_format
+    if getattr(config, "data_format", None) not in (None, "voc"):
+        raise ValueError(f"--data-format {config.data_format} needs --data PATH (the dataset)")
     return config.data_root, "voc"
 
 
