@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from yolo.build import build_loaders, build_training, initial_weights
+from yolo.build import build_loaders, build_training, initial_weights, resolve_run_classes
 from yolo.checkpoint import (
     checkpoint_to_resume,
     restore_training,
@@ -37,7 +37,7 @@ from yolo.config import TrainConfig, save_config_json
 from yolo.demo import resolve_demo
 from yolo.epoch import DataLoaderDied, TrainState, train_one_epoch
 from yolo.evaluate import evaluate
-from yolo.load import resolve_anchors, resolve_classes
+from yolo.load import resolve_anchors
 from yolo.release import release_checkpoint
 from yolo.report import (
     config_text,
@@ -107,7 +107,7 @@ def fit(config: TrainConfig) -> dict:
         if runtime.is_main:
             _hold_run_folder(stack, run_dir, log_dir)
         seed_everything(config.seed)
-        classes, anchors = resolve_classes(config.classes), resolve_anchors(config.anchors)
+        classes, anchors = resolve_run_classes(config), resolve_anchors(config.anchors)
         ckpt = checkpoint_to_resume(config, run_dir, classes, anchors, runtime.world_size)
         if ckpt is not None and _nothing_to_train(ckpt, config):
             return {"finished": True, "best_map": ckpt["state"]["best_map"], "exit_code": 0}
