@@ -89,21 +89,41 @@ def _curve(matched: np.ndarray, ignored: np.ndarray, num_positives: int):
     return out, recall[:, -1]
 
 
+def _class_counts(values: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Sums of ``values`` ``[T, n]`` (bool) over the runs of equal sorted ``label`` ``[n]``
+    -> ``[T, num_classes]`` float64 (exact: integer counts)."""
+    running = np.zeros((len(values), values.shape[1] + 1), np.int64)
+    np.cumsum(values, axis=1, out=running[:, 1:])
+    bounds = np.searchsorted(label, np.arange(num_classes + 1))
+    return (running[:, bounds[1:]] - running[:, bounds[:-1]]).astype(np.float64)
+
+
 def _accumulate(flags, rank, class_rows, positives, precision, recall, area):
-    """Fill ``precision[:, :, k, area, m]`` and ``recall[:, k, area, m]`` for every class k
-    with positives in the range and every maxDet m; ``class_rows``: detection indices of each
-    class in score order (ties by image, then given order, as accumulate's mergesort)."""
-    for k, rows in enumerate(class_rows):
-        if positives[k] == 0:
-            continue
-        for m, max_det in enumerate(MAX_DETS):
-            kept = rows[rank[rows] < max_det]
-            curve = _curve(flags[0][:, kept], flags[1][:, kept], int(positives[k]))
-            precision[:, :, k, area, m], recall[:, k, area, m] = curve
+    """Fill ``precision[:, :, k, area]`` (maxDets 100) and ``recall[:, k, area, m]`` for every
+    class k with positives in the range and every maxDet m; ``class_rows``: detection indices
+    of each class in score order (ties by image, then given order, as accumulate's mergesort).
+    The final recall is a count, so only maxDets 100 needs the running sums."""
+    order = np.concatenate([np.zeros(0, np.int64), *class_rows])  # [D] by class, score
+    label = np.repeat(np.arange(len(class_rows)), [len(rows) for rows in class_rows])  # [D]
+    rank = rank[order]  # [D]
+    keep = order if rank.max(initial=0) < MAX_DETS[-1] else order[rank < MAX_DETS[-1]]
+    label = label[rank < MAX_DETS[-1]]
+    rank = rank[rank < MAX_DETS[-1]]
+    matched, ignored = flags[0][:, keep], flags[1][:, keep]  # [T, n] by class, score
+    valid = positives > 0
+    for m, max_det in enumerate(MAX_DETS[:-1]):
+        first = rank < max_det
+        found = _class_counts(matched[:, first] & ~ignored[:, first], label[first], len(valid))
+        recall[:, valid, area, m] = found[:, valid] / positives[valid]
+    bounds = np.searchsorted(label, np.arange(len(class_rows) + 1))
+    for k in np.flatnonzero(valid):
+        lo, hi = bounds[k], bounds[k + 1]
+        curve = _curve(matched[:, lo:hi], ignored[:, lo:hi], int(positives[k]))
+        precision[:, :, k, area], recall[:, k, area, -1] = curve
 
 
 def _summarize(precision: np.ndarray, recall: np.ndarray) -> list[float]:
-    """COCOeval.summarize's 12 numbers from precision ``[T, R, K, A, M]`` and recall
+    """COCOeval.summarize's 12 numbers from precision ``[T, R, K, A]`` (maxDets 100) and recall
     ``[T, K, A, M]``: the mean over entries > -1, or -1 where there are none."""
 
     def mean(values: np.ndarray) -> float:
@@ -112,14 +132,13 @@ def _summarize(precision: np.ndarray, recall: np.ndarray) -> list[float]:
 
     thresholds = iou_thresholds()
     t50, t75 = np.where(thresholds == 0.5)[0], np.where(thresholds == 0.75)[0]
-    last = len(MAX_DETS) - 1
     return [
-        mean(precision[:, :, :, 0, last]),
-        mean(precision[t50][:, :, :, 0, last]),
-        mean(precision[t75][:, :, :, 0, last]),
-        *(mean(precision[:, :, :, a, last]) for a in (1, 2, 3)),
+        mean(precision[:, :, :, 0]),
+        mean(precision[t50][:, :, :, 0]),
+        mean(precision[t75][:, :, :, 0]),
+        *(mean(precision[:, :, :, a]) for a in (1, 2, 3)),
         *(mean(recall[:, :, 0, m]) for m in range(len(MAX_DETS))),
-        *(mean(recall[:, :, a, last]) for a in (1, 2, 3)),
+        *(mean(recall[:, :, a, -1]) for a in (1, 2, 3)),
     ]
 
 
@@ -132,13 +151,14 @@ def coco_evaluate(groups, overlaps, gt, det_area, class_rows, *, areas_known: bo
     ``[P]``; ``gt`` = (crowd ``[G]`` bool, area ``[G]`` px², class ``[G]`` int);
     ``det_area`` ``[D]`` px²; ``class_rows`` as in ``_accumulate``. Without ``areas_known``
     only the range "all" is evaluated and the six per-size stats are NaN.
-    Returns ``{"precision": [T, R, K, 4, 3], "recall": [T, K, 4, 3], "stats": [12]}``.
+    Returns ``{"precision": [T, R, K, 4], "recall": [T, K, 4, 3], "stats": [12]}`` (COCOeval's
+    ``eval`` arrays; precision only for maxDets 100, the one the stats read).
     """
     det_key, pair_det, pair_gt, rank = groups
     crowd, gt_area, gt_class = gt
     value = np.where(crowd[pair_gt], overlaps[1], overlaps[0])
     shape = (len(iou_thresholds()), len(class_rows), len(AREA_RANGES), len(MAX_DETS))
-    precision = np.full((shape[0], len(recall_points()), *shape[1:]), -1.0)
+    precision = np.full((shape[0], len(recall_points()), *shape[1:3]), -1.0)
     recall = np.full(shape, -1.0)
     for area, area_range in enumerate(AREA_RANGES if areas_known else AREA_RANGES[:1]):
         gt_ignored = crowd | _outside(gt_area, area_range)

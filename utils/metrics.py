@@ -309,7 +309,7 @@ def evaluate_detections(
         class_rows,
         areas_known=known and bool(np.isfinite(gt_areas[ground_truths[:, 5] == 0]).all()),
     )
-    per_class, curves = _per_class(voc_flags, coco["precision"][..., 0, -1], class_rows, positives)
+    per_class, curves = _per_class(voc_flags, coco["precision"][..., 0], class_rows, positives)
     return {
         **{f"map_{k}": _mean(per_class[k]) for k in ("voc07", "voc12", "coco")},
         **{k: _mean(per_class[k]) for k in ("ap50_coco", "ap75_coco")},
