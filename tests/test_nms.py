@@ -228,3 +228,16 @@ def test_bad_arguments_are_rejected():
     assert len(postprocess(raw, ANCHORS, max_detections=None)) == raw.shape[0]
     with pytest.raises(ValueError, match="expected"):
         postprocess(raw, ANCHORS[:2])
+
+
+def test_one_sort_key_orders_as_two_stable_sorts():
+    gen = torch.Generator().manual_seed(13)
+    group = torch.randint(0, 5000, (20000,), generator=gen)
+    score = torch.rand(20000, generator=gen) * (1 - 2**-10) + 2**-10
+    score[::3] = score[1::3][: len(score[::3])]  # ties
+    score[:50] = torch.nextafter(score[50:100], torch.tensor(1.0))  # one ulp apart
+    group[:50] = group[50:100]
+    one = yolo.nms._group_then_score(group, score, one_key=True)
+    two = yolo.nms._group_then_score(group, score, one_key=False)
+    assert yolo.nms._one_key(score, float(score.min()), 5000)
+    assert torch.equal(one, two)
