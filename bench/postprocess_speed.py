@@ -67,7 +67,7 @@ def same(first: list, second: list) -> bool:
 
 def interleaved_ms(steps: dict, iters: int) -> dict:
     """Best and median wall time (ms) of each step, the steps taking turns, after a warm-up:
-    on a shared machine the best of several turns is the cost of the code."""
+    on a busy machine the best of several turns is the cost of the code."""
     times = {name: [] for name in steps}
     for step in steps.values():
         step()
