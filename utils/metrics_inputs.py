@@ -72,15 +72,16 @@ def image_sizes_px(image_sizes, num_images: int) -> np.ndarray:
     unknown."""
     if image_sizes is None:
         return np.full((num_images, 2), np.nan)
-    sizes = np.asarray(
-        [[float(v) for v in torch.as_tensor(s).reshape(-1).tolist()] for s in image_sizes]
-    )
-    if sizes.shape != (num_images, 2) or not (np.isfinite(sizes).all() and (sizes > 0).all()):
+    sizes = [[float(v) for v in torch.as_tensor(s).reshape(-1).tolist()] for s in image_sizes]
+    if len(sizes) != num_images or any(len(s) != 2 or min(s) <= 0 for s in sizes):
         raise _error(
             f"image_sizes must hold one positive (height, width) per image, {num_images} in "
-            f"all; got {len(image_sizes)} entries, first {list(image_sizes)[:1]}"
+            f"all; got {len(sizes)} entries, first {sizes[:1]}"
         )
-    return sizes.reshape(num_images, 2)
+    sizes = np.array(sizes, dtype=np.float64).reshape(num_images, 2)
+    if not np.isfinite(sizes).all():
+        raise _error("image_sizes hold NaN or inf; pass each image's (height, width) in pixels")
+    return sizes
 
 
 def gt_areas_px(gt_areas, gt_rows, gt_counts, sizes) -> np.ndarray:
