@@ -1,9 +1,10 @@
 """DetectionEvaluator speed beside pycocotools, faster-coco-eval and torchmetrics.
 
-A synthetic set the size of VOC2007 test: 4,952 images, 20 classes, about 12,000 non-difficult
-objects (plus difficult ones), 100 detections per image (jittered copies of the objects, some
-with the wrong class, and random boxes). Every tool gets the same boxes; difficult objects are
-``iscrowd=1`` for the COCO tools (as ``DetectionEvaluator`` treats them). Writes
+A synthetic set the size of VOC2007 test: 4,952 images of VOC's sizes, 20 classes, about
+12,000 non-difficult objects (plus difficult ones), 100 detections per image (jittered copies
+of the objects, some with the wrong class, and random boxes). Every tool gets the same boxes in
+pixels; difficult objects are ``iscrowd=1`` for the COCO tools (as ``DetectionEvaluator`` treats
+them); all 12 COCOeval stats are compared (area ranges from the pixel boxes). Writes
 bench/results/metrics_speed.{md,json}.
 
 Run from the repository root: ``.venv/bin/python bench/metrics_speed.py``.
@@ -15,6 +16,7 @@ import io
 import statistics
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -59,42 +61,82 @@ def _image_detections(rng, objects: np.ndarray, num_classes: int, count: int) ->
     return rows[np.argsort(-scores, kind="stable")]
 
 
+VOC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 333), (281, 500), (500, 500))
+
+
 def make_set(seed: int, num_images: int, num_classes: int, dets_per_image: int):
-    """Lists over images of float32 tensors: detections ``[100, 6]``, ground truths ``[G, 6]``."""
+    """Lists over images of float32 tensors: detections ``[100, 6]``, ground truths ``[G, 6]``,
+    and (height, width) sizes."""
     rng = np.random.default_rng(seed)
     class_weights = rng.dirichlet(np.full(num_classes, 1.0))
     detections, ground_truths = [], []
+    sizes = [VOC_SIZES[i] for i in rng.integers(0, len(VOC_SIZES), num_images)]
     for _ in range(num_images):
         objects = _image_objects(rng, num_classes, class_weights)
         rows = _image_detections(rng, objects, num_classes, dets_per_image)
         ground_truths.append(torch.from_numpy(objects.astype(np.float32)))
         detections.append(torch.from_numpy(rows.astype(np.float32)))
-    return detections, ground_truths
+    return detections, ground_truths, sizes
 
 
-def run_ours(detections, ground_truths, num_classes: int, batch_size: int = 32):
+def run_ours(detections, ground_truths, sizes, num_classes: int, batch_size: int = 32):
     """(result, update seconds, compute seconds), fed in batches as an evaluation loop does."""
     start = time.perf_counter()
     evaluator = DetectionEvaluator(num_classes)
     for lo in range(0, len(detections), batch_size):
-        evaluator.update(detections[lo : lo + batch_size], ground_truths[lo : lo + batch_size])
+        batch = slice(lo, lo + batch_size)
+        evaluator.update(detections[batch], ground_truths[batch], image_sizes=sizes[batch])
     middle = time.perf_counter()
     res = evaluator.compute()
     return res, middle - start, time.perf_counter() - middle
 
 
-def coco_dataset(ground_truths, num_classes: int) -> dict:
-    """COCO-format ground truth (xywh, difficult as iscrowd), image ids 1..N in order."""
+def _pixel_xywh(x1, y1, x2, y2, size) -> list[float]:
+    """Normalised xyxy -> pixel xywh as ``write_coco_results`` writes it."""
+    height, width = size
+    return [x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height]
+
+
+def many_detections(num_images: int, num_classes: int) -> dict:
+    """Update + compute on every detection an untrained head leaves after NMS (416 x 416, conf
+    0.005, no cap): seconds (best of 2) and the peak traced allocation of a third run."""
+    from utils.anchors import default_anchors
+    from yolo.nms import postprocess
+
+    gen = torch.Generator().manual_seed(3)
+    channels = len(default_anchors()) * (5 + num_classes)
+    detections = []
+    for lo in range(0, num_images, 16):
+        raw = torch.randn(min(16, num_images - lo), channels, 13, 13, generator=gen)
+        detections += postprocess(raw, default_anchors(), max_detections=None)
+    _, ground_truths, sizes = make_set(1, num_images, num_classes, 100)
+    runs = [run_ours(detections, ground_truths, sizes, num_classes, 16) for _ in range(2)]
+    tracemalloc.start()
+    run_ours(detections, ground_truths, sizes, num_classes, 16)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {
+        "images": num_images,
+        "detections_per_image": sum(len(d) for d in detections) / num_images,
+        "update_s": min(r[1] for r in runs),
+        "compute_s": min(r[2] for r in runs),
+        "peak_mib": peak / 2**20,
+    }
+
+
+def coco_dataset(ground_truths, sizes, num_classes: int) -> dict:
+    """COCO-format ground truth (pixel xywh, difficult as iscrowd), image ids 1..N in order."""
     annotations = []
     for image, rows in enumerate(ground_truths):
-        for x1, y1, x2, y2, label, difficult in rows.tolist():
+        for x1, y1, x2, y2, label, difficult in rows.double().tolist():
+            bbox = _pixel_xywh(x1, y1, x2, y2, sizes[image])
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image + 1,
                     "category_id": int(label) + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
                     "iscrowd": int(difficult),
                 }
             )
@@ -105,22 +147,22 @@ def coco_dataset(ground_truths, num_classes: int) -> dict:
     }
 
 
-def coco_results(detections) -> list[dict]:
+def coco_results(detections, sizes) -> list[dict]:
     """COCO-format detection results (a fresh list: loadRes writes into it)."""
     return [
         {
             "image_id": i + 1,
             "category_id": int(c) + 1,
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "bbox": _pixel_xywh(x1, y1, x2, y2, sizes[i]),
             "score": s,
         }
         for i, rows in enumerate(detections)
-        for x1, y1, x2, y2, s, c in rows.tolist()
+        for x1, y1, x2, y2, s, c in rows.double().tolist()
     ]
 
 
 def run_cocoapi(coco_cls, eval_cls, dataset: dict, results: list[dict], *, area_all_only: bool):
-    """(stats[:3], seconds for loadRes + evaluate + accumulate) with a pycocotools-style API."""
+    """(stats, seconds for loadRes + evaluate + accumulate) with a pycocotools-style API."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = coco_cls()
         coco_gt.dataset = dataset
@@ -134,7 +176,7 @@ def run_cocoapi(coco_cls, eval_cls, dataset: dict, results: list[dict], *, area_
         coco_eval.accumulate()
         seconds = time.perf_counter() - start
         coco_eval.summarize()
-    return [float(v) for v in coco_eval.stats[:3]], seconds
+    return [float(v) for v in coco_eval.stats[: 3 if area_all_only else 12]], seconds
 
 
 def run_torchmetrics(detections, ground_truths, backend: str, batch_size: int = 32):
@@ -158,17 +200,17 @@ def run_torchmetrics(detections, ground_truths, backend: str, batch_size: int = 
     return [float(out[k]) for k in ("map", "map_50", "map_75")], seconds
 
 
-def comparison_rows(detections, ground_truths, num_classes: int) -> list[dict]:
+def comparison_rows(detections, ground_truths, sizes, num_classes: int) -> list[dict]:
     """Time every other tool that is installed; a missing one gets a row that says so."""
     rows = []
-    dataset = coco_dataset(ground_truths, num_classes)
+    dataset = coco_dataset(ground_truths, sizes, num_classes)
     try:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
         for area_all in (False, True):
             stats, seconds = run_cocoapi(
-                COCO, COCOeval, dataset, coco_results(detections), area_all_only=area_all
+                COCO, COCOeval, dataset, coco_results(detections, sizes), area_all_only=area_all
             )
             what = "loadRes+evaluate+accumulate" + (", area all only" if area_all else "")
             rows.append({"tool": "pycocotools", "timed": what, "seconds": seconds, "coco": stats})
@@ -179,7 +221,7 @@ def comparison_rows(detections, ground_truths, num_classes: int) -> list[dict]:
         from faster_coco_eval import COCOeval_faster
 
         stats, seconds = run_cocoapi(
-            FastCOCO, COCOeval_faster, dataset, coco_results(detections), area_all_only=False
+            FastCOCO, COCOeval_faster, dataset, coco_results(detections, sizes), area_all_only=False
         )
         what = "loadRes+evaluate+accumulate"
         rows.append({"tool": "faster-coco-eval", "timed": what, "seconds": seconds, "coco": stats})
@@ -198,20 +240,22 @@ def comparison_rows(detections, ground_truths, num_classes: int) -> list[dict]:
 
 def markdown(rows: list[dict], ours_total: float, res: dict, header: str) -> str:
     lines = [
-        "| tool | timed | seconds | x ours | mAP@.5:.95 | AP50 | AP75 | max abs diff vs ours |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| tool | timed | seconds | x ours | mAP@.5:.95 | AP50 | AP75 | APs | AR100 | "
+        "max abs diff vs ours (stats compared) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    ours = [res["map_coco"], res["ap50_coco"], res["ap75_coco"]]
+    ours = res["coco_stats"]
     for row in rows:
         if "seconds" not in row:
-            lines.append(f"| {row['tool']} | {row['timed']} | - | - | - | - | - | - |")
+            lines.append(f"| {row['tool']} | {row['timed']} | - | - | - | - | - | - | - | - |")
             continue
         stats = row["coco"]
-        diff = max(abs(a - b) for a, b in zip(stats, ours, strict=True))
+        diff = max(abs(a - b) for a, b in zip(stats, ours[: len(stats)], strict=True))
+        extra = [f"{stats[i]:.6f}" if len(stats) > i else "-" for i in (3, 8)]
         lines.append(
             f"| {row['tool']} | {row['timed']} | {row['seconds']:.2f} | "
             f"{row['seconds'] / ours_total:.1f} | {stats[0]:.6f} | {stats[1]:.6f} | "
-            f"{stats[2]:.6f} | {diff:.1e} |"
+            f"{stats[2]:.6f} | {extra[0]} | {extra[1]} | {diff:.1e} ({len(stats)}) |"
         )
     return "\n".join([header, "", *lines, ""])
 
@@ -223,8 +267,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-others", action="store_true", help="time DetectionEvaluator only")
     args = parser.parse_args()
-    detections, ground_truths = make_set(0, args.images, args.classes, 100)
-    runs = [run_ours(detections, ground_truths, args.classes) for _ in range(args.repeats)]
+    detections, ground_truths, sizes = make_set(0, args.images, args.classes, 100)
+    runs = [run_ours(detections, ground_truths, sizes, args.classes) for _ in range(args.repeats)]
     res = runs[0][0]
     update_s = statistics.median(r[1] for r in runs)
     compute_s = statistics.median(r[2] for r in runs)
@@ -241,15 +285,24 @@ def main() -> None:
         "tool": "DetectionEvaluator",
         "timed": "update (batches of 32) + compute, all VOC and COCO metrics",
         "seconds": total,
-        "coco": [res["map_coco"], res["ap50_coco"], res["ap75_coco"]],
+        "coco": res["coco_stats"],
     }
     rows = [ours_row] + (
-        [] if args.skip_others else comparison_rows(detections, ground_truths, args.classes)
+        [] if args.skip_others else comparison_rows(detections, ground_truths, sizes, args.classes)
     )
+    many = many_detections(100, args.classes)
     header += f" {machine_line()}."  # after every timing, so the load average covers them
-    text = markdown(rows, total, res, header)
+    text = markdown(rows, total, res, header) + (
+        f"\nEvery detection of an untrained head after NMS (416, conf 0.005, no cap): "
+        f"{many['images']} images x {many['detections_per_image']:.0f} detections, update "
+        f"{many['update_s']:.2f} s + compute {many['compute_s']:.2f} s (best of 2), peak traced "
+        f"allocation {many['peak_mib']:.0f} MiB.\n"
+    )
     print(text)
-    summary = {"header": header, "update_s": update_s, "compute_s": compute_s, "rows": rows}
+    summary = {
+        "header": header, "update_s": update_s, "compute_s": compute_s, "rows": rows,
+        "untrained_head_all_detections": many,
+    }  # fmt: skip
     save_results("metrics_speed", text, summary)
 
 

@@ -13,7 +13,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from utils.boxes import box_iou_elementwise, box_iou_elementwise_np
-from utils.metrics import DetectionEvaluator, _greedy_match, _overlaps, to_json
+from utils.matching import greedy_match as _greedy_match
+from utils.matching import overlaps as _overlaps
+from utils.metrics import DetectionEvaluator, to_json
 
 NUM_CLASSES = 4
 

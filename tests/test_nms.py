@@ -148,13 +148,13 @@ def test_all_ties_without_suppression_come_in_prediction_then_class_order():
 def test_an_image_whose_best_candidates_suppress_each_other(monkeypatch):
     """Image 0 holds boxes of one class, 10 times the image, in every cell: its best candidates
     suppress each other, so NMS of them alone keeps too few and a second pass takes all."""
-    calls, batched_nms = [], yolo.nms.batched_nms
+    calls, nms_pass = [], yolo.nms._nms
 
-    def counting_batched_nms(boxes, *args):
-        calls.append(boxes.shape[0])
-        return batched_nms(boxes, *args)
+    def counting_nms(subset, *args):
+        calls.append(int(subset.sum()))
+        return nms_pass(subset, *args)
 
-    monkeypatch.setattr(yolo.nms, "batched_nms", counting_batched_nms)
+    monkeypatch.setattr(yolo.nms, "_nms", counting_nms)
     raw = random_raw(6, batch=2, grid=(8, 8))
     image_0 = raw.view(2, 5, 9, 8, 8)[0]  # [A, 5+C, H, W]
     image_0[:, 2:4] = torch.log(80 / ANCHORS)[:, :, None, None]  # 80 x 80 cells: all overlap
@@ -165,6 +165,35 @@ def test_an_image_whose_best_candidates_suppress_each_other(monkeypatch):
         detections = postprocess(raw, ANCHORS, 0.005, 0.45, max_detections)
         assert_matches(detections, reference(raw, ANCHORS, 0.005, 0.45, max_detections))
         assert len(calls) == 2 and calls[1] > calls[0]  # the second pass over image 0
+
+
+@pytest.mark.parametrize(("seed", "shift"), [(10, -1.0), (11, 1.0)])
+def test_no_cap_keeps_every_detection_as_darknet(seed, shift):
+    """max_detections=None: every candidate kept by NMS, here more than 100 in an image."""
+    raw = random_raw(seed, batch=2, grid=(9, 8), num_classes=6, objectness_shift=shift)
+    detections = postprocess(raw, ANCHORS, 0.005, 0.45, None)
+    assert_matches(detections, reference(raw, ANCHORS, 0.005, 0.45, None))
+    assert max(len(d) for d in detections) > 100
+    capped = postprocess(raw, ANCHORS, 0.005, 0.45, 100)
+    assert all(torch.equal(c, d[:100]) for c, d in zip(capped, detections, strict=True))
+
+
+@pytest.mark.parametrize("limit", [50, 10**6])
+def test_offset_nms_keeps_the_per_group_sets(monkeypatch, limit):
+    """The CUDA path (groups moved apart, a few images per call) run on the CPU: the same kept
+    candidates as one NMS per group, also when the images are split over several calls."""
+    monkeypatch.setattr(yolo.nms, "_CUDA_NMS_CANDIDATES", limit)
+    gen = torch.Generator().manual_seed(12)
+    image = torch.randint(0, 6, (400,), generator=gen).sort().values
+    label = torch.randint(0, 3, (400,), generator=gen)
+    corner = torch.rand(400, 2, generator=gen) - 0.2
+    boxes = torch.cat([corner, corner + torch.rand(400, 2, generator=gen) * 0.6 + 0.2], 1)
+    scores = (torch.rand(400, generator=gen) * 20).round() / 20  # ties
+    everything = torch.ones(400, dtype=torch.bool)
+    per_group = yolo.nms._nms(everything, boxes, scores, image * 3 + label, image, 0.45)
+    shifted = yolo.nms._nms_offset(boxes.double(), scores.double(), image * 3 + label, image, 0.45)
+    assert torch.equal(per_group, shifted.sort().values)
+    assert 40 < len(per_group) < 360
 
 
 def test_empty_images_give_empty_tensors():
@@ -196,5 +225,19 @@ def test_bad_arguments_are_rejected():
         postprocess(raw, ANCHORS, nms_threshold=-0.1)
     with pytest.raises(ValueError, match="max_detections"):
         postprocess(raw, ANCHORS, max_detections=0)
+    assert len(postprocess(raw, ANCHORS, max_detections=None)) == raw.shape[0]
     with pytest.raises(ValueError, match="expected"):
         postprocess(raw, ANCHORS[:2])
+
+
+def test_one_sort_key_orders_as_two_stable_sorts():
+    gen = torch.Generator().manual_seed(13)
+    group = torch.randint(0, 5000, (20000,), generator=gen)
+    score = torch.rand(20000, generator=gen) * (1 - 2**-10) + 2**-10
+    score[::3] = score[1::3][: len(score[::3])]  # ties
+    score[:50] = torch.nextafter(score[50:100], torch.tensor(1.0))  # one ulp apart
+    group[:50] = group[50:100]
+    one = yolo.nms._group_then_score(group, score, one_key=True)
+    two = yolo.nms._group_then_score(group, score, one_key=False)
+    assert yolo.nms._one_key(score, float(score.min()), 5000)
+    assert torch.equal(one, two)
