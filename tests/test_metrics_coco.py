@@ -144,13 +144,41 @@ def results_list(images, tmp_path) -> list:
     return json.loads(path.read_text())
 
 
+def every_detection(images) -> list:
+    """The uncapped COCO results list, written by hand (pixels, full precision)."""
+    results = []
+    for i, x in enumerate(images):
+        height, width = x["size"]
+        for x1, y1, x2, y2, score, label in x["dets"].tolist():
+            bbox = [x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height]
+            results.append({"image_id": i + 1, "category_id": CATEGORY_IDS[int(label)],
+                            "bbox": bbox, "score": score})  # fmt: skip
+    return results
+
+
+def each_images_best(results: list, count: int = 100) -> list:
+    """A plain loop: per image, the ``count`` highest scores (ties: the earlier entry)."""
+    kept = []
+    for image_id in sorted({r["image_id"] for r in results}):
+        mine = [r for r in results if r["image_id"] == image_id]
+        kept += sorted(mine, key=lambda r: -r["score"])[:count]  # sorted() is stable
+    return kept
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_coco_stats_equal_pycocotools(seed, tmp_path):
     images = coco_style_set(seed)
     assert sum(len(x["crowd"]) for x in images) > 0
     assert np.bincount(images[0]["dets"][:, 5].astype(int)).max() > 100
     res = evaluate(images)
-    expected = run_cocoeval(coco_ground_truth(images), results_list(images, tmp_path))
+    everything = every_detection(images)
+    expected = run_cocoeval(coco_ground_truth(images), each_images_best(everything))
+    uncapped = run_cocoeval(coco_ground_truth(images), everything)
+    assert np.abs(uncapped - expected).max() > 1e-6  # the cap per image is what COCO scores
+    np.testing.assert_allclose(
+        run_cocoeval(coco_ground_truth(images), results_list(images, tmp_path)), expected,
+        rtol=0, atol=1e-12,
+    )  # fmt: skip
     assert len(res["coco_stats"]) == 12
     np.testing.assert_allclose(res["coco_stats"], expected, rtol=0, atol=1e-12)
     assert all(0.02 < s < 0.98 for s in res["coco_stats"]), res["coco_stats"]  # not trivial
@@ -215,7 +243,7 @@ def test_writer_file_read_by_pycocotools(tmp_path):
     path = tmp_path / "out" / "detections.json"
     path.parent.mkdir()
     count = write_coco_results(records(images), dict(enumerate(CATEGORY_IDS)), path)
-    assert count == sum(len(x["dets"]) for x in images)
+    assert count == sum(min(len(x["dets"]), 100) for x in images)
     first = json.loads(path.read_text())[0]
     assert set(first) == {"image_id", "category_id", "bbox", "score"}
     expected = run_cocoeval(coco_ground_truth(images), str(path))

@@ -3,7 +3,7 @@
 ``coco_evaluate`` follows COCOeval's evaluateImg / accumulate / summarize detail for detail:
 IoU thresholds .50:.05:.95, 101 recall points, area ranges all / small / medium / large =
 [0, 1e10], [0, 32²], [32², 96²], [96², 1e10] pixels² (both ends inclusive), maxDets 1 / 10 / 100.
-Per image and class the 100 best detections (by score, ties in the given order) are matched,
+Per image and class the 100 best detections given (by score, ties in the given order) are matched,
 per IoU threshold and area range, greedily in score order to the free ground truth of highest
 IoU (the later one on ties), a ground truth not ignored in the range before an ignored one.
 Ignored are crowd ground truths (IoU with them = intersection / detection area; they take any
@@ -28,6 +28,7 @@ __all__ = [
     "COCO_STATS_NAMES",
     "MAX_DETS",
     "coco_evaluate",
+    "image_ranks",
     "iou_thresholds",
     "write_coco_results",
 ]
@@ -172,6 +173,17 @@ def coco_evaluate(groups, overlaps, gt, det_area, class_rows, *, areas_known: bo
     return {"precision": precision, "recall": recall, "stats": stats}
 
 
+def image_ranks(scores: np.ndarray, det_image: np.ndarray) -> np.ndarray:
+    """``[D]`` each detection's rank among its image's by descending score, ties in the given
+    order: COCO keeps the ``MAX_DETS[-1]`` best of each image (rank below it)."""
+    order = np.lexsort((-scores, det_image))  # stable: ties keep the given order
+    sorted_images = det_image[order]
+    starts = np.searchsorted(sorted_images, sorted_images, side="left")  # [D] run starts
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.arange(len(order)) - starts
+    return ranks
+
+
 def write_coco_results(records, category_ids, path: str | Path) -> int:
     """Write detections as a COCO results JSON list; returns the number written.
 
@@ -179,12 +191,15 @@ def write_coco_results(records, category_ids, path: str | Path) -> int:
     (x1, y1, x2, y2, score, class); ``category_ids``: class index -> COCO category id (a list
     or a dict). Each row becomes ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``
     in pixels of the original image, ``x = x1 W``, ``w = (x2 - x1) W`` (the evaluator's pixel
-    area ``w h``), numbers in full precision so that pycocotools sees what the evaluator saw.
+    area ``w h``), numbers in full precision so that pycocotools sees what the evaluator saw:
+    each image's ``MAX_DETS[-1]`` best (by score, ties in the given order), as COCO scores.
     """
     results = []
     for image_id, (height, width), dets in records:
         key = image_id if isinstance(image_id, str) else int(image_id)  # JSON has no numpy
         rows = torch.as_tensor(dets).detach().cpu().reshape(-1, 6)
+        best = torch.argsort(rows[:, 4], descending=True, stable=True)[: MAX_DETS[-1]]
+        rows = rows[best.sort().values]  # the image's best, in the given order
         scores = rows[:, 4].tolist()  # float32 scores read back exactly as float64
         boxes = rows[:, :4].double()
         scale = boxes.new_tensor([width, height])

@@ -22,12 +22,13 @@ yet detected instead (difficult ones are never detected); the two differ only wh
 overlaps two objects of its class by >= 0.5. Difficult ground truths and crowd regions are not
 positives and absorb the detections that match them.
 
-COCO: pycocotools' COCOeval (bbox) detail for detail (``utils.coco_eval``), each image's 100
-best detections per class; ``coco_stats`` holds COCOeval.stats' 12 numbers in its order. Crowd
-regions and difficult ground truths are what pycocotools calls ``iscrowd=1``. The area ranges
-need pixel sizes: ``image_sizes`` (and ``gt_areas``, else the pixel box's ``w h``); without
-``image_sizes`` in every ``update`` the six per-size entries (APs, APm, APl, ARs, ARm, ARl) are
-NaN and the others exact.
+COCO: pycocotools' COCOeval (bbox) detail for detail (``utils.coco_eval``) on each image's 100
+best detections (all classes together, ties in the given order: what ``write_coco_results``
+writes, so pycocotools' own per-class cap of 100 changes nothing); ``coco_stats`` holds
+COCOeval.stats' 12 numbers in its order. Crowd regions and difficult ground truths are what
+pycocotools calls ``iscrowd=1``. The area ranges need pixel sizes: ``image_sizes`` (and
+``gt_areas``, else the pixel box's ``w h``); without ``image_sizes`` in every ``update`` the
+six per-size entries (APs, APm, APl, ARs, ARm, ARl) are NaN and the others exact.
 
 A class without positives gets NaN and is left out of every mean.
 """
@@ -37,7 +38,7 @@ import math
 
 import numpy as np
 
-from utils.coco_eval import COCO_STATS_NAMES, coco_evaluate
+from utils.coco_eval import COCO_STATS_NAMES, MAX_DETS, coco_evaluate, image_ranks
 from utils.matching import (
     first_per_run,
     greedy_match,
@@ -243,12 +244,6 @@ def _mean(values: list[float]) -> float:
     return float(sum(finite) / len(finite)) if finite else math.nan
 
 
-def _mean(values: list[float]) -> float:
-    """Mean over the finite entries; NaN when there are none."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(sum(finite) / len(finite)) if finite else math.nan
-
-
 def _per_class(voc_flags, coco_precision, class_rows, positives) -> tuple[dict, list]:
     """Per-class AP lists (NaN without positives) and VOC (precision, recall) curves.
 
@@ -290,6 +285,8 @@ def evaluate_detections(
     without ground truth), ``coco_stats`` (12), the VOC (precision, recall) curves and counts.
     """
     det_order, det_key, rank, class_order = _sorted_detections(detections, det_image, num_images)
+    in_image_best = image_ranks(detections[:, 4], det_image)[det_order] < MAX_DETS[-1]
+    coco_rank = np.where(in_image_best, rank, np.iinfo(np.int64).max)  # the rest: never read
     det = detections[det_order]
     gt_order, gt_key = group_order(ground_truths, gt_image, 4, num_images)
     gt = ground_truths[gt_order]
@@ -302,7 +299,7 @@ def evaluate_detections(
     class_rows = [class_order[lo:hi] for lo, hi in itertools.pairwise(bounds)]
     known = det_areas is not None and gt_areas is not None
     coco = coco_evaluate(
-        (det_key, pair_det, pair_gt, rank),
+        (det_key, pair_det, pair_gt, coco_rank),
         (iou, crowd_iou),
         (difficult, gt_areas[gt_order] if known else np.zeros(len(gt)), gt[:, 4].astype(int)),
         det_areas[det_order] if known else np.zeros(len(det)),
