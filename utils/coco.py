@@ -71,6 +71,18 @@ def coco_image_dir(annotation_file: str | os.PathLike) -> Path:
     return root
 
 
+# COCO's category names that darknet's coco.names (and so yolov2.weights) spells as VOC does:
+# a class list of either spelling reads a COCO file.
+DARKNET_SPELLINGS = {
+    "airplane": "aeroplane",
+    "motorcycle": "motorbike",
+    "couch": "sofa",
+    "potted plant": "pottedplant",
+    "dining table": "diningtable",
+    "tv": "tvmonitor",
+}
+
+
 def _categories(document: dict, path, classes) -> tuple[dict, tuple, np.ndarray, dict]:
     """``{category_id: label}``, class names, ``[C]`` label -> category id (-1 if absent) and
     every category's name ``{category_id: name}``."""
@@ -87,6 +99,7 @@ def _categories(document: dict, path, classes) -> tuple[dict, tuple, np.ndarray,
         mapping = {cid: label for label, cid in enumerate(ids)}
         return mapping, classes, np.array(ids, np.int64), names
     index = {name: label for label, name in enumerate(classes)}
+    index.update({coco: index[ours] for coco, ours in DARKNET_SPELLINGS.items() if ours in index})
     mapping = {cid: index[names[cid]] for cid in ids if names[cid] in index}
     back = np.full(len(classes), -1, np.int64)
     for cid, label in mapping.items():

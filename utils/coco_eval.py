@@ -189,10 +189,11 @@ def write_coco_results(records, category_ids, path: str | Path) -> int:
 
     ``records``: ``(image_id, (height, width), detections [K, 6])`` with normalised xyxy boxes
     (x1, y1, x2, y2, score, class); ``category_ids``: class index -> COCO category id (a list
-    or a dict). Each row becomes ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``
-    in pixels of the original image, ``x = x1 W``, ``w = (x2 - x1) W`` (the evaluator's pixel
-    area ``w h``), numbers in full precision so that pycocotools sees what the evaluator saw:
-    each image's ``MAX_DETS[-1]`` best (by score, ties in the given order), as COCO scores.
+    or a dict; a negative id leaves the class out). Each row becomes ``{"image_id",
+    "category_id", "bbox": [x, y, w, h], "score"}`` in pixels of the original image,
+    ``x = x1 W``, ``w = (x2 - x1) W`` (the evaluator's pixel area ``w h``), numbers in full
+    precision so that pycocotools sees what the evaluator saw: each image's ``MAX_DETS[-1]``
+    best (by score, ties in the given order), as COCO scores.
     """
     results = []
     for image_id, (height, width), dets in records:
@@ -207,6 +208,8 @@ def write_coco_results(records, category_ids, path: str | Path) -> int:
         for (x, y), (w, h), score, label in zip(
             xy.tolist(), wh.tolist(), scores, rows[:, 5].long().tolist(), strict=True
         ):
+            if int(category_ids[label]) < 0:  # a class the COCO file does not have
+                continue
             results.append(
                 {"image_id": key, "category_id": int(category_ids[label]), "bbox": [x, y, w, h],
                  "score": score}

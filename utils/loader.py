@@ -110,7 +110,9 @@ def collate_targets(batch: Sequence[dict]) -> tuple[torch.Tensor, list[dict]]:
     one dict per image with ``"image_id"``, ``"orig_size"`` (height, width), ``"unreadable"``
     (bool: the image could not be read and is a grey stand-in, see
     ``VOCDataset(keep_unreadable=True)``) and ``"gt"`` ``[G_i, 6]`` float32 ``(x1, y1, x2, y2,
-    class, difficult)`` normalised (the evaluation ground truth).
+    class, difficult)`` normalised (the evaluation ground truth); COCO's extras for the
+    evaluator: ``"areas"`` ``[G_i]`` pixels² or None, ``"crowd_boxes"`` ``[K_i, 4]`` normalised
+    xyxy and ``"crowd_labels"`` ``[K_i]`` (empty outside COCO).
     """
     most = max([1] + [len(target["labels"]) for target in batch])
     targets = torch.zeros(len(batch), most, 5, dtype=torch.float32)
@@ -128,6 +130,9 @@ def collate_targets(batch: Sequence[dict]) -> tuple[torch.Tensor, list[dict]]:
                 "orig_size": target["orig_size"],
                 "unreadable": bool(target.get("unreadable", False)),
                 "gt": gt,
+                "areas": target.get("areas"),  # COCO's "area" [G_i] pixels², else None
+                "crowd_boxes": target.get("crowd_boxes", torch.zeros(0, 4)),
+                "crowd_labels": target.get("crowd_labels", torch.zeros(0, dtype=torch.int64)),
             }
         )
     return targets, metas

@@ -203,6 +203,9 @@ class TestConfig(WeightsConfig):
     num_vis_images: int = flag(8, "validation images drawn into OUT/detections/")
     fps_iters: int = flag(50, "timed batch-1 forward passes for the FPS figures")
     save_voc_results: str | None = flag(None, "write comp4_det_test_<class>.txt files here")
+    save_coco_results: str | None = flag(
+        None, "write a COCO results JSON here (image_id, category_id, bbox xywh px, score)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

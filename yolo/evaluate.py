@@ -63,10 +63,13 @@ def evaluate(
         with runtime.autocast():
             raw = model(images)
         detections = postprocess(
-            raw.float(), anchors, conf_threshold=conf_threshold, nms_threshold=nms_threshold
-        )
+            raw.float(), anchors, conf_threshold=conf_threshold, nms_threshold=nms_threshold,
+            max_detections=None,  # VOC scores every detection; the evaluator keeps COCO's 100
+        )  # fmt: skip
+        counts = [len(dets) for dets in detections]
+        detections = torch.cat(detections).cpu().split(counts)  # one copy to the host a batch
         for image, dets, meta in zip(images, detections, metas, strict=True):
-            dets = dets.cpu()[:0] if meta.get("unreadable") else dets.cpu()
+            dets = dets[:0] if meta.get("unreadable") else dets
             if len(samples) < num_vis_images:  # drawn on the network's input, in its frame
                 truth = meta["gt"][:0] if letterbox else meta["gt"]
                 samples.append((image.float().cpu(), dets, truth))
@@ -74,22 +77,40 @@ def evaluate(
                 height, width = meta["orig_size"]
                 dets = unletterbox_detections(dets, width, height, images.shape[-1])
             local.append((meta["image_id"], tuple(meta["orig_size"]), dets, meta["gt"],
-                          bool(meta.get("unreadable"))))  # fmt: skip
+                          bool(meta.get("unreadable")), meta.get("areas"),
+                          meta.get("crowd_boxes"), meta.get("crowd_labels")))  # fmt: skip
     if stop is not None and broadcast_flag(stop.requested, runtime):
         return None, []
     gathered = {rec[0]: rec for rec in gather_to_main(local, runtime)}
     if not runtime.is_main:
         return None, samples
-    evaluator = DetectionEvaluator(len(class_names), class_names=class_names)
-    evaluator.update([r[2] for r in gathered.values()], [r[3] for r in gathered.values()])
+    # by image id: score ties across images then break as pycocotools breaks them
+    recs = sorted(gathered.values(), key=lambda r: r[0])
+    res = score(recs, class_names)
     if records is not None:
-        records.extend((r[0], r[1], r[2]) for r in gathered.values())
-    res = evaluator.compute()
-    res["unreadable_images"] = sorted(r[0] for r in gathered.values() if r[4])
+        records.extend((r[0], r[1], r[2]) for r in recs)
+    res["unreadable_images"] = sorted(r[0] for r in recs if r[4])
     if res["unreadable_images"]:
         log.warning("%d unreadable images counted with no detections: %s",
                     len(res["unreadable_images"]), res["unreadable_images"][:10])  # fmt: skip
     return res, samples
+
+
+def score(recs: list, class_names: tuple[str, ...]) -> dict:
+    """Every metric of ``recs`` ``(image_id, orig_size, detections, gt, unreadable, areas,
+    crowd_boxes, crowd_labels)``: VOC on every detection, COCO on each image's 100 best, with
+    COCO's areas and crowd regions where the dataset has them."""
+    evaluator = DetectionEvaluator(len(class_names), class_names=class_names)
+    areas = [r[5] for r in recs]
+    evaluator.update(
+        [r[2] for r in recs],
+        [r[3] for r in recs],
+        image_sizes=[r[1] for r in recs],
+        gt_areas=None if any(a is None for a in areas) else areas,
+        crowd_boxes=[r[6] for r in recs],
+        crowd_labels=[r[7] for r in recs],
+    )
+    return evaluator.compute()
 
 
 def summary_line(res: dict) -> str:

@@ -5,6 +5,7 @@ times batch-1 inference."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utils.coco_eval import write_coco_results
 from utils.fileio import atomic_write_text
 from utils.metrics import to_json
 from utils.transforms import build_eval_transform
@@ -24,6 +26,8 @@ from yolo.nms import postprocess
 from yolo.results import write_voc_results
 from yolo.rundir import check_writable
 from yolo.runtime import Runtime, setup_runtime, teardown_runtime
+
+log = logging.getLogger(__name__)
 
 
 def _sync(device: torch.device) -> None:
@@ -60,6 +64,19 @@ def measure_fps(
         results[name] = iters / (time.perf_counter() - start)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {**results, "device": name, "precision": runtime.precision, "img_size": img_size}
+
+
+def coco_category_ids(dataset) -> list[int]:
+    """Label -> COCO category id: a COCO set's own ids, else label + 1 (as
+    ``utils.export_dataset`` numbers a VOC or YOLO set's categories)."""
+    ids = getattr(dataset, "category_ids", None)
+    if ids is not None:
+        missing = [c for c, cid in zip(dataset.classes, ids, strict=True) if cid < 0]
+        if missing:
+            log.warning("--save-coco-results: classes %s are not in the COCO file: their "
+                        "detections are left out", missing[:5])  # fmt: skip
+        return [int(cid) for cid in ids]
+    return list(range(1, len(dataset.classes) + 1))
 
 
 def run_test(config) -> dict:
@@ -114,6 +131,8 @@ def _run_test(config, runtime: Runtime) -> dict:
         )
     if config.save_voc_results:
         write_voc_results(records, classes, config.save_voc_results)
+    if config.save_coco_results:
+        write_coco_results(records, coco_category_ids(loader.dataset), config.save_coco_results)
     sys.stdout.write(format_ap_table(res, classes) + "\n")
     sys.stdout.write(
         f"FPS at {img_size} on {fps['device']} ({fps['precision']}), batch 1: model "
