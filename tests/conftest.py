@@ -1,4 +1,5 @@
-"""Shared fixtures: the small demo dataset, a writer of custom VOC folders, the gpu marker."""
+"""Shared fixtures: the small demo dataset, a writer of custom VOC folders, the gpu marker, a
+fixed torch thread count."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ def _skip_gpu_tests_without_cuda(request):
     """Tests marked ``gpu`` are skipped where CUDA is absent."""
     if request.node.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+
+
+@pytest.fixture
+def two_torch_threads():
+    """The test runs on two torch CPU threads whatever the machine has (one core included): what
+    differs between one thread and more shows on any machine. The count is restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
