@@ -20,10 +20,11 @@ def _skip_gpu_tests_without_cuda(request):
         pytest.skip("needs CUDA")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_torch_threads():
-    """The test runs on two torch CPU threads whatever the machine has (one core included): what
-    differs between one thread and more shows on any machine. The count is restored after."""
+    """The module's tests from here on run on two torch CPU threads whatever the machine has (one
+    core included): what differs between one thread and more shows on any machine, and the
+    numbers do not depend on the core count. The count is restored after the module."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     yield

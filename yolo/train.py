@@ -346,7 +346,7 @@ def fit(config: TrainConfig) -> dict:
                 raise ChildProcessError(
                     f"{error}: a data loader worker was killed (out of memory?). The run is "
                     f"{saved}; resume with fewer workers: {resume_command(config)} --workers "
-                    f"{config.workers // 2}"
+                    f"{max(1, config.workers // 2)}"
                 ) from None
             if not stopped:
                 state.epoch, state.batch, state.epoch_images = state.epoch + 1, 0, 0
