@@ -1,7 +1,9 @@
-"""Shared fixtures: the small demo dataset, a writer of custom VOC folders, the gpu marker."""
+"""Shared fixtures: one torch thread, the small demo dataset, a writer of custom VOC folders,
+the gpu marker."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,35 @@ def _skip_gpu_tests_without_cuda(request):
     """Tests marked ``gpu`` are skipped where CUDA is absent."""
     if request.node.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests run on one torch CPU thread, and so do the Python processes they start.
+
+    Their numbers then do not depend on the machine's core count, and on a busy machine one
+    thread is several times faster than two contending for the cores. What must not depend on
+    the thread count is tested on two threads explicitly (``two_torch_threads``).
+    """
+    previous, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(previous)
+    if variable is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = variable
+
+
+@pytest.fixture
+def two_torch_threads():
+    """The test runs on two torch CPU threads whatever the machine has (one core included): what
+    differs between one thread and more shows on any machine. One thread again after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

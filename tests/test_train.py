@@ -1,4 +1,9 @@
-"""The training engine end to end on the small demo set: files, resume, signals, NaN, DDP."""
+"""The training engine end to end on a tiny demo set: files, resume, signals, NaN, DDP.
+
+Sized for speed: 8 training images in batches of 4 (2 steps an epoch) made at 96 pixels (where
+the data transforms' rounding can depend on the thread count), multi-scale 64..96, 2 validation
+images, the tiny model, one torch thread (conftest) but where the thread count is the point.
+"""
 
 import dataclasses
 import json
@@ -16,6 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 import yolo.build
 import yolo.train
 from utils.data import VOCDataset
+from utils.demo import generate_demo_dataset
 from yolo.checkpoint import load_checkpoint
 from yolo.config import TrainConfig
 from yolo.rundir import RunLock
@@ -40,12 +46,12 @@ def make_config(tmp_path: Path, demo_root: Path, **overrides) -> TrainConfig:
         "val_set": "demo:val",
         "classes": str(demo_root / "demo_classes.txt"),
         "epochs": 2,
-        "batch_size": 8,
+        "batch_size": 4,
         "accum": 1,
         "img_size": 96,
-        "eval_img_size": 96,
+        "eval_img_size": 64,
         "min_size": 64,
-        "max_size": 128,
+        "max_size": 96,
         "multi_scale_every": 2,
         "workers": 0,
         "burn_in": 2,
@@ -75,6 +81,13 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    """8 training and 2 validation images of 64..96 pixels (this module's own, smaller set)."""
+    root = tmp_path_factory.mktemp("train_demo")
+    return generate_demo_dataset(root, num_train=8, num_val=2, min_size=64, max_size=96, seed=0)
+
+
+@pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, demo_root):
     """Two epochs without interruption: the reference for the resume tests."""
     tmp_path = tmp_path_factory.mktemp("straight")
@@ -91,16 +104,16 @@ def test_two_epochs_write_logs_checkpoints_and_metrics(straight_run):
     assert json.loads((run_dir / "config.json").read_text())["model"] == "tiny"
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["state"]["epoch"] == 2 and ckpt["finished"]
-    assert ckpt["state"]["iteration"] == 6  # 24 images / batch 8, two epochs
+    assert ckpt["state"]["iteration"] == 4  # 8 images / batch 4, two epochs
     assert ckpt["classes"] == Path(config.classes).read_text().split()
     assert 0.0 <= ckpt["state"]["best_map"] <= 1.0
     log_dir = Path(config.log_dir) / config.run
     losses = logged(log_dir, "train/loss_total")
-    assert [step for step, _ in losses] == list(range(6))
+    assert [step for step, _ in losses] == list(range(4))
     for tag in ("val/map_voc07", "val/map_voc12", "val/map_coco", "train/lr", "time/epoch_s"):
         assert logged(log_dir, tag), tag
     sizes = {value for _, value in logged(log_dir, "train/img_size")}
-    assert sizes <= {64.0, 96.0, 128.0}
+    assert sizes <= {64.0, 96.0}
     assert logged(log_dir, "train/num_dropped")
     history = ckpt["state"]["history"]
     assert [row["epoch"] for row in history] == [1, 2]
@@ -112,14 +125,14 @@ def test_two_epochs_write_logs_checkpoints_and_metrics(straight_run):
 
 
 def test_loss_goes_down_on_a_fixed_batch(tmp_path, demo_root):
-    # the 8 val images as the only batch, without augmentation: the same batch every step
+    # the 2 val images as the only batch, without augmentation: the same batch every step
     config = make_config(
-        tmp_path, demo_root, train_sets=("demo:val",), epochs=10, burn_in=1, eval_every=10,
+        tmp_path, demo_root, train_sets=("demo:val",), epochs=6, burn_in=1, eval_every=6,
         multi_scale=False, jitter=0.0, hue=0.0, saturation=1.0, exposure=1.0, flip=0.0,
     )  # fmt: skip
     fit(config)
     losses = [value for _, value in logged(Path(config.log_dir) / "t", "train/loss_total")]
-    assert len(losses) == 10 and losses[-1] < 0.6 * losses[0], losses
+    assert len(losses) == 6 and losses[-1] < 0.6 * losses[0], losses
 
 
 def test_resume_is_exact(tmp_path, demo_root, straight_run, caplog):
@@ -169,12 +182,12 @@ def test_signal_saves_and_resume_mid_epoch_is_exact(
 ):
     reference, _ = straight_run
     config = make_config(tmp_path, demo_root)
-    _signal_at_batch(monkeypatch, batch=5, signum=signum)
+    _signal_at_batch(monkeypatch, batch=3, signum=signum)
     summary = fit(config)
     assert summary["interrupted"] and summary["exit_code"] == 128 + signum
     state = load_checkpoint(tmp_path / "model/t/last.pt")["state"]
-    assert (state["epoch"], state["batch"], state["iteration"]) == (1, 2, 5)
-    assert state["epoch_images"] == 16
+    assert (state["epoch"], state["batch"], state["iteration"]) == (1, 1, 3)
+    assert state["epoch_images"] == 4
     command = caplog.text.split("Resume with:\n")[1].split("\n")[0].split()
     assert command[2:] == ["--run-name", "t", "--resume", "--model-dir", config.model_dir]
     monkeypatch.undo()
@@ -190,7 +203,7 @@ def test_signal_saves_and_resume_mid_epoch_is_exact(
         Path(reference.log_dir) / "t", "train/loss_total"
     )
     # epoch 1 ran whole; epoch 2 was cut in two, so it has no epoch time
-    assert [step for step, _ in logged(tmp_path / "logs/t", "time/epoch_s")] == [3]
+    assert [step for step, _ in logged(tmp_path / "logs/t", "time/epoch_s")] == [2]
 
 
 def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path, demo_root, monkeypatch):
@@ -200,12 +213,12 @@ def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path, demo_root,
     def poison(module, args, output):
         if module.training:
             calls["n"] += 1
-            if calls["n"] == 5:
+            if calls["n"] == 3:
                 return output * float("nan")
         return output
 
     _hook_training_model(monkeypatch, poison)
-    with pytest.raises(FloatingPointError, match=r"iteration 4 .*epoch 2") as info:
+    with pytest.raises(FloatingPointError, match=r"iteration 2 .*epoch 2") as info:
         fit(config)
     assert "nan" in str(info.value).lower()
     assert load_checkpoint(tmp_path / "model/t/last.pt")["state"]["epoch"] == 1
@@ -242,7 +255,7 @@ def test_weights_flag_refuses_unsafe_checkpoints(tmp_path, demo_root):
 
 @pytest.mark.slow
 def test_ddp_with_two_gloo_processes(tmp_path, demo_root):
-    config = make_config(tmp_path, demo_root, epochs=1)
+    config = make_config(tmp_path, demo_root, epochs=1, batch_size=2)
     args = []  # the flags that rebuild ``config`` over the script's preset
     for name, value in dataclasses.asdict(config).items():
         flag = "--run-name" if name == "run" else f"--{name.replace('_', '-')}"
@@ -267,8 +280,8 @@ def test_ddp_with_two_gloo_processes(tmp_path, demo_root):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     state = load_checkpoint(tmp_path / "model/t/last.pt")["state"]
-    # 24 images over 2 ranks: 12 each, batch 8 -> 2 batches per rank, 24 images seen in all
-    assert (state["epoch"], state["iteration"], state["seen"]) == (1, 2, 24)
+    # 8 images over 2 ranks: 4 each, batch 2 -> 2 batches per rank, 8 images seen in all
+    assert (state["epoch"], state["iteration"], state["seen"]) == (1, 2, 8)
     assert logged(tmp_path / "logs/t", "val/map_voc07")
 
 
@@ -344,14 +357,14 @@ def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path, demo_root, 
 
         def poison(optimizer, *_):
             steps["n"] += 1
-            if steps["n"] == 3:  # the epoch's last step: before the fix, saved and evaluated
+            if steps["n"] == 2:  # the epoch's last step: before the fix, saved and evaluated
                 next(model.parameters()).data.fill_(float("inf"))
 
         optimizer.register_step_post_hook(poison)
         return model, criterion, optimizer, scaler
 
     monkeypatch.setattr(yolo.train, "build_training", patched)
-    with pytest.raises(FloatingPointError, match=r"made the weights non-finite at iteration 2"):
+    with pytest.raises(FloatingPointError, match=r"made the weights non-finite at iteration 1"):
         fit(make_config(tmp_path, demo_root))
     assert not list((tmp_path / "model/t").glob("*.pt"))
 
@@ -371,16 +384,16 @@ def test_resume_mid_epoch_with_another_batch_size_trains_the_right_images(
         for step in range(8):
             writer.add_scalar("train/loss_total", 999.0, step)
     config = make_config(tmp_path, demo_root, eval_every=2)
-    _signal_at_batch(monkeypatch, batch=2, signum=signal.SIGINT)
+    _signal_at_batch(monkeypatch, batch=1, signum=signal.SIGINT)
     fit(config)
-    assert load_checkpoint(tmp_path / "model/t/last.pt")["state"]["epoch_images"] == 16
+    assert load_checkpoint(tmp_path / "model/t/last.pt")["state"]["epoch_images"] == 4
     monkeypatch.undo()
-    fit(dataclasses.replace(config, resume="last", batch_size=4))
+    fit(dataclasses.replace(config, resume="last", batch_size=2))
     state = load_checkpoint(tmp_path / "model/t/last.pt")["state"]
-    # epoch 1: 2 steps of 8 images, then the other 8 images in 2 steps of 4; epoch 2: 6 steps
-    assert (state["seen"], state["iteration"]) == (48, 10)
+    # epoch 1: 1 step of 4 images, then the other 4 images in 2 steps of 2; epoch 2: 4 steps
+    assert (state["seen"], state["iteration"]) == (16, 7)
     steps = [step for step, _ in logged(tmp_path / "logs/t", "train/loss_total")]
-    assert steps == list(range(10))
+    assert steps == list(range(7))
     assert 999.0 not in {value for _, value in logged(tmp_path / "logs/t", "train/loss_total")}
 
 
@@ -394,19 +407,30 @@ def test_a_killed_data_worker_saves_the_run_and_says_how_to_resume(
 
     def dying(self, key):  # runs in the worker process, which inherits the patch by fork
         calls["n"] += 1
-        if calls["n"] == 20:
+        if calls["n"] == 7:  # in the epoch's second batch
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, key)
 
     monkeypatch.setattr(VOCDataset, "__getitem__", dying)
-    with pytest.raises(ChildProcessError, match=r"worker.*resume with fewer workers.*--workers 0"):
+    with pytest.raises(ChildProcessError, match=r"worker.*resume with fewer workers.*--workers 1$"):
         fit(config)
     state = load_checkpoint(tmp_path / "model/t/last.pt")["state"]  # at the last optimizer step
-    assert state["epoch"] == 0 and state["iteration"] == state["batch"] < 3
-    assert state["epoch_images"] == 8 * state["batch"]
+    assert state["epoch"] == 0 and state["iteration"] == state["batch"] < 2
+    assert state["epoch_images"] == 4 * state["batch"]
     monkeypatch.undo()
-    fit(dataclasses.replace(config, resume="last", workers=0))
+    fit(dataclasses.replace(config, resume="last", workers=1))  # as told: never --workers 0
     assert_same_weights(
         weights_of(tmp_path / "model/t/last.pt"),
         weights_of(Path(reference.model_dir) / "t/last.pt"),
     )
+
+
+def test_workers_do_not_change_the_weights(tmp_path, demo_root, two_torch_threads):
+    # a worker makes its batches on one torch thread; this process trains on two, and without
+    # workers it made them on two as well: pixels a last bit apart, weights visibly apart
+    last = {}
+    for workers in (0, 1):
+        config = make_config(tmp_path / str(workers), demo_root, epochs=1, batch_size=8, burn_in=0)
+        fit(dataclasses.replace(config, workers=workers))  # one step of the 8 images, at --lr
+        last[workers] = weights_of(tmp_path / str(workers) / "model/t/last.pt")
+    assert_same_weights(last[0], last[1])

@@ -3,6 +3,11 @@
 ``SeededSampler`` yields ``(index, item_seed)`` pairs (so augmentation depends only on the
 seed, the epoch and the index, in any worker), ``collate_detection`` makes the padded target
 tensor and the per-image metadata, ``build_dataloader`` puts them together.
+
+A batch is the same bits whatever ``workers`` is: torch runs a worker process on one CPU thread,
+and some CPU kernels the transforms use (``F.interpolate``'s bilinear among them) round the last
+bit differently when they split their work over more threads. So without workers the batches are
+made on one thread too (the training and evaluation between them keep the process's count).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -145,6 +151,48 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run the block on one torch CPU thread, as in a DataLoader worker; then restore the count.
+
+    ``torch.set_num_threads`` is process-wide: only for work that no other thread runs meanwhile.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _OneThreadIterator:
+    """Wraps a single-process DataLoader iterator: each batch is loaded on one torch thread."""
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with _one_torch_thread():
+            return next(self._iterator)
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+
+class _DetectionLoader(DataLoader):
+    """A DataLoader whose batches do not depend on ``num_workers`` (see the module docstring)."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        return iterator if self.num_workers > 0 else _OneThreadIterator(iterator)
+
+
 def build_dataloader(
     dataset: Dataset,
     *,
@@ -164,7 +212,8 @@ def build_dataloader(
 
     ``loader.sampler`` is the ``SeededSampler`` (call ``loader.sampler.set_epoch(epoch, start)``
     before each epoch). ``drop_last`` drops the last incomplete batch and truncates the shards.
-    Workers persist across epochs; memory is pinned by default when CUDA is available.
+    Workers persist across epochs; memory is pinned by default when CUDA is available. Without
+    workers each batch is made on one torch thread, as a worker makes it: the same bits.
     """
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
@@ -176,7 +225,7 @@ def build_dataloader(
         rank=rank,
         drop_last=drop_last,
     )
-    return DataLoader(
+    return _DetectionLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

@@ -202,7 +202,8 @@ def train_epoch(run: Run, state: TrainState) -> bool:
         saved = f"saved at iteration {state.iteration}" if run.runtime.is_main else "in last.pt"
         raise ChildProcessError(
             f"{error}: a data loader worker was killed (out of memory?). The run is {saved}; "
-            f"resume with fewer workers: {resume_command(config)} --workers {config.workers // 2}"
+            f"resume with fewer workers: {resume_command(config)} --workers "
+            f"{max(1, config.workers // 2)}"  # the same weights with any count but 0 vs 1+
         ) from None
     if not stopped:
         state.epoch, state.batch, state.epoch_images = state.epoch + 1, 0, 0
