@@ -41,6 +41,7 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getbuffer()
+    previous = path.exists()
     try:
         with atomic_open(path, "wb") as handle:
             handle.write(data)
@@ -52,7 +53,7 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
             error.errno,
             f"cannot write {path}: the disk is full ({len(data) / 1e6:.0f} MB needed, "
             f"{free / 1e6:.0f} MB free); free some space or use another --model-dir, then "
-            "resume: the previous checkpoint is intact",
+            + ("resume: the previous checkpoint is intact" if previous else "start again"),
         ) from None
     return path
 
@@ -213,11 +214,18 @@ def restore_training(ckpt: dict, model, optimizer, scaler, source: str) -> dict:
     return dict(ckpt["state"])
 
 
-def resume_path(config: TrainConfig) -> Path:
-    """The checkpoint ``--resume`` names: the run's ``last.pt``, or the PATH given."""
-    if config.resume == "last":
-        return Path(config.model_dir) / config.run / "last.pt"
-    return Path(config.resume)
+def resume_path(config: TrainConfig, *, must_exist: bool = False) -> Path:
+    """The checkpoint ``--resume`` names: the run's ``last.pt``, or the PATH given; with
+    ``must_exist``, a missing one is a one-line error saying what to do."""
+    own = config.resume == "last"
+    path = Path(config.model_dir) / config.run / "last.pt" if own else Path(config.resume)
+    if must_exist and not path.is_file():
+        raise FileNotFoundError(
+            f"--resume: {path} does not exist: "
+            + (f"run {config.run!r} saved no checkpoint yet; start it without --resume"
+               if own else "give the path of a checkpoint, e.g. model/<run>/last.pt")
+        )  # fmt: skip
+    return path
 
 
 def checkpoint_to_resume(
@@ -231,7 +239,7 @@ def checkpoint_to_resume(
                 f"--resume, start another with --run NAME, or delete {run_dir} to start over"
             )
         return None
-    path = resume_path(config)
+    path = resume_path(config, must_exist=True)
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, config, classes, anchors, path)
     changed = changed_settings(config_from_dict(TrainConfig, ckpt["config"]), config)
@@ -256,8 +264,8 @@ def changed_settings(saved: TrainConfig, config: TrainConfig) -> str:
 def resume_settings(config: TrainConfig, given: frozenset[str]) -> TrainConfig:
     """For ``--resume``: the run's own saved settings, with only the flags given on the
     command line changed (``given``), so a resumed run never falls back to a preset's value."""
-    if not config.resume:
-        return config
+    if not config.resume or not resume_path(config).is_file():
+        return config  # a missing checkpoint is reported by the run, once it holds its folder
     saved = load_checkpoint(resume_path(config), weights=False)["config"]
     saved = config_from_dict(TrainConfig, saved)
     return dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
