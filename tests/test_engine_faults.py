@@ -193,3 +193,37 @@ def test_a_resumed_epoch_logs_the_loss_of_all_its_steps(tmp_path, small_root, mo
         k: v for k, v in expected.items() if k.startswith("loss_")
     }
     assert resumed["loss_sums"] == {} and resumed["loss_steps"] == 0
+
+
+def test_a_flipped_byte_in_a_tensor_is_one_line_naming_the_file(tmp_path):
+    marker = torch.full((64,), 1.2345)  # bytes that are easy to find in the file
+    state = {"model": {"w": marker, "b": torch.zeros(3, dtype=torch.bfloat16)}, "config": {},
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}}}  # fmt: skip
+    path = save_checkpoint(state, tmp_path / "last.pt")
+    assert torch.equal(load_checkpoint(path)["model"]["w"], marker)
+    data = bytearray(path.read_bytes())
+    data[data.find(marker.numpy().tobytes()) + 10] ^= 0x01
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt") as info:
+        load_checkpoint(tmp_path / "flipped.pt")
+    assert str(tmp_path / "flipped.pt") in str(info.value) and "\n" not in str(info.value)
+    # the settings alone (tensors mapped, not read) are still readable
+    assert load_checkpoint(tmp_path / "flipped.pt", weights=False)["config"] == {}
+
+
+def test_checksum_is_of_the_tensors_in_a_fixed_order_and_old_checkpoints_load(tmp_path):
+    from yolo.checkpoint import tensor_checksum
+
+    a = {"model": {"x": torch.ones(2), "y": torch.zeros(2)}, "rng": [torch.arange(3)]}
+    b = {"rng": [torch.arange(3)], "model": {"y": torch.zeros(2), "x": torch.ones(2)}}
+    assert tensor_checksum(a) == tensor_checksum(b)  # insertion order does not matter
+    for changed in (
+        {**a, "model": {"x": torch.ones(2), "y": torch.zeros(2, dtype=torch.float64)}},
+        {**a, "model": {"x": torch.ones(2), "y": torch.zeros(1, 2)}},
+        {**a, "model": {"y": torch.ones(2), "x": torch.zeros(2)}},
+        {**a, "rng": [torch.arange(3), torch.arange(0)]},
+    ):
+        assert tensor_checksum(changed) != tensor_checksum(a)
+    old = tmp_path / "old.pt"
+    torch.save({"model": {"x": torch.ones(2)}, "config": {}, "format": 2}, old)  # no checksum
+    assert torch.equal(load_checkpoint(old)["model"]["x"], torch.ones(2))

@@ -4,12 +4,18 @@
 :class:`yolo.model.YOLOv2Head`. A checkpoint written before (no ``"format"`` key) held anchors
 as fractions of a 416 image and the head's layers at the top: :func:`load_checkpoint` converts
 it in memory (anchors x 13, keys moved) and says so; the file itself is never changed.
+
+Every checkpoint written holds ``"checksum"``: sha256 over its tensors (see
+:func:`tensor_checksum`), checked when it is read with its weights, so a flipped bit on disk or
+in a copy is an error naming the file, not weights that are silently wrong. A checkpoint
+without one (written before) loads as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import io
 import logging
 import pickle
@@ -39,7 +45,7 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     """
     path = Path(path)
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, "checksum": tensor_checksum(state)}, buffer)
     data = buffer.getbuffer()
     previous = path.exists()
     try:
@@ -96,8 +102,41 @@ def load_checkpoint(
             + (f" with keys {sorted(state)[:8]}" if isinstance(state, dict) else "")
         )
     if weights:
+        _check_checksum(state, path)
         check_finite_weights(state["model"], str(path))
     return _upgrade(state, path, say=weights)
+
+
+def tensor_checksum(state: dict) -> str:
+    """``"sha256:<hex>"`` over every tensor in ``state`` (nested dicts, lists and tuples), in a
+    fixed order: each tensor's place (its keys), dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for place, tensor in _tensors(state, ()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(repr((place, str(tensor.dtype), tuple(tensor.shape))).encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _tensors(value, place: tuple):
+    """``(place, tensor)`` for every tensor in ``value``, dict keys in sorted order."""
+    if torch.is_tensor(value):
+        yield place, value
+    elif isinstance(value, dict):
+        for key in sorted(value, key=repr):
+            yield from _tensors(value[key], (*place, key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _tensors(item, (*place, index))
+
+
+def _check_checksum(state: dict, path: Path) -> None:
+    saved = state.get("checksum")
+    if saved is not None and saved != tensor_checksum(state):
+        raise ValueError(
+            f"checkpoint {path} is corrupt: its tensors no longer match the checksum written "
+            "with them (a flipped bit on disk or in a copy); use another copy or best.pt/last.pt"
+        )
 
 
 def _upgrade(state: dict, path: Path, say: bool) -> dict:
