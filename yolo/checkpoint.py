@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from utils.fileio import atomic_open
-from yolo.config import TrainConfig, config_from_dict, config_to_dict
+from yolo.config import TrainConfig
+from yolo.flags import config_from_dict, config_to_dict
 from yolo.model import upgrade_state_dict
 from yolo.runtime import unwrap
 

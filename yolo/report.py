@@ -20,8 +20,9 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 from utils.visualize import format_ap_table, plot_training_history, save_figure
-from yolo.config import TrainConfig, config_to_dict
+from yolo.config import TrainConfig
 from yolo.evaluate import log_evaluation, summary_line
+from yolo.flags import config_to_dict
 from yolo.schedule import LOW_LR_FRACTION, Schedule
 
 log = logging.getLogger("yolo.train")

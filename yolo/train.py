@@ -33,10 +33,11 @@ from yolo.checkpoint import (
     save_checkpoint,
     training_checkpoint,
 )
-from yolo.config import TrainConfig, save_config_json
+from yolo.config import TrainConfig
 from yolo.demo import resolve_demo
 from yolo.epoch import DataLoaderDied, TrainState, train_one_epoch
 from yolo.evaluate import evaluate
+from yolo.flags import save_config_json
 from yolo.load import resolve_anchors, resolve_classes
 from yolo.report import (
     BestEffort,
