@@ -68,7 +68,9 @@ class TensorboardLog:
         except OSError as error:
             best_effort.report(log_dir, error)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # called for the writer's methods only
+        if name.startswith("_"):
+            raise AttributeError(name)
         if self._writer is None:
             return lambda *args, **kwargs: False
         method = getattr(self._writer, name)
