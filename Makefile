@@ -45,8 +45,9 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 # The CUDA path on one GPU in about 8 minutes (tests, speed, resume, torchrun + NCCL): writes
-# bench/results/gpu.{md,json}; without CUDA a quick smoke run. bench/gpu_check.py says how to run
-# it on a lent GPU machine.
+# bench/results/gpu.{md,json}; without CUDA a quick smoke run. Run it on any CUDA machine; without
+# network, install from wheels fetched elsewhere with `pip download` (bench/gpu_check.py's
+# docstring gives the commands).
 .PHONY: gpu-check
 gpu-check: $(STAMP)
 	PYTHONUNBUFFERED=1 $(BIN)/python bench/gpu_check.py

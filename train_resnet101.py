@@ -1,7 +1,7 @@
 """Train YOLOv2 with an ImageNet-pretrained ResNet101 backbone and a passthrough on VOC.
 
 Darknet's schedule (lr 1e-3, burn-in, /10 at epochs 60 and 90, effective batch 64 (16 x 4),
-multi-scale 320..608); evaluated at 544 as the seed's table. ``--pretrained PATH`` takes a local
+multi-scale 320..608); evaluated at 544. ``--pretrained PATH`` takes a local
 copy of torchvision's ImageNet weights, ``--no-pretrained`` trains the backbone from scratch.
 """
 

@@ -7,7 +7,8 @@ after every row, so a failure, a timeout or a kill still leaves the rest:
 1. ``pytest -m gpu`` over tests/ in a subprocess (tests/test_gpu.py: CUDA equals CPU);
 2. training through the engine's ``train_one_epoch`` (AMP, channels_last, as ``fit``):
    darknet19, tiny, resnet18 at 416 and darknet19 at 608, batch 64 (halved on OOM), on pinned
-   in-memory batches and on the real loader over generated JPEGs (4, 8, 16 workers);
+   in-memory batches and on the real loader over generated JPEGs (4, 8, 16 workers), each with
+   both data paths: darknet's augmentation per image in the workers, or batched on the GPU;
 3. inference, darknet19 at 416 and 544, batch 1 and 32, fp32 and bf16, eager and
    ``torch.compile``: model-only and end-to-end (``postprocess``) images/s, synchronised;
 4. ``fit`` 2 epochs (tiny, AMP), SIGINT mid-epoch, resumed in a new process, against a
@@ -19,27 +20,27 @@ as skipped (tests/test_gpu_check.py runs it so):
     make gpu-check                                      # .venv/bin/python bench/gpu_check.py
     python bench/gpu_check.py --quick --out-dir /tmp/gpu
 
-On a lent GPU machine (python3 with torch, no network) defusedxml and pycocotools travel as
-wheels. Once, here, in the repository root:
+On any machine with a CUDA GPU and network, in the repository root, run ``make gpu-check``
+(it creates .venv from requirements-dev.txt, then runs this script) and commit the
+bench/results/gpu.md and gpu.json it writes. A GPU machine without network installs from
+wheels fetched elsewhere: on a machine with network, for the GPU machine's Python version
+(3.12 below) and platform,
 
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d .whl defusedxml==0.7.1 pycocotools==2.0.11
+    pip download -r requirements-dev.txt -d wheels --only-binary=:all: --python-version 3.12
+    # add: --platform manylinux_2_28_x86_64 when the two machines differ
 
-then one device ``run`` with ``carry: [".whl"]``, ``timeout_s: 560`` and the command
+copy the wheels folder into the repository on the GPU machine, and there run
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
-    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out-dir $OUT 2>$OUT/gpu_stderr.log
+    PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/wheels make gpu-check
 
-(the table on stdout, progress bars and warnings in gpu_stderr.log); copy the returned gpu.md
-and gpu.json into bench/results/.
+(pip reads its options from the environment; the table goes to stdout, progress bars and
+warnings to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import itertools
@@ -70,7 +71,9 @@ from bench.common import (  # noqa: E402
     time_calls,
     time_training,
 )
+from utils.batch_augment import DeferredTrainTransform, augment_batch, collate_raw  # noqa: E402
 from utils.demo import generate_demo_dataset  # noqa: E402
+from utils.loader import build_dataloader  # noqa: E402
 from yolo.build import build_loaders, build_training  # noqa: E402
 from yolo.checkpoint import load_checkpoint  # noqa: E402
 from yolo.config import TrainConfig  # noqa: E402
@@ -182,11 +185,49 @@ def train_case(ctx: Context, budget: Budget, name: str, size: int, workers: tupl
                 torch.cuda.empty_cache()
 
 
+def device_loader(loader, workers: int):
+    """``loader``'s dataset and settings with the device path's worker side: decode and draw
+    the parameters (``DeferredTrainTransform``), batches as ``RawBatch`` (``collate_raw``)."""
+    dataset = copy.copy(loader.dataset)  # the records are shared, the transform is not
+    dataset.transform = DeferredTrainTransform(dataset.transform)
+    sampler = loader.sampler
+    return build_dataloader(dataset, batch_size=loader.batch_size, shuffle=sampler.shuffle,
+                            seed=sampler.seed, workers=workers, drop_last=loader.drop_last,
+                            pin_memory=loader.pin_memory, collate_fn=collate_raw)  # fmt: skip
+
+
+def augmented(batches, runtime: Runtime, size: int):
+    """``RawBatch`` batches -> the step's (images, targets, metas), the pixels made on the
+    device at ``size`` as the engine's step does with ``--augment-on device``. Its work is
+    queued here (no host sync), so its launches count as data time, its GPU time as step."""
+    for raw, targets, metas in batches:
+        yield augment_batch(raw.to(runtime.device, non_blocking=True), size), targets, metas
+
+
+def memory_rows(ctx: Context, built: tuple, loader, row: dict, timing: dict) -> dict:
+    """The in-memory rows of both paths: ``plan.premade`` batches of each, pinned, cycled; the
+    device path's ``RawBatch`` augmented on the device every step. -> the per-image row."""
+    memory = None
+    for augment in ("cpu", "device"):
+        source = loader if augment == "cpu" else device_loader(loader, 0)
+        premade = [tuple(t.pin_memory() if ctx.plan.cuda else t for t in batch[:2]) + batch[2:]
+                   for batch in itertools.islice(source, ctx.plan.premade)]  # fmt: skip
+        batches = itertools.cycle(premade)
+        if augment == "device":
+            batches = augmented(batches, ctx.runtime, timing["size"])
+        timed = time_training(*built, batches, warmup=ctx.plan.warmup + 2, **timing)
+        memory = memory or timed
+        ctx.report.row("train", **row, loader="in memory, pinned", augment=augment, **timed,
+                       vs_memory=timed["images_per_s"] / memory["images_per_s"])  # fmt: skip
+    return memory
+
+
 def train_rows(ctx: Context, budget: Budget, name: str, size: int, batch_size: int,
                workers: tuple) -> None:  # fmt: skip
-    """Pinned in-memory batches first (their warm-up also tunes cuDNN), then the real loader,
-    a fresh one per worker count: its first batches (one per worker) come at once, so the
-    warm-up is one batch more per worker."""
+    """In-memory batches first (pinned; their warm-up also tunes cuDNN): the per-image path's
+    and the device path's (``RawBatch``, augmented on the device every step), then the real
+    loader of each path, a fresh one per worker count: its first batches (one per worker)
+    come at once, so the warm-up is one batch more per worker."""
     plan, runtime, root = ctx.plan, ctx.runtime, ctx.data
     need = (plan.premade + max(workers) + plan.warmup + plan.steps) * batch_size
     config = TrainConfig(
@@ -200,21 +241,23 @@ def train_rows(ctx: Context, budget: Budget, name: str, size: int, batch_size: i
     loader, _ = build_loaders(config, classes, runtime)
     timing = dict(runtime=runtime, schedule=build_schedule(config, len(loader)), size=size,
                   steps=plan.steps)  # fmt: skip
-    premade = [tuple(t.pin_memory() if plan.cuda else t for t in batch[:2]) + batch[2:]
-               for batch in itertools.islice(loader, plan.premade)]  # fmt: skip
-    del loader  # its workers stop
     row = dict(model=name, size=size, batch=batch_size)
-    memory = time_training(*built, itertools.cycle(premade), warmup=plan.warmup + 2, **timing)
-    ctx.report.row("train", **row, loader="in memory, pinned", **memory, vs_memory=1.0)
-    for count in workers:
+    memory = memory_rows(ctx, built, loader, row, timing)
+    del loader  # its workers stop
+    for count, augment in itertools.product(workers, ("cpu", "device")):
+        files = f"files, {count} workers"
         if budget.left() < 15:
-            ctx.report.row("train", **row, loader=f"files, {count} workers: budget spent")
+            ctx.report.row("train", **row, loader=f"{files}: budget spent", augment=augment)
             continue
         loader, _ = build_loaders(dataclasses.replace(config, workers=count), classes, runtime)
-        timed = time_training(*built, iter(loader), warmup=count + plan.warmup, **timing)
+        batches = iter(loader)
+        if augment == "device":
+            loader = device_loader(loader, count)
+            batches = augmented(iter(loader), runtime, size)
+        timed = time_training(*built, batches, warmup=count + plan.warmup, **timing)
         ratio = timed["images_per_s"] / memory["images_per_s"]
-        ctx.report.row("train", **row, loader=f"files, {count} workers", **timed, vs_memory=ratio)
-        del loader
+        ctx.report.row("train", **row, loader=files, augment=augment, **timed, vs_memory=ratio)
+        del loader, batches
 
 
 def train_section(ctx: Context, budget: Budget) -> str:
@@ -235,10 +278,13 @@ def train_section(ctx: Context, budget: Budget) -> str:
         f"{ctx.runtime.precision}, channels_last on CUDA, random init, no multi-scale. Files: "
         f"{count} generated demo JPEGs of {low}-{high} px a side (VOC's photos are about "
         "500x375; drawn shapes on smooth backgrounds make smaller files, quicker to decode), "
-        "darknet's augmentation, the set listed repeatedly so that one epoch covers a row. In "
-        "memory: "
-        f"{ctx.plan.premade} such batches, pinned, cycled. data_share: time spent waiting for "
-        "the next batch; vs_memory: images/s against the in-memory row."
+        "darknet's augmentation, the set listed repeatedly so that one epoch covers a row. "
+        "augment cpu: per image in the workers (utils.transforms); device: the workers decode "
+        "and draw the parameters, utils.batch_augment.augment_batch makes the batch on the "
+        "device before each step (queued without a sync: its launches count as data wait, "
+        f"its GPU time in the step). In memory: {ctx.plan.premade} such batches of each path, "
+        "pinned, cycled. data_share: time spent waiting for the next batch; vs_memory: "
+        "images/s against the in-memory cpu row."
     )
 
 

@@ -3,8 +3,8 @@
 Times forward+backward of YOLOv2Loss ("global" and "darknet" assignment) at 416 (13x13) and
 608 (19x19), batch 1, 8 and 16, 20 classes, about 2.4 ground truths per image (Poisson), with
 its peak memory; the ResNet18 YOLOv2 model's forward+backward at the same batch and size; and
-postprocess of a batch of 16 at 416, beside one batched_nms over all its candidates and the
-seed's scheme. Writes bench/results/loss_speed.{md,json}.
+postprocess of a batch of 16 at 416, beside one batched_nms over all its candidates and a
+per-image scheme without a threshold. Writes bench/results/loss_speed.{md,json}.
 
 Peak memory is the largest total of bytes the CPU allocator holds during one forward+backward
 beyond what it held before (the raw output and targets), summed from torch.profiler's memory
@@ -155,7 +155,7 @@ def postprocess_all_candidates(raw: torch.Tensor, anchors: torch.Tensor) -> list
 
 
 def postprocess_seed_style(raw: torch.Tensor, anchors: torch.Tensor) -> list:
-    """The seed's scheme, for timing only (not the same output): per image, every prediction
+    """A per-image scheme, for timing only (not the same output): per image, every prediction
     with its best class, ``batched_nms`` over all of them, no threshold."""
     boxes, objectness, class_probs = decode(raw, anchors)
     results = []

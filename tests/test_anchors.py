@@ -1,4 +1,4 @@
-"""Anchors: darknet's defaults, anchor files (the grid-unit format and the seed's), and box
+"""Anchors: darknet's defaults, anchor files (the grid-unit format and the legacy one), and box
 sizes read from VOC XML."""
 
 import json

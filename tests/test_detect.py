@@ -214,7 +214,7 @@ def test_letterbox_feeds_darknets_letterbox_and_maps_boxes_back(tmp_path, monkey
         Runtime(torch.device("cpu")),
         letterbox=True,
     )
-    dets = detector([engine.load_image(path)])[0]
+    dets = detector.detect([engine.load_image(path)])[0]
     image = model.inputs[0][0]  # [3, 96, 96]: 320 x 160 -> 96 x 48 between two grey bands
     assert (image[:, :24] == 0.5).all() and (image[:, 72:] == 0.5).all()
     expected = unletterbox_boxes(in_network[:, :4], 320, 160, 96).clamp(0, 1)

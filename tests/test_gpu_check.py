@@ -33,7 +33,9 @@ def test_quick_run_reports_every_section(tmp_path):
         (tests,) = sections["pytest"]["rows"]
         assert tests["failed"] == tests["errors"] == 0 and tests["passed"] > 0
     train = sections["train"]["rows"]
-    assert [row["loader"] for row in train] == ["in memory, pinned", "files, 0 workers"]
+    loaders = [(row["loader"], row["augment"]) for row in train]
+    assert loaders == [(f"{source}", path) for source in ("in memory, pinned", "files, 0 workers")
+                       for path in ("cpu", "device")]  # fmt: skip
     assert all(row["images_per_s"] > 0 and 0 <= row["data_share"] <= 1 for row in train)
     inference = sections["inference"]["rows"]
     assert [row["batch"] for row in inference] == [1, 2]

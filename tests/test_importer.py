@@ -174,6 +174,9 @@ def test_refuses_bad_out_folders(labelled, tmp_path, monkeypatch, out, match):
 def test_nothing_to_import_is_an_error(tmp_path):
     (tmp_path / "i").mkdir()
     (tmp_path / "a").mkdir()
+    with pytest.raises(ValueError, match=r"no \.xml \(VOC\), \.txt \(YOLO-txt\) or \.json"):
+        import_labelled(tmp_path / "i", tmp_path / "a", tmp_path / "out")
+    (tmp_path / "a" / "x.xml").write_text("<annotation><filename>x.jpg</filename></annotation>")
     with pytest.raises(ValueError, match="no object in any usable XML"):
         import_labelled(tmp_path / "i", tmp_path / "a", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="images folder"):

@@ -146,8 +146,8 @@ def pixel_set(seed: int, sizes, num_images: int = 40, *, continuous: bool = Fals
 
 
 def to_pixel_frame(rows, width: int, height: int) -> np.ndarray:
-    """Rows of VOC values ``[b1, b2, b3, b4, a, b]`` -> ``[N, 6]`` with the box normalised as
-    DESIGN.md's VOC pixel frame: ((b1 - 1) / W, (b2 - 1) / H, b3 / W, b4 / H)."""
+    """Rows of VOC values ``[b1, b2, b3, b4, a, b]`` -> ``[N, 6]`` with the box normalised in
+    the VOC pixel frame (docs/design.md): ((b1 - 1) / W, (b2 - 1) / H, b3 / W, b4 / H)."""
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, 6)
     out = rows.copy()
     out[:, :4] = (rows[:, :4] - [1, 1, 0, 0]) / [width, height, width, height]

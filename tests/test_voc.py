@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from utils.data import VOCDataset
 from utils.voc import (
     ImageFolder,
     load_classes,
@@ -132,3 +133,29 @@ def test_image_folder_prefers_filename_then_id_with_any_suffix_case(tmp_path):
     assert path is None and "c.gif" in tried and "c.{jpg,jpeg,png,bmp}" in tried
     assert str(tmp_path) in tried
     assert ImageFolder(tmp_path / "nope").find("a", None)[0] is None
+
+
+@pytest.mark.parametrize(
+    "line", ["../../../../tmp/outside/evil", "/etc/passwd", "a\\b", "..", "sub/x 1"]
+)
+def test_read_split_refuses_paths(tmp_path, line):
+    path = tmp_path / "train.txt"
+    path.write_text(f"ok\n{line}\n")
+    with pytest.raises(ValueError, match=r"train\.txt line 2: image id .* is not a file stem"):
+        read_split(path)
+
+
+def test_read_split_ids_with_spaces_and_per_class_flags(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text("my photo\nx 1\ny -1\nz 0\nw 2\n two  words \n")
+    assert read_split(path)[0] == ["my photo", "x", "y", "z", "w 2", "two  words"]
+
+
+def test_dataset_reads_an_id_with_a_space_and_refuses_traversal(voc_writer):
+    voc_writer.add("my photo", [("dog", (2, 2, 20, 20), False)])
+    sets = voc_writer.write_set("train")
+    ds = VOCDataset(voc_writer.root, sets, ("dog",))
+    assert len(ds) == 1 and ds.get_target(0)["image_id"] == "my photo"
+    voc_writer.write_set("train", ids=["../../../../tmp/outside/evil"])
+    with pytest.raises(ValueError, match="line 1"):
+        VOCDataset(voc_writer.root, sets, ("dog",))

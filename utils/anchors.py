@@ -4,7 +4,7 @@ VOC-format dataset that k-means (:mod:`utils.kmeans`) clusters.
 Anchors are a float32 tensor ``[A, 2]`` of (width, height) in cells of the output grid
 (stride 32), darknet's ``anchors=`` numbers: fixed in pixels (x32), the same at every input
 size. An anchor file is a JSON object ``{"unit": "grid", "stride": 32, "anchors": [[w, h],
-...], ...}`` (more keys allowed). The seed's files, a JSON list of ``{"width": w, "height":
+...], ...}`` (more keys allowed). Legacy files, a JSON list of ``{"width": w, "height":
 h}`` fractions of a 416 image, still load: multiplied by 13 (416 / 32), with a warning.
 """
 
@@ -39,7 +39,7 @@ DARKNET_VOC_ANCHORS_GRID = (
     (11.2364, 10.0071),
 )
 STRIDE = 32  # input pixels per grid cell
-SEED_GRID_SIZE = 13  # the seed's anchor files are fractions of a 416 image: 13 cells
+SEED_GRID_SIZE = 13  # legacy anchor files are fractions of a 416 image: 13 cells
 FORMAT_HINT = '{"unit": "grid", "stride": 32, "anchors": [[w, h], ...]} (w, h in grid cells)'
 
 
@@ -54,7 +54,7 @@ def default_anchors() -> torch.Tensor:
 
 def load_anchors(path: str | os.PathLike) -> torch.Tensor:
     """Read an anchor JSON file -> float32 ``[A, 2]`` (w, h) in grid cells. A file of the
-    seed's format (fractions of a 416 image) is converted (x13) with one warning."""
+    legacy format (fractions of a 416 image) is converted (x13) with one warning."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -112,7 +112,7 @@ def _is_size(value: object) -> bool:
 
 
 def _read_seed_format(entries: list[dict], path: Path) -> torch.Tensor:
-    """The seed's ``[{"width": w, "height": h}, ...]`` (fractions of a 416 image) -> grid cells."""
+    """The legacy ``[{"width": w, "height": h}, ...]`` (fractions of a 416 image) -> grid cells."""
     for index, entry in enumerate(entries):
         if set(entry) != {"width", "height"}:
             raise ValueError(

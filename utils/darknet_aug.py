@@ -21,3 +21,7 @@ class Augmentation:
 
 
 DARKNET_AUGMENTATION = Augmentation()
+
+# Where the augmentation runs (--augment-on): per image in the loader workers, batched on the
+# training device, or auto (the device on CUDA, else the workers).
+AUGMENT_ON = ("auto", "cpu", "device")

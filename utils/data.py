@@ -34,6 +34,11 @@ finds reach the main process only through the per-item flag).
 
 Every skip is logged once per file (``logging.warning``, the first 20) and kept in
 ``ds.skipped`` as ``(file, reason)``; ``ds.summary()`` gives the counts. Files are only read.
+
+The other formats live beside it and are importable from here: :class:`CocoDataset` (a COCO
+instances JSON, :mod:`utils.coco`) and :class:`YoloDataset` (an ultralytics data.yaml,
+:mod:`utils.yolotxt`) serve the same ``(image, target)`` items from flat numpy records;
+:func:`utils.formats.open_dataset` picks the format from a path.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.coco import CocoDataset
 from utils.images import UnreadableImage, load_rgb, probe_image
 from utils.voc import (
     Annotation,
@@ -59,8 +65,9 @@ from utils.voc import (
     read_split,
     voc_box,
 )
+from utils.yolotxt import YoloDataset
 
-__all__ = ["VOC_CLASSES", "VOCDataset"]
+__all__ = ["VOC_CLASSES", "CocoDataset", "VOCDataset", "YoloDataset"]
 
 log = logging.getLogger(__name__)
 

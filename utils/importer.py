@@ -1,4 +1,5 @@
-"""Labelling-tool output (a folder of images, a folder of VOC XML) -> a VOCdevkit-layout dataset.
+"""Labelling-tool output (a folder of images, and a folder of VOC XML, a folder of YOLO-txt
+labels with classes.txt, or a COCO instances .json) -> a VOCdevkit-layout dataset.
 
 ``import_labelled(images, annotations, out)`` writes, for ``out = data/NAME``::
 
@@ -15,7 +16,9 @@ its own stem (.jpg/.jpeg/.png/.bmp, any case); its id is its stem (spaces become
 split files hold one word per line). Skipped and reported: an image without XML, an XML without
 image, a malformed XML, an unreadable image, an image claimed by two XML files. The user's files
 are only read; the new folder is built beside ``out`` and renamed into place, replacing ``out``
-only when it is empty or a previous import.
+only when it is empty or a previous import. YOLO-txt and COCO sources (:mod:`utils.foreign`)
+are written as VOC XML; an annotations path of another kind is an error naming what was found
+and what to pass.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.foreign import annotation_format, read_foreign
 from utils.images import IMAGE_SUFFIXES, UnreadableImage, probe_image
 from utils.voc import Annotation, BadAnnotation, parse_annotation, voc_box
 
@@ -56,11 +60,12 @@ class ImportResult:
 @dataclass(frozen=True)
 class _Pair:
     image_id: str
-    xml: Path
+    xml: Path  # the source annotation file (for COCO/YOLO-txt: the JSON or .txt file)
     image: Path
     out_name: str  # file name in JPEGImages
     annotation: Annotation
     size: tuple[int, int]  # (width, height) of the upright image
+    xml_text: str = ""  # the XML to write, converted from COCO/YOLO-txt ("": copy ``xml``)
 
 
 def _check_out(out: Path, sources: tuple[Path, Path]) -> None:
@@ -153,6 +158,24 @@ def _collect(images_dir: Path, annotations_dir: Path, result: ImportResult) -> l
     return pairs
 
 
+def _collect_foreign(kind: str, images: Path, annotations: Path, result) -> list[_Pair]:
+    """Pairs of a COCO JSON or a YOLO-txt folder, their annotations converted to VOC XML."""
+    items, _, skipped = read_foreign(kind, images, annotations)
+    result.skipped += skipped
+    pairs, taken = [], {}
+    for item in items:
+        image_id = re.sub(r"\s+", "_", item.image.stem)
+        if image_id in taken:
+            result.skipped.append((str(item.image), f"its id {image_id} is already used by "
+                                   f"{taken[image_id]}"))  # fmt: skip
+            continue
+        taken[image_id] = item.image.name
+        source = annotations if kind == "coco" else annotations / f"{item.image.stem}.txt"
+        pairs.append(_Pair(image_id, source, item.image, f"{image_id}{item.image.suffix}",
+                           item.annotation, item.size, item.xml_text))  # fmt: skip
+    return pairs
+
+
 def _check_boxes(pair: _Pair, result: ImportResult) -> None:
     """Notes for boxes the dataset will clamp or drop (the XML is never edited)."""
     for index, obj in enumerate(pair.annotation.objects):
@@ -187,7 +210,11 @@ def _write(staging: Path, pairs: list[_Pair], result: ImportResult, link: bool) 
             os.symlink(pair.image.resolve(), target)
         else:
             shutil.copyfile(pair.image, target)
-        shutil.copyfile(pair.xml, folder / "Annotations" / f"{pair.image_id}.xml")
+        target = folder / "Annotations" / f"{pair.image_id}.xml"
+        if pair.xml_text:
+            target.write_text(pair.xml_text, encoding="utf-8")
+        else:
+            shutil.copyfile(pair.xml, target)
     for split, ids in result.splits.items():
         text = "".join(f"{image_id}\n" for image_id in ids)
         (folder / "ImageSets" / "Main" / f"{split}.txt").write_text(text, encoding="utf-8")
@@ -224,12 +251,18 @@ def import_labelled(
         raise ValueError(f"--val {val}: give the validation share, between 0 and 1 (e.g. 0.2)")
     _check_out(out, (images, annotations))
     result = ImportResult(out, out.name, (), {}, 0)
-    pairs = _collect(images, annotations, result)
+    _list_files(images, "images")  # a missing images folder is named first
+    kind = annotation_format(annotations)
+    if kind == "voc":
+        pairs = _collect(images, annotations, result)
+    else:
+        pairs = _collect_foreign(kind, images, annotations, result)
     for pair in pairs:
         _check_boxes(pair, result)
     names = {obj.name for pair in pairs for obj in pair.annotation.objects}
     if not names:
-        raise ValueError(f"no object in any usable XML of {annotations}: nothing to train on")
+        what = {"voc": "XML", "coco": "image of", "yolo": "label file of"}[kind]
+        raise ValueError(f"no object in any usable {what} {annotations}: nothing to train on")
     result.classes = tuple(sorted(names))
     result.num_objects = sum(len(pair.annotation.objects) for pair in pairs)
     result.splits = _split([pair.image_id for pair in pairs], val, seed)

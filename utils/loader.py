@@ -17,7 +17,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.boxes import xyxy_to_cxcywh
 
-__all__ = ["SeededSampler", "build_dataloader", "collate_detection", "seed_worker"]
+__all__ = [
+    "SeededSampler",
+    "build_dataloader",
+    "collate_detection",
+    "collate_targets",
+    "seed_worker",
+]
 
 
 def _mix(*values: int) -> int:
@@ -90,19 +96,27 @@ class SeededSampler(Sampler):
 def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]]):
     """List of (image ``[3, H, W]``, target) -> (images, targets, metas).
 
-    ``images`` ``[N, 3, H, W]`` float32; ``targets`` ``[N, G, 5]`` float32 rows
-    ``(class, cx, cy, w, h)`` normalised, padding rows ``(-1, 0, 0, 0, 0)``, ``G`` the most boxes
-    of an image in the batch (at least 1); ``metas`` one dict per image with ``"image_id"``,
-    ``"orig_size"`` (height, width), ``"unreadable"`` (bool: the image could not be read and is
-    a grey stand-in, see ``VOCDataset(keep_unreadable=True)``) and ``"gt"`` ``[G_i, 6]`` float32
-    ``(x1, y1, x2, y2, class, difficult)`` normalised (the evaluation ground truth).
+    ``images`` ``[N, 3, H, W]`` float32; ``targets`` and ``metas`` as :func:`collate_targets`.
     """
     images = torch.stack([image for image, _ in batch]).to(torch.float32)  # [N, 3, H, W]
-    most = max([1] + [len(target["labels"]) for _, target in batch])
+    return (images, *collate_targets([target for _, target in batch]))
+
+
+def collate_targets(batch: Sequence[dict]) -> tuple[torch.Tensor, list[dict]]:
+    """List of target dicts -> (targets, metas).
+
+    ``targets`` ``[N, G, 5]`` float32 rows ``(class, cx, cy, w, h)`` normalised, padding rows
+    ``(-1, 0, 0, 0, 0)``, ``G`` the most boxes of an image in the batch (at least 1); ``metas``
+    one dict per image with ``"image_id"``, ``"orig_size"`` (height, width), ``"unreadable"``
+    (bool: the image could not be read and is a grey stand-in, see
+    ``VOCDataset(keep_unreadable=True)``) and ``"gt"`` ``[G_i, 6]`` float32 ``(x1, y1, x2, y2,
+    class, difficult)`` normalised (the evaluation ground truth).
+    """
+    most = max([1] + [len(target["labels"]) for target in batch])
     targets = torch.zeros(len(batch), most, 5, dtype=torch.float32)
     targets[..., 0] = -1.0
     metas = []
-    for row, (_, target) in enumerate(batch):
+    for row, target in enumerate(batch):
         boxes = target["boxes"].to(torch.float32).reshape(-1, 4)  # [G_i, 4]
         labels = target["labels"].to(torch.float32)
         targets[row, : len(labels), 0] = labels
@@ -116,7 +130,7 @@ def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]]):
                 "gt": gt,
             }
         )
-    return images, targets, metas
+    return targets, metas
 
 
 def seed_worker(worker_id: int) -> None:
@@ -137,8 +151,11 @@ def build_dataloader(
     num_replicas: int = 1,
     rank: int = 0,
     pin_memory: bool | None = None,
+    collate_fn=collate_detection,
 ) -> DataLoader:
-    """A DataLoader over ``SeededSampler`` pairs with ``collate_detection``.
+    """A DataLoader over ``SeededSampler`` pairs with ``collate_fn`` (``collate_detection``, or
+    ``utils.batch_augment.collate_raw`` for a dataset whose transform leaves the pixels to the
+    training device).
 
     ``loader.sampler`` is the ``SeededSampler`` (call ``loader.sampler.set_epoch(epoch, start)``
     before each epoch). ``drop_last`` drops the last incomplete batch and truncates the shards.
@@ -160,7 +177,7 @@ def build_dataloader(
         sampler=sampler,
         drop_last=drop_last,
         num_workers=workers,
-        collate_fn=collate_detection,
+        collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0,
         worker_init_fn=seed_worker,

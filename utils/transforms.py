@@ -339,8 +339,11 @@ class DarknetTrainTransform:
         self.flip_p, self.min_box_size = flip_p, min_box_size
 
     def __call__(self, image: Image.Image, target: dict) -> tuple[torch.Tensor, dict]:
-        width, height = image.size
-        params = sample_darknet_params(
+        return self.apply(image, target, self.draw_params(*image.size))
+
+    def draw_params(self, width: int, height: int) -> DarknetParams:
+        """The parameters ``__call__`` draws for a ``width x height`` image, not applied."""
+        return sample_darknet_params(
             width,
             height,
             jitter=self.jitter,
@@ -349,7 +352,6 @@ class DarknetTrainTransform:
             exposure=self.exposure,
             flip_p=self.flip_p,
         )
-        return self.apply(image, target, params)
 
     def apply(
         self, image: Image.Image, target: dict, params: DarknetParams
@@ -363,9 +365,9 @@ class DarknetTrainTransform:
         if params.flip:
             sized = sized.flip(-1)
         out = distort_hsv(sized, params.hue, params.saturation, params.exposure)
-        return out, self._map_target(target, params, width, height)
+        return out, self.map_target(target, params, width, height)
 
-    def _map_target(self, target: dict, params: DarknetParams, width: int, height: int) -> dict:
+    def map_target(self, target: dict, params: DarknetParams, width: int, height: int) -> dict:
         """darknet's ``correct_boxes``: source box -> window, flip, clip, drop the tiny ones."""
         boxes = target["boxes"].to(torch.float64)  # [G, 4] normalised xyxy of the source
         window_w = width - params.pleft - params.pright

@@ -185,7 +185,7 @@ def _rows(boxes, name: str, min_columns: int) -> np.ndarray:
     if rows.ndim != 2 or rows.shape[1] < min_columns:
         raise ValueError(
             f"utils.visualize.draw_detections: {name} has shape {list(rows.shape)}; expected "
-            f"[K, {min_columns}+] normalised xyxy rows (see DESIGN.md 'Conventions')"
+            f"[K, {min_columns}+] normalised xyxy rows (see docs/design.md)"
         )
     return rows
 

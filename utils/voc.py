@@ -83,11 +83,30 @@ def parse_sets(specs: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+_SPLIT_FLAGS = ("1", "-1", "0")  # VOC's per-class split files: "<id> 1", "<id> -1", "<id> 0"
+
+
+def _split_id(path: Path, number: int, line: str) -> str:
+    """The image id of one split-file line: the line itself, or the id of a per-class line
+    ``<id> <flag>``; an id that is not a plain file stem raises ValueError naming the line."""
+    words = line.split()
+    image_id = words[0] if len(words) == 2 and words[1] in _SPLIT_FLAGS else line.strip()
+    if "/" in image_id or "\\" in image_id or ".." in image_id or ":" in image_id:
+        raise ValueError(
+            f"{path} line {number}: image id {image_id!r} is not a file stem (it holds a path "
+            f"separator, ':' or '..'): list one stem per line, e.g. 000005"
+        )
+    return image_id
+
+
 def read_split(path: str | os.PathLike) -> tuple[list[str], Counter[str]]:
-    """Image ids of a split file (the first word of each non-blank line, as VOC's per-class
-    files ``<id> 1`` hold them), each once in first-seen order, and how often repeated ids
-    appeared (``{id: count}``, empty when there are none)."""
-    ids = [line.split()[0] for line in read_text_lines(path) if line.strip()]
+    """Image ids of a split file (one id per line, or VOC's per-class ``<id> 1``/``-1``/``0``;
+    an id may hold spaces), each once in first-seen order, and how often repeated ids appeared
+    (``{id: count}``, empty when there are none). An id with a path separator or ``..`` (it would
+    reach files outside the dataset) raises ValueError naming the file and line."""
+    path = Path(path)
+    lines = read_text_lines(path)
+    ids = [_split_id(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
     counts = Counter(ids)
     return list(dict.fromkeys(ids)), Counter({i: n for i, n in counts.items() if n > 1})
 

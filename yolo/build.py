@@ -8,7 +8,9 @@ import logging
 import torch
 from torch import nn
 
-from utils.data import VOCDataset
+from utils.batch_augment import train_pipeline
+from utils.data import VOC_CLASSES
+from utils.formats import check_trainable, dataset_classes, open_dataset
 from utils.loader import build_dataloader
 from utils.transforms import build_eval_transform, build_train_transform
 from utils.voc import parse_sets
@@ -20,7 +22,7 @@ from yolo.darknet import (
     prediction_filters_in_file,
     read_header,
 )
-from yolo.load import find_weights
+from yolo.load import find_weights, resolve_classes
 from yolo.loss import YOLOv2Loss
 from yolo.model import build_model
 from yolo.runtime import Runtime
@@ -28,6 +30,23 @@ from yolo.runtime import Runtime
 log = logging.getLogger(__name__)
 
 PREDICTION_KEYS = ("head.conv.weight", "head.conv.bias")  # the layer sized by classes, anchors
+
+
+def resolve_run_classes(config) -> tuple[str, ...]:
+    """A run's classes: ``--classes``, else those of a COCO/YOLO ``--data``, else VOC's 20."""
+    if config.classes or not config.data:
+        return resolve_classes(config.classes)
+    return dataset_classes(config.data, config.data_format) or VOC_CLASSES
+
+
+def data_source(config) -> tuple[str, str | None]:
+    """``(path, format)`` of the dataset: ``--data`` (format from the path unless
+    ``--data-format``), else the VOCdevkit ``--data-root``."""
+    if getattr(config, "data", None):
+        return config.data, config.data_format
+    if getattr(config, "data_format", None) not in (None, "voc"):
+        raise ValueError(f"--data-format {config.data_format} needs --data PATH (the dataset)")
+    return config.data_root, "voc"
 
 
 def build_optimizer(
@@ -122,10 +141,13 @@ def build_train_model(config, num_classes: int, num_anchors: int) -> nn.Module:
 
 def build_val_loader(config, classes, transform, *, workers: int, runtime: Runtime):
     """The validation set of ``config.val_set`` and its (sharded, unshuffled) loader."""
-    dataset = VOCDataset(
-        config.data_root,
-        parse_sets([config.val_set]),
-        classes,
+    path, data_format = data_source(config)
+    dataset = open_dataset(
+        path,
+        "val",
+        data_format=data_format,
+        voc_sets=parse_sets([config.val_set]),
+        classes=classes,
         keep_difficult=True,
         strict=config.strict,
         transform=transform,
@@ -142,13 +164,8 @@ def build_val_loader(config, classes, transform, *, workers: int, runtime: Runti
 
 def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
     """Training loader (darknet augmentation, seeded, sharded) and validation loader."""
-    train_set = VOCDataset(
-        config.data_root,
-        parse_sets(list(config.train_sets)),
-        classes,
-        keep_difficult=config.keep_difficult,
-        strict=config.strict,
-        transform=build_train_transform(
+    train_transform, collate = train_pipeline(
+        build_train_transform(
             config.img_size,
             jitter=config.jitter,
             hue=config.hue,
@@ -156,13 +173,27 @@ def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
             exposure=config.exposure,
             flip_p=config.flip,
         ),
+        config.augment_on,
+        runtime.device,
+    )
+    path, data_format = data_source(config)
+    train_set = open_dataset(
+        path,
+        "train",
+        data_format=data_format,
+        voc_sets=parse_sets(list(config.train_sets)),
+        classes=classes,
+        keep_difficult=config.keep_difficult,
+        strict=config.strict,
+        transform=train_transform,
     )
     if runtime.is_main:
         log.info("train set: %s", train_set.summary())
+    check_trainable(train_set, config.classes)  # before the first epoch, not after a run
     train_loader = build_dataloader(
         train_set, batch_size=config.batch_size, shuffle=True, workers=config.workers,
         seed=config.seed, num_replicas=runtime.world_size, rank=runtime.rank,
-        pin_memory=runtime.device.type == "cuda",
+        pin_memory=runtime.device.type == "cuda", collate_fn=collate,
     )  # fmt: skip
     transform = build_eval_transform(config.eval_img_size)
     val_loader = build_val_loader(config, classes, transform, workers=config.workers,

@@ -30,6 +30,7 @@ from utils.fileio import atomic_open
 from yolo.config import TrainConfig
 from yolo.flags import config_from_dict, config_to_dict
 from yolo.model import upgrade_state_dict
+from yolo.release import load_safetensors
 from yolo.runtime import unwrap
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ def load_checkpoint(
         raise FileNotFoundError(
             f"checkpoint {path} not found: train one (model/<run>/best.pt) or pass its path"
         )
+    if path.suffix == ".safetensors":  # a release's shared form: tensors and JSON, no pickle
+        state = load_safetensors(path)
+        check_finite_weights(state["model"], str(path))
+        return _upgrade(state, path, say=weights)
     if not zipfile.is_zipfile(path):
         raise ValueError(
             f"cannot read checkpoint {path}: not a PyTorch checkpoint file (truncated, or "
@@ -281,6 +286,11 @@ def checkpoint_to_resume(
         return None
     path = resume_path(config, must_exist=True)
     ckpt = load_checkpoint(path)
+    if ckpt.get("release"):
+        raise ValueError(
+            f"cannot resume from {path}: it holds the weights only (a release file such as "
+            "best.pt); resume from the run's last.pt, or start a new run from it with --weights"
+        )
     check_resumable(ckpt, config, classes, anchors, path)
     changed = changed_settings(config_from_dict(TrainConfig, ckpt["config"]), config)
     if changed:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from utils.darknet_aug import AUGMENT_ON
 from utils.darknet_aug import DARKNET_AUGMENTATION as AUG
 from utils.download import VOC_TARBALLS, check_mirror
 from yolo.flags import flag, kebab
@@ -20,11 +21,17 @@ from yolo.names import ASSIGNMENTS, DARKNET_NAMES, MODEL_NAMES
 MODELS = MODEL_NAMES
 OPTIMIZERS = ("sgd", "adamw")
 EXPORTERS = ("torchscript", "dynamo")
+EXPORT_FORMATS = ("onnx", "pt", "safetensors")
 # Opsets each exporter of torch 2.x writes natively; dynamo converts anything older than 18.
 OPSET_RANGES = {"torchscript": (13, 20), "dynamo": (18, 23)}
 MAX_K = 64  # most anchors kmeans.py makes
 DEMO_ROOT = "data/demo"
 DEVICE_HELP = "auto | cpu | cuda | cuda:N"
+DATA_FORMATS = ("voc", "coco", "yolo")
+DATA_HELP = (
+    "dataset, format from the path: a VOCdevkit folder, a COCO instances_*.json or folder with "
+    "annotations/, a YOLO data.yaml or folder with images/ and labels/ (replaces --data-root)"
+)
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -54,6 +61,8 @@ class TrainConfig:
     # --run-name too: torchrun's parser reads a bare --run as an abbreviation of its --run-path
     run: str = flag("yolov2", "run name: logs/<run>/ and model/<run>/", alias="--run-name")
     data_root: str = flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
+    data: str | None = flag(None, DATA_HELP)
+    data_format: str | None = flag(None, "force the format of --data", choices=DATA_FORMATS)
     train_sets: tuple[str, ...] = flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ...")
     val_set: str = flag("2007:test", "NAME:SPLIT evaluated every --eval-every epochs")
     classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
@@ -85,6 +94,12 @@ class TrainConfig:
     saturation: float = flag(AUG.saturation, "saturation scale up to this or its inverse")
     exposure: float = flag(AUG.exposure, "exposure scale up to this or its inverse")
     flip: float = flag(AUG.flip, "horizontal flip probability")
+    augment_on: str = flag(
+        "auto",
+        "where darknet's augmentation runs: cpu (per image in the loader workers), device "
+        "(batched on the training device), auto (device on CUDA, else cpu)",
+        choices=AUGMENT_ON,
+    )
     keep_difficult: bool = flag(False, "train on difficult objects too (darknet leaves them out)")
     strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
     assignment: str = flag("global", "loss target assignment", choices=ASSIGNMENTS)
@@ -162,6 +177,8 @@ class TestConfig(WeightsConfig):
     __test__ = False  # not a pytest test class, despite the name
 
     data_root: str = flag("data/VOCdevkit", "VOCdevkit folder")
+    data: str | None = flag(None, DATA_HELP)
+    data_format: str | None = flag(None, "force the format of --data", choices=DATA_FORMATS)
     val_set: str = flag("2007:test", "NAME:SPLIT to evaluate")
     demo: bool = flag(False, "evaluate on the demo dataset's val split")
     strict: bool = flag(False, "stop at an unknown class name instead of skipping the object")
@@ -212,6 +229,12 @@ class ExportConfig(WeightsConfig):
     """ONNX export of a checkpoint of this project or of darknet's weights (``img_size``: the
     example input's)."""
 
+    format: str = flag(
+        "onnx",
+        "onnx, or a file to share a checkpoint of this project: pt (no optimizer state) or "
+        "safetensors (no pickle); --out's .onnx suffix becomes .pt or .safetensors",
+        choices=EXPORT_FORMATS,
+    )
     batch_size: int = flag(1, "batch size of the example input (the fixed one without --dynamic)")
     dynamic: bool = flag(True, "dynamic batch axis")
     dynamic_size: bool = flag(False, "dynamic height and width too (multiples of 32)")
@@ -285,6 +308,8 @@ class KMeansConfig:
     """k-means anchor search on a VOC-format dataset."""
 
     data_root: str = flag("data/VOCdevkit", "VOCdevkit folder holding VOC2007/, VOC2012/")
+    data: str | None = flag(None, DATA_HELP)
+    data_format: str | None = flag(None, "force the format of --data", choices=DATA_FORMATS)
     sets: tuple[str, ...] = flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ... to read")
     classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
     demo: bool = flag(False, "generate the demo dataset if missing and use its train split")
@@ -330,7 +355,9 @@ class ImportConfig:
     (import_voc.py); --images, --annotations and --out are required."""
 
     images: str | None = flag(None, "folder of the images (.jpg, .jpeg, .png, .bmp)")
-    annotations: str | None = flag(None, "folder of the VOC XML files, one per image")
+    annotations: str | None = flag(
+        None, "folder of VOC XML or YOLO-txt .txt files (+ classes.txt), or a COCO .json file"
+    )
     out: str | None = flag(None, "new folder data/NAME; NAME becomes the set name (NAME:train)")
     val: float = flag(0.2, "share of the images in the val split")
     seed: int = flag(0, "seed of the train/val split")

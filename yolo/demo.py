@@ -25,6 +25,8 @@ def resolve_demo(config, runtime: Runtime | None = None):
         dist.barrier()
     changes = {"data_root": str(root), "classes": str(Path(root) / DEMO_CLASSES_FILE)}
     names = {item.name for item in dataclasses.fields(config)}
+    if "data" in names:
+        changes["data"] = None  # --demo wins over --data
     if "train_sets" in names:
         changes["train_sets"] = ("demo:train",)
     changes["val_set"] = "demo:val"

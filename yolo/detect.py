@@ -31,6 +31,7 @@ from utils.voc import boxes_to_voc_pixels
 from yolo.config import DetectConfig
 from yolo.load import load_trained_model, require_weights
 from yolo.nms import postprocess
+from yolo.predict import Results, as_batch, make_results, to_pil
 from yolo.runtime import Runtime, select_amp_dtype, select_device
 from yolo.source import resolve_source
 from yolo.video import Viewer, detect_stream, video_output_path
@@ -78,7 +79,12 @@ def detections_to_dicts(
 
 @dataclass(frozen=True)
 class Detector:
-    """A model in eval mode with what inference needs; call it on a list of PIL images."""
+    """A model in eval mode with what inference needs.
+
+    ``detector(images)``: paths, PIL images or uint8 ``[3, H, W]`` tensors (one or a list) ->
+    one :class:`yolo.predict.Results` per image, in its own pixels; ``detector.detect`` is the
+    same on PIL images, returning the project's normalised ``[K, 6]`` tensors.
+    """
 
     model: nn.Module
     anchors: torch.Tensor
@@ -88,9 +94,19 @@ class Detector:
     nms_threshold: float
     runtime: Runtime
     letterbox: bool = False
+    batch_size: int = 8
 
-    @torch.no_grad()
-    def __call__(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+    def __call__(self, images) -> list[Results]:
+        pil_images = [to_pil(item, index) for index, item in enumerate(as_batch(images))]
+        results = []
+        for start in range(0, len(pil_images), self.batch_size):
+            chunk = pil_images[start : start + self.batch_size]
+            for image, dets in zip(chunk, self.detect(chunk), strict=True):
+                results.append(make_results(dets, image, self.class_names))
+        return results
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         """One ``[K, 6]`` detection tensor (on the CPU) per image, boxes normalised xyxy of that
         image, clipped to it."""
         batch = self.runtime.to_device(preprocess(images, self.img_size, letterbox=self.letterbox))
@@ -108,7 +124,11 @@ class Detector:
         """The JSON entries of one image's detections (see ``detections_to_dicts``)."""
         return detections_to_dicts(detections, width, height, self.class_names)
 
-    def draw(self, image: Image.Image, detections: torch.Tensor) -> Image.Image:
+    def draw(self, image: Image.Image | Results, detections: torch.Tensor | None = None):
+        """``image`` with its detections drawn: a :class:`Results` (its own image), or a PIL
+        image and its ``[K, 6]`` detections."""
+        if isinstance(image, Results):
+            image, detections = image.image, image.detections
         return draw_detections(
             image, detections, self.class_names, score_threshold=self.conf_threshold
         )
@@ -156,7 +176,7 @@ def detect_images(
         chunk = slice(start, start + batch_size)
         read = [_read_image(path) for path in paths[chunk]]
         images = [image for image, _ in read if image is not None]
-        dets = iter(detector(images) if images else ())
+        dets = iter(detector.detect(images) if images else ())
         for path, target, (image, error) in zip(paths[chunk], targets[chunk], read, strict=True):
             if image is None:
                 results.append({"image": str(path), "error": error})

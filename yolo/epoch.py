@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from utils.batch_augment import RawBatch, augment_batch
 from utils.transforms import resize_batch
 from yolo.runtime import Runtime, StopRequest, broadcast_flag, unwrap
 from yolo.schedule import Schedule, train_size
@@ -110,7 +111,10 @@ def train_one_epoch(
         for index, (images, targets, _) in enumerate(loader):
             fetched = time.perf_counter()
             size = train_size(state.batches, seed=seed, sizes=sizes, every=size_every)
-            images = resize_batch(runtime.to_device(images), size)
+            if isinstance(images, RawBatch):  # --augment-on device: made here, at this size
+                images = runtime.to_device(augment_batch(images.to(runtime.device), size))
+            else:
+                images = resize_batch(runtime.to_device(images), size)
             targets = targets.to(runtime.device, non_blocking=True)
             step_now = accumulated + 1 == accum or index + 1 == len(loader)
             sync = nullcontext() if step_now or not runtime.distributed else model.no_sync()

@@ -33,9 +33,11 @@ import torch
 from torch import nn
 
 from utils.fileio import atomic_path
+from yolo.checkpoint import load_checkpoint, save_checkpoint
 from yolo.config import ExportConfig
 from yolo.converter import decode
-from yolo.load import load_trained_model, require_weights
+from yolo.load import find_weights, load_trained_model, require_weights
+from yolo.release import release_checkpoint, save_safetensors
 
 __all__ = ["DecodedYOLO", "ParityError", "run_export"]
 
@@ -295,9 +297,35 @@ def save_checked(proto, module: nn.Module, config: ExportConfig) -> dict[str, fl
     return worst
 
 
+def export_release(config: ExportConfig) -> dict:
+    """``--format pt|safetensors``: a checkpoint of this project as the file to share (weights,
+    classes, anchors, config; no optimizer state). Returns ``out`` and ``bytes``."""
+    require_weights(config)
+    path = find_weights(config.weights).path
+    if path.suffix == ".weights" or path.name.startswith("darknet19_448"):
+        raise ValueError(
+            f"--format {config.format} takes a checkpoint of this project (.pt or .safetensors); "
+            f"{config.weights} is darknet's weights file, which is shared as it is"
+        )
+    out = Path(config.out)
+    out = out.with_suffix(f".{config.format}") if out.suffix == ".onnx" else out
+    checkpoint = load_checkpoint(path)
+    if config.format == "safetensors":
+        save_safetensors(checkpoint, out)
+    else:
+        save_checkpoint(release_checkpoint(checkpoint), out)
+    size = out.stat().st_size
+    weights_bytes = sum(v.numel() * v.element_size() for v in checkpoint["model"].values())
+    log.info("%s: %.1f MB (the weights alone: %.1f MB)", out, size / 1e6, weights_bytes / 1e6)
+    return {"out": str(out), "bytes": size}
+
+
 def run_export(config: ExportConfig) -> dict:
-    """Export ``config.weights`` to ``config.out`` (ONNX); returns a summary dict with ``out``,
-    ``bytes``, ``outputs``, ``export_s`` and ``max_abs_diff`` (per output, or None)."""
+    """Export ``config.weights`` to ``config.out`` (ONNX, or a release file with ``--format``);
+    returns a summary dict with ``out``, ``bytes``, ``outputs``, ``export_s`` and
+    ``max_abs_diff`` (per output, or None)."""
+    if config.format != "onnx":
+        return export_release(config)
     import_onnx()
     module, model, classes, anchors, config = load_for_export(config)
     example = torch.rand(config.batch_size, 3, config.img_size, config.img_size)

@@ -31,6 +31,7 @@ from utils.anchors import STRIDE, read_voc_box_sizes, save_anchors
 from utils.data import VOC_CLASSES
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
 from utils.fileio import atomic_write_text
+from utils.formats import box_sizes, check_trainable, open_dataset
 from utils.kmeans import KMeansResult, run_kmeans
 from utils.visualize import PAPER_CLUSTER_IOU, plot_anchor_clusters, plot_iou_vs_k, save_figure
 from utils.voc import load_classes, parse_sets
@@ -50,6 +51,20 @@ def resolve_dataset(config: KMeansConfig) -> tuple[Path, list[tuple[str, str]], 
         return Path(root), [("demo", "train")], DEMO_CLASSES
     classes = load_classes(config.classes) if config.classes else VOC_CLASSES
     return Path(config.data_root), parse_sets(config.sets), classes
+
+
+def read_data_box_sizes(config: KMeansConfig) -> torch.Tensor:
+    """``[M, 2]`` (w, h) fractions of the boxes of ``--data`` (any format), its train split
+    (VOC: ``--sets``); ``--classes`` picks classes by name (default: the dataset's own)."""
+    classes = load_classes(config.classes) if config.classes else None
+    dataset = open_dataset(
+        config.data, "train", data_format=config.data_format, classes=classes,
+        voc_sets=parse_sets(config.sets), keep_difficult=config.keep_difficult,
+        strict=config.strict,
+    )  # fmt: skip
+    log.info("boxes of %s", dataset.summary())
+    check_trainable(dataset, config.classes)
+    return box_sizes(dataset)
 
 
 @contextmanager
@@ -122,10 +137,13 @@ def find_anchors(config: KMeansConfig) -> dict:
     summary written to ``kmeans.json``."""
     log.info("config: %s", json.dumps(config_to_dict(config)))
     ks = parse_k(config.k)
-    root, sets, classes = resolve_dataset(config)
-    wh = read_voc_box_sizes(  # [M, 2]
-        root, sets, classes, keep_difficult=config.keep_difficult, strict=config.strict
-    )
+    if config.data and not config.demo:
+        root, sets, wh = Path(config.data), [], read_data_box_sizes(config)
+    else:
+        root, sets, classes = resolve_dataset(config)
+        wh = read_voc_box_sizes(  # [M, 2]
+            root, sets, classes, keep_difficult=config.keep_difficult, strict=config.strict
+        )
     log.info("%d boxes from %s, sets %s", len(wh), root, ", ".join(":".join(s) for s in sets))
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

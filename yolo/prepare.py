@@ -43,7 +43,7 @@ def run_import(config) -> dict:
     command = train_command(config.out, result.name)
     log.info(
         "next, train on a GPU from darknet's VOC model (downloaded once):\n%s --weights "
-        "yolov2-voc\nor on a CPU, a small model from scratch (README: Train on your own data):"
+        "yolov2-voc\nor on a CPU, a small model from scratch (docs/own-data.md):"
         "\n%s --preset small",
         command, command,
     )  # fmt: skip

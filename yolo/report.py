@@ -19,6 +19,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from utils.formats import detect_format
 from utils.visualize import format_ap_table, plot_training_history, save_figure
 from yolo.config import TrainConfig
 from yolo.evaluate import log_evaluation, summary_line
@@ -187,6 +188,11 @@ def _test_command(config: TrainConfig, weights: Path) -> str:
     args = ["python", script, "--weights", str(weights)]
     if config.demo:
         args.append("--demo")
+    elif config.data:  # the same --data: its val split is what training evaluated
+        args += ["--data", config.data]
+        args += ["--data-format", config.data_format] if config.data_format else []
+        if (config.data_format or detect_format(config.data)) == "voc":
+            args += ["--val-set", config.val_set]
     else:
         args += ["--data-root", config.data_root, "--val-set", config.val_set]
     return shlex.join(args)

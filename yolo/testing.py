@@ -41,7 +41,7 @@ def measure_fps(
     iters: int = 50,
     warmup: int = 5,
 ) -> dict:
-    """Batch-1 frames per second: the model alone (as the seed's table) and end to end with
+    """Batch-1 frames per second: the model alone (the FPS papers report) and end to end with
     postprocess; synchronised on CUDA so the clock measures the GPU's work."""
     device = runtime.device
     image = runtime.to_device(torch.rand(1, 3, img_size, img_size))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from yolo.build import build_loaders, build_training, initial_weights
+from yolo.build import build_loaders, build_training, initial_weights, resolve_run_classes
 from yolo.checkpoint import (
     checkpoint_to_resume,
     restore_training,
@@ -38,7 +38,8 @@ from yolo.demo import resolve_demo
 from yolo.epoch import DataLoaderDied, TrainState, train_one_epoch
 from yolo.evaluate import evaluate
 from yolo.flags import save_config_json
-from yolo.load import resolve_anchors, resolve_classes
+from yolo.load import resolve_anchors
+from yolo.release import release_checkpoint
 from yolo.report import (
     BestEffort,
     TensorboardLog,
@@ -111,7 +112,7 @@ def fit(config: TrainConfig) -> dict:
         if runtime.is_main:
             new_folders = _hold_run_folder(stack, run_dir, log_dir)
         seed_everything(config.seed)
-        classes, anchors = resolve_classes(config.classes), resolve_anchors(config.anchors)
+        classes, anchors = resolve_run_classes(config), resolve_anchors(config.anchors)
         ckpt = checkpoint_to_resume(config, run_dir, classes, anchors, runtime.world_size)
         if ckpt is not None and _nothing_to_train(ckpt, config):
             return {"finished": True, "best_map": ckpt["state"]["best_map"], "exit_code": 0}
@@ -190,6 +191,8 @@ def save(run: Run, state: TrainState, name: str) -> None:
     if run.runtime.is_main:
         saved = training_checkpoint(run.model, run.optimizer, run.scaler, state, run.config,
                                     run.classes, run.anchors)  # fmt: skip
+        if name == "best.pt":  # the file to share: what inference needs, a third of last.pt
+            saved = release_checkpoint(saved)
         save_checkpoint(saved, run.run_dir / name)
 
 

@@ -30,7 +30,7 @@ QUIT_KEYS = (ord("q"), 27)  # q, Esc
 class Detector(Protocol):
     """What the stream needs of :class:`yolo.detect.Detector` (which imports this module)."""
 
-    def __call__(self, images: list[Image.Image]) -> list: ...
+    def detect(self, images: list[Image.Image]) -> list: ...
 
     def describe(self, detections, width: int, height: int) -> list[dict]: ...
 
@@ -204,7 +204,7 @@ def _detect_frames(
     detector: Detector, frames: list, fps: float, results: list, sink: VideoSink, viewer: Viewer
 ) -> None:
     images = [bgr_to_pil(frame) for frame in frames]
-    for image, dets in zip(images, detector(images), strict=True):
+    for image, dets in zip(images, detector.detect(images), strict=True):
         index, (width, height) = len(results), image.size
         found = detector.describe(dets, width, height)
         frame = {"frame": index, "time_s": round(index / fps, 4), "width": width, "height": height}
