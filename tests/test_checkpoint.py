@@ -14,7 +14,8 @@ from yolo.checkpoint import (
     resume_settings,
     save_checkpoint,
 )
-from yolo.config import TrainConfig, config_to_dict
+from yolo.config import TrainConfig
+from yolo.flags import config_to_dict
 
 
 class _Exploit:

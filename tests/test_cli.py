@@ -114,6 +114,6 @@ def test_help_and_flag_parsing_import_no_torch(script):
 
 
 def test_a_job_named_by_string_is_imported_once_the_flags_parsed():
-    assert run(TrainConfig(), ["--epochs", "3"], None, "yolo.config:config_to_dict") == 0
+    assert run(TrainConfig(), ["--epochs", "3"], None, "yolo.flags:config_to_dict") == 0
     with pytest.raises(SystemExit):
         run(TrainConfig(), ["--epochs", "0"], None, "no.such.module:job")  # parse fails first

@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from yolo.config import (
-    TestConfig,
-    TrainConfig,
+from yolo.config import TestConfig, TrainConfig
+from yolo.flags import (
     build_parser,
     config_from_dict,
     config_to_dict,
+    parse_args,
     parse_config,
     save_config_json,
 )
@@ -118,8 +118,6 @@ def test_values_are_checked_before_any_work(argv, message):
 
 
 def test_parse_args_says_which_flags_were_given():
-    from yolo.config import parse_args
-
     config, given = parse_args(TrainConfig(), ["--epochs", "160", "--no-amp", "--debug"])
     assert given == {"epochs", "amp", "debug"} and config.epochs == 160 and not config.amp
 
@@ -137,8 +135,6 @@ def test_round_trip_through_json(tmp_path):
 
 
 def test_preset_small_sets_its_values_and_flags_given_win():
-    from yolo.config import parse_args
-
     config, given = parse_args(TrainConfig(), ["--preset", "small", "--epochs", "12"])
     assert config.model == "tiny" and config.optimizer == "adamw" and not config.multi_scale
     assert config.lr_steps == (45, 55) and config.img_size == 256

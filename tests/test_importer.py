@@ -16,7 +16,8 @@ from PIL import Image
 from utils.data import VOCDataset
 from utils.importer import MANIFEST, REPORT, import_labelled
 from utils.voc import load_classes
-from yolo.config import TrainConfig, parse_config
+from yolo.config import TrainConfig
+from yolo.flags import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,12 +4,18 @@
 :class:`yolo.model.YOLOv2Head`. A checkpoint written before (no ``"format"`` key) held anchors
 as fractions of a 416 image and the head's layers at the top: :func:`load_checkpoint` converts
 it in memory (anchors x 13, keys moved) and says so; the file itself is never changed.
+
+Every checkpoint written holds ``"checksum"``: sha256 over its tensors (see
+:func:`tensor_checksum`), checked when it is read with its weights, so a flipped bit on disk or
+in a copy is an error naming the file, not weights that are silently wrong. A checkpoint
+without one (written before) loads as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import io
 import logging
 import pickle
@@ -21,7 +27,8 @@ import torch
 from torch import nn
 
 from utils.fileio import atomic_open
-from yolo.config import TrainConfig, config_from_dict, config_to_dict
+from yolo.config import TrainConfig
+from yolo.flags import config_from_dict, config_to_dict
 from yolo.model import upgrade_state_dict
 from yolo.release import load_safetensors
 from yolo.runtime import unwrap
@@ -40,8 +47,9 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     """
     path = Path(path)
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, "checksum": tensor_checksum(state)}, buffer)
     data = buffer.getbuffer()
+    previous = path.exists()
     try:
         with atomic_open(path, "wb") as handle:
             handle.write(data)
@@ -53,7 +61,7 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
             error.errno,
             f"cannot write {path}: the disk is full ({len(data) / 1e6:.0f} MB needed, "
             f"{free / 1e6:.0f} MB free); free some space or use another --model-dir, then "
-            "resume: the previous checkpoint is intact",
+            + ("resume: the previous checkpoint is intact" if previous else "start again"),
         ) from None
     return path
 
@@ -100,8 +108,41 @@ def load_checkpoint(
             + (f" with keys {sorted(state)[:8]}" if isinstance(state, dict) else "")
         )
     if weights:
+        _check_checksum(state, path)
         check_finite_weights(state["model"], str(path))
     return _upgrade(state, path, say=weights)
+
+
+def tensor_checksum(state: dict) -> str:
+    """``"sha256:<hex>"`` over every tensor in ``state`` (nested dicts, lists and tuples), in a
+    fixed order: each tensor's place (its keys), dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for place, tensor in _tensors(state, ()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(repr((place, str(tensor.dtype), tuple(tensor.shape))).encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _tensors(value, place: tuple):
+    """``(place, tensor)`` for every tensor in ``value``, dict keys in sorted order."""
+    if torch.is_tensor(value):
+        yield place, value
+    elif isinstance(value, dict):
+        for key in sorted(value, key=repr):
+            yield from _tensors(value[key], (*place, key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _tensors(item, (*place, index))
+
+
+def _check_checksum(state: dict, path: Path) -> None:
+    saved = state.get("checksum")
+    if saved is not None and saved != tensor_checksum(state):
+        raise ValueError(
+            f"checkpoint {path} is corrupt: its tensors no longer match the checksum written "
+            "with them (a flipped bit on disk or in a copy); use another copy or best.pt/last.pt"
+        )
 
 
 def _upgrade(state: dict, path: Path, say: bool) -> dict:
@@ -218,11 +259,18 @@ def restore_training(ckpt: dict, model, optimizer, scaler, source: str) -> dict:
     return dict(ckpt["state"])
 
 
-def resume_path(config: TrainConfig) -> Path:
-    """The checkpoint ``--resume`` names: the run's ``last.pt``, or the PATH given."""
-    if config.resume == "last":
-        return Path(config.model_dir) / config.run / "last.pt"
-    return Path(config.resume)
+def resume_path(config: TrainConfig, *, must_exist: bool = False) -> Path:
+    """The checkpoint ``--resume`` names: the run's ``last.pt``, or the PATH given; with
+    ``must_exist``, a missing one is a one-line error saying what to do."""
+    own = config.resume == "last"
+    path = Path(config.model_dir) / config.run / "last.pt" if own else Path(config.resume)
+    if must_exist and not path.is_file():
+        raise FileNotFoundError(
+            f"--resume: {path} does not exist: "
+            + (f"run {config.run!r} saved no checkpoint yet; start it without --resume"
+               if own else "give the path of a checkpoint, e.g. model/<run>/last.pt")
+        )  # fmt: skip
+    return path
 
 
 def checkpoint_to_resume(
@@ -236,7 +284,7 @@ def checkpoint_to_resume(
                 f"--resume, start another with --run NAME, or delete {run_dir} to start over"
             )
         return None
-    path = resume_path(config)
+    path = resume_path(config, must_exist=True)
     ckpt = load_checkpoint(path)
     if ckpt.get("release"):
         raise ValueError(
@@ -266,8 +314,8 @@ def changed_settings(saved: TrainConfig, config: TrainConfig) -> str:
 def resume_settings(config: TrainConfig, given: frozenset[str]) -> TrainConfig:
     """For ``--resume``: the run's own saved settings, with only the flags given on the
     command line changed (``given``), so a resumed run never falls back to a preset's value."""
-    if not config.resume:
-        return config
+    if not config.resume or not resume_path(config).is_file():
+        return config  # a missing checkpoint is reported by the run, once it holds its folder
     saved = load_checkpoint(resume_path(config), weights=False)["config"]
     saved = config_from_dict(TrainConfig, saved)
     return dataclasses.replace(saved, **{name: getattr(config, name) for name in given})

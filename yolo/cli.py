@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from yolo.config import parse_args
+from yolo.flags import parse_args
 
 # Errors whose message already says what to do: a missing or unwritable file, a full disk, a
 # value out of range, a missing optional package, no network. Anything else keeps its traceback.

@@ -1,26 +1,21 @@
 """Run configuration: frozen dataclasses whose fields are the command-line flags.
 
-Each field becomes one ``--kebab-case`` flag (booleans get ``--x/--no-x``, tuples take several
-values, enumerated fields list their ``choices``); unknown flags are an error. Entry scripts
-hold a preset instance and call :func:`yolo.cli.run`, so the three train scripts differ only
-in their presets. Every value is checked in ``__post_init__``, before any work starts.
+Each field becomes one ``--kebab-case`` flag (:mod:`yolo.flags` builds the parser). Entry
+scripts hold a preset instance and call :func:`yolo.cli.run`, so the three train scripts differ
+only in their presets. Every value is checked in ``__post_init__``, before any work starts.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import math
 import re
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from types import MappingProxyType
 
 from utils.darknet_aug import AUGMENT_ON
 from utils.darknet_aug import DARKNET_AUGMENTATION as AUG
 from utils.download import VOC_TARBALLS, check_mirror
-from utils.fileio import atomic_write_text
+from yolo.flags import flag, kebab
 from yolo.names import ASSIGNMENTS, DARKNET_NAMES, MODEL_NAMES
 
 MODELS = MODEL_NAMES
@@ -54,18 +49,13 @@ SMALL_DATA = {
     "epochs": 60,
     "lr_steps": (45, 55),
 }
-TRAIN_PRESETS = {"small": SMALL_DATA}
-
-
-def flag(default, help_text: str, **extra):
-    """A config field that becomes the flag ``--<field-name>`` (see :func:`build_parser`);
-    ``choices=...`` lists the values argparse accepts."""
-    return field(default=default, metadata={"help": help_text, **extra})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; stored in every checkpoint."""
+
+    PRESETS = MappingProxyType({"small": SMALL_DATA})  # --preset NAME (not annotated: no field)
 
     model: str = flag("darknet19", "backbone", choices=MODELS)
     # --run-name too: torchrun's parser reads a bare --run as an abbreviation of its --run-path
@@ -143,11 +133,11 @@ class TrainConfig:
             _check_size(name, getattr(self, name))
         _check(self.min_size <= self.max_size, "--min-size must not exceed --max-size")
         for name in ("epochs", "batch_size", "accum", "multi_scale_every", "eval_every"):
-            _check(getattr(self, name) >= 1, f"--{_kebab(name)} must be at least 1")
+            _check(getattr(self, name) >= 1, f"--{kebab(name)} must be at least 1")
         _check(math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr}: a positive number")
         for name in ("momentum", "weight_decay", "lr_gamma", "burn_in", "burn_in_epochs"):
             value = getattr(self, name)
-            _check(math.isfinite(value) and value >= 0, f"--{_kebab(name)} {value}: must be >= 0")
+            _check(math.isfinite(value) and value >= 0, f"--{kebab(name)} {value}: must be >= 0")
         _check(self.momentum < 1, f"--momentum {self.momentum}: must be below 1")
         _check(self.workers >= 0, "--workers must be >= 0")
         _check(list(self.lr_steps) == sorted(self.lr_steps), "--lr-steps must be increasing")
@@ -221,7 +211,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _check_size(name: str, value: int) -> None:
-    _check(value > 0 and value % 32 == 0, f"--{_kebab(name)} {value}: use a multiple of 32")
+    _check(value > 0 and value % 32 == 0, f"--{kebab(name)} {value}: use a multiple of 32")
 
 
 def _check_thresholds(conf_threshold: float, nms_threshold: float) -> None:
@@ -235,119 +225,6 @@ def _check_run_name(run: str) -> None:
         f"--run {run!r}: use letters, digits, '.', '_' or '-' (it names model/<run>/ and "
         "logs/<run>/)",
     )
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _shown(value) -> str:
-    """A default as a user types it: tuples space-separated, booleans as the flag to pass."""
-    if isinstance(value, tuple):
-        return " ".join(map(str, value))
-    return str(value)
-
-
-def _help(item: dataclasses.Field, default) -> str:
-    text = item.metadata.get("help", "")
-    if default is None or isinstance(default, bool) or "default" in text:
-        return text
-    return f"{text} (default: {_shown(default)})"
-
-
-def build_parser(preset, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of ``preset``'s dataclass.
-
-    Flags not given are absent from the parsed namespace (``default=SUPPRESS``), so
-    :func:`parse_args` knows which flags the user gave; the help shows the preset's values.
-    """
-    parser = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,  # a misspelt flag must fail, not match a longer one
-        argument_default=argparse.SUPPRESS,
-    )
-    hints = typing.get_type_hints(type(preset))
-    for item in dataclasses.fields(preset):
-        option, default = f"--{_kebab(item.name)}", getattr(preset, item.name)
-        kind = hints[item.name]
-        kwargs = {"dest": item.name, "help": _help(item, default)}
-        if "choices" in item.metadata:
-            kwargs["choices"] = item.metadata["choices"]
-        if kind is bool:
-            kwargs["help"] += f" (default: {'--' if default else '--no-'}{_kebab(item.name)})"
-            parser.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
-        elif typing.get_origin(kind) is tuple:
-            elem = typing.get_args(kind)[0]
-            parser.add_argument(
-                option, nargs="+", type=elem, metavar=elem.__name__.upper(), **kwargs
-            )
-        elif "const" in item.metadata:
-            parser.add_argument(option, nargs="?", const=item.metadata["const"], **kwargs)
-            if item.name == "pretrained":
-                parser.add_argument(
-                    "--no-pretrained",
-                    dest=item.name,
-                    action="store_const",
-                    const=None,
-                    help="train the backbone from random weights",
-                )
-        else:
-            elem = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            names = (option, item.metadata["alias"]) if "alias" in item.metadata else (option,)
-            parser.add_argument(*names, type=elem, **kwargs)
-    if isinstance(preset, TrainConfig):
-        settings = " ".join(f"{k}={_shown(v)}" for k, v in SMALL_DATA.items())
-        parser.add_argument(
-            "--preset", choices=sorted(TRAIN_PRESETS),
-            help=f"settings under the flags given: small = {settings}",
-        )  # fmt: skip
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
-    return parser
-
-
-def parse_args(preset, argv: list[str] | None = None, description: str | None = None):
-    """Apply command-line overrides to a preset -> ``(config, given)``: ``--preset NAME``
-    replaces the preset's values by :data:`TRAIN_PRESETS`' first; ``given`` is the set of
-    field names the command line set, and ``config.debug`` is not a field: ``--debug`` is in
-    ``given`` as "debug". Unknown flags and invalid values exit with an error."""
-    args = vars(build_parser(preset, description).parse_args(argv))
-    if "preset" in args:  # its settings, then the flags given over them
-        preset = dataclasses.replace(preset, **TRAIN_PRESETS[args.pop("preset")])
-    given = frozenset(args)
-    debug = args.pop("debug", False)
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    try:
-        config = dataclasses.replace(preset, **values)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    return config, (given - {"debug"}) | ({"debug"} if debug else set())
-
-
-def parse_config(preset, argv: list[str] | None = None, description: str | None = None):
-    """Apply command-line overrides to a preset; unknown flags exit with an error."""
-    return parse_args(preset, argv, description)[0]
-
-
-def config_to_dict(config) -> dict:
-    """Plain JSON-able data: tuples become lists."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def config_from_dict(cls, data: dict):
-    """Inverse of :func:`config_to_dict`; keys the class no longer has are an error."""
-    names = {item.name for item in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"config has unknown fields {unknown}; was it written by another version?")
-    hints = typing.get_type_hints(cls)
-    values = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in data.items()}
-    return cls(**values)
-
-
-def save_config_json(config, path: str | Path) -> None:
-    """Write the resolved config beside the checkpoints (atomically)."""
-    atomic_write_text(path, json.dumps(config_to_dict(config), indent=2) + "\n")
 
 
 @dataclass(frozen=True)
@@ -454,7 +331,7 @@ class KMeansConfig:
         for spec in self.sets:
             _check(spec.count(":") == 1, f"image set {spec!r}: write NAME:SPLIT, e.g. 2007:test")
         for name in ("restarts", "max_iter", "threads"):
-            _check(getattr(self, name) >= 1, f"--{_kebab(name)} must be at least 1")
+            _check(getattr(self, name) >= 1, f"--{kebab(name)} must be at least 1")
         _check_size("img_size", self.img_size)
 
 

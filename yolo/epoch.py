@@ -42,6 +42,10 @@ class TrainState:
     best_epoch: int | None = None
     eval_pending: bool = False  # epoch ``epoch`` is trained but not yet evaluated
     history: list[dict] = field(default_factory=list)  # one row per epoch, for results.png
+    # the epoch in progress: its optimizer steps' loss terms summed, so that an epoch resumed
+    # midway reports the mean of all its steps, as the uninterrupted epoch does
+    loss_sums: dict[str, float] = field(default_factory=dict)
+    loss_steps: int = 0
 
 
 class DataLoaderDied(RuntimeError):
@@ -52,9 +56,9 @@ class MetricLogger:
     """Running means of the loss terms and the time split of an epoch (torchvision's
     ``MetricLogger`` idea): ``update`` per optimizer step, ``means()`` at the end."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.steps = 0
+    def __init__(self, sums: dict[str, float] | None = None, steps: int = 0) -> None:
+        self.sums: dict[str, float] = defaultdict(float, sums or {})  # from a resumed epoch
+        self.steps = steps
         self.images = 0
         self.data_s = 0.0
         self.compute_s = 0.0
@@ -98,7 +102,7 @@ def train_one_epoch(
     ``state`` set back to the last optimizer step, where the weights are.
     """
     model.train()
-    metrics, sums, accumulated = MetricLogger(), {}, 0
+    metrics, sums, accumulated = MetricLogger(state.loss_sums, state.loss_steps), {}, 0
     committed, interrupted, in_step = _commit(state, model), False, False
     bar = tqdm(total=len(loader), desc=f"epoch {state.epoch + 1}", disable=not runtime.is_main,
                dynamic_ncols=True, leave=False)  # fmt: skip
@@ -135,9 +139,10 @@ def train_one_epoch(
                 if writer is not None:
                     _log_step(writer, values, lr, size, state.iteration)
                 state.iteration += 1
+                metrics.update(values)
+                state.loss_sums, state.loss_steps = dict(metrics.sums), metrics.steps
                 committed = _commit(state, model)
                 sums, accumulated = {}, 0
-                metrics.update(values)
                 bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}", size=size,
                                 img_s=f"{metrics.images_per_s:.1f}")  # fmt: skip
                 interrupted = stop is not None and broadcast_flag(stop.requested, runtime)

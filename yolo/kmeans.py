@@ -35,7 +35,8 @@ from utils.formats import box_sizes, check_trainable, open_dataset
 from utils.kmeans import KMeansResult, run_kmeans
 from utils.visualize import PAPER_CLUSTER_IOU, plot_anchor_clusters, plot_iou_vs_k, save_figure
 from utils.voc import load_classes, parse_sets
-from yolo.config import DEMO_ROOT, KMeansConfig, config_to_dict, parse_k
+from yolo.config import DEMO_ROOT, KMeansConfig, parse_k
+from yolo.flags import config_to_dict
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,10 @@
 """What a training run tells its user: the settings and schedule at the start, one line and
 ``results.png`` per epoch, the AP table per evaluation, and at the end where everything is and
-the command to run next."""
+the command to run next.
+
+Logging is never worth a run: a tensorboard event or ``results.png`` that cannot be written (the
+folder removed, the disk full) is reported once, in one warning naming the path, and training
+goes on (:class:`BestEffort`, :class:`TensorboardLog`)."""
 
 from __future__ import annotations
 
@@ -8,16 +12,87 @@ import logging
 import math
 import shlex
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
 
 from utils.formats import detect_format
 from utils.visualize import format_ap_table, plot_training_history, save_figure
-from yolo.config import TrainConfig, config_to_dict
+from yolo.config import TrainConfig
 from yolo.evaluate import log_evaluation, summary_line
+from yolo.flags import config_to_dict
 from yolo.schedule import LOW_LR_FRACTION, Schedule
 
 log = logging.getLogger("yolo.train")
+
+
+class BestEffort:
+    """Runs writes that are worth less than the run: an ``OSError`` is reported once per path
+    (one warning line) and swallowed; later writes are still tried, silently."""
+
+    def __init__(self) -> None:
+        self.failed: set[str] = set()
+
+    def write(self, path: Path, write: Callable, *args, **kwargs) -> bool:
+        """``write(*args, **kwargs)``; False when it failed."""
+        try:
+            write(*args, **kwargs)
+        except OSError as error:
+            self.report(path, error)
+            return False
+        return True
+
+    def report(self, path: Path, error: OSError) -> None:
+        """One warning line the first time ``path`` fails."""
+        if str(path) not in self.failed:
+            self.failed.add(str(path))
+            log.warning("cannot write %s (%s): training goes on without it", path,
+                        error.strerror or error)  # fmt: skip
+
+
+class TensorboardLog:
+    """A ``SummaryWriter`` whose failures are :class:`BestEffort`'s: every ``add_*`` call (and
+    the close) goes through it. tensorboard writes from a thread that dies on an ``OSError`` and
+    prints its traceback; while this is open, that thread's ``OSError`` is left to the next call
+    here to report."""
+
+    def __init__(self, log_dir: Path, purge_step: int, best_effort: BestEffort) -> None:
+        self.log_dir, self.best_effort = log_dir, best_effort
+        self._previous_hook = threading.excepthook
+        threading.excepthook = self._thread_hook
+        self._writer: SummaryWriter | None = None
+        try:  # opening writes the first events already
+            self._writer = SummaryWriter(log_dir, purge_step=purge_step)
+        except OSError as error:
+            best_effort.report(log_dir, error)
+
+    def __getattr__(self, name: str):  # called for the writer's methods only
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._writer is None:
+            return lambda *args, **kwargs: False
+        method = getattr(self._writer, name)
+        return lambda *args, **kwargs: self.best_effort.write(self.log_dir, method, *args,
+                                                              **kwargs)  # fmt: skip
+
+    def __enter__(self) -> TensorboardLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self._writer is not None:
+                self.best_effort.write(self.log_dir, self._writer.close)
+        finally:
+            threading.excepthook = self._previous_hook
+
+    def _thread_hook(self, args) -> None:
+        if not (
+            isinstance(args.exc_value, OSError) and "AsyncWriter" in type(args.thread).__name__
+        ):
+            self._previous_hook(args)
 
 
 def config_text(config) -> str:
@@ -61,8 +136,11 @@ def record_evaluation(state, res: dict, classes, writer, samples) -> None:
         log_evaluation(writer, res, samples, classes, state.iteration)
 
 
-def report_epoch(state, config: TrainConfig, run_dir: Path) -> None:
-    """One console line per epoch, and results.png redrawn in the run folder."""
+def report_epoch(
+    state, config: TrainConfig, run_dir: Path, best_effort: BestEffort | None = None
+) -> None:
+    """One console line per epoch, and results.png redrawn in the run folder (a failed write
+    is ``best_effort``'s to report)."""
     row = state.history[-1] if state.history else {}
     parts = [f"epoch {state.epoch}/{config.epochs}"]
     if "loss_total" in row:
@@ -76,7 +154,8 @@ def report_epoch(state, config: TrainConfig, run_dir: Path) -> None:
         parts.append(f"mAP07 {row['map_voc07']:.4f} (best {best})")
     log.info("%s", "  ".join(parts))
     if state.history:
-        save_figure(plot_training_history(state.history), run_dir / "results.png")
+        figure, path = plot_training_history(state.history), run_dir / "results.png"
+        (best_effort or BestEffort()).write(path, save_figure, figure, path)
 
 
 def report_end(state, config: TrainConfig, run_dir: Path, log_dir: Path) -> None:
@@ -88,11 +167,14 @@ def report_end(state, config: TrainConfig, run_dir: Path, log_dir: Path) -> None
             f"best VOC07 mAP {state.best_map:.4f} at epoch {state.best_epoch}, last "
             f"{evaluated[-1]:.4f}"
         )
-    best = run_dir / ("best.pt" if state.best_map is not None else "last.pt")
+    has_best = (run_dir / "best.pt").is_file()  # a run resumed from another's may have none
+    best = run_dir / ("best.pt" if has_best else "last.pt")
+    if has_best:
+        lines.append(f"checkpoints: {run_dir / 'best.pt'} (best mAP), {run_dir / 'last.pt'}")
+    else:
+        why = "no mAP" if state.best_map is None else "its best epoch was not trained here"
+        lines.append(f"checkpoint:  {run_dir / 'last.pt'} ({why}, so no best.pt)")
     lines += [
-        f"checkpoints: {run_dir / 'best.pt'} (best mAP), {run_dir / 'last.pt'}"
-        if state.best_map is not None
-        else f"checkpoint:  {run_dir / 'last.pt'} (no mAP, so no best.pt)",
         f"curves:      {run_dir / 'results.png'}; tensorboard --logdir {log_dir.parent}",
         f"next:        {_test_command(config, best)}",
     ]

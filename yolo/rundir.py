@@ -11,6 +11,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -76,3 +77,36 @@ def check_writable(folder: Path, flag: str) -> None:
         raise PermissionError(
             f"cannot write to {folder} ({error.strerror}): choose another {flag}"
         ) from None
+
+
+class NewFolders:
+    """``with NewFolders(run_dir, log_dir) as new:``: the folders that this start creates (and
+    any missing parent) are removed again at the exit unless ``new.keep()`` was called once the
+    start succeeded, so a start that fails (offline weights, a bad data root) or finds nothing
+    to train leaves no empty ``model/<run>/`` holding a ``.lock`` and no empty ``logs/<run>/``.
+    A folder is removed only while it holds nothing but what a start writes there."""
+
+    START_FILES = (LOCK_NAME, "config.json", "events.out.tfevents.*")
+
+    def __init__(self, *folders: Path) -> None:
+        self.created = [root for root in map(_first_missing, folders) if root is not None]
+
+    def keep(self) -> None:
+        self.created = []
+
+    def __enter__(self) -> NewFolders:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for root in self.created:
+            files = [path for path in root.rglob("*") if not path.is_dir()]
+            if all(any(path.match(name) for name in self.START_FILES) for path in files):
+                shutil.rmtree(root, ignore_errors=True)
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (None: it exists)."""
+    folder, missing = Path(folder).absolute(), None
+    while not folder.exists():
+        folder, missing = folder.parent, folder
+    return missing

@@ -24,22 +24,25 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 
 from yolo.build import build_loaders, build_training, initial_weights, resolve_run_classes
 from yolo.checkpoint import (
     checkpoint_to_resume,
     restore_training,
+    resume_path,
     save_checkpoint,
     training_checkpoint,
 )
-from yolo.config import TrainConfig, save_config_json
+from yolo.config import TrainConfig
 from yolo.demo import resolve_demo
 from yolo.epoch import DataLoaderDied, TrainState, train_one_epoch
 from yolo.evaluate import evaluate
+from yolo.flags import save_config_json
 from yolo.load import resolve_anchors
 from yolo.release import release_checkpoint
 from yolo.report import (
+    BestEffort,
+    TensorboardLog,
     config_text,
     record_epoch,
     record_evaluation,
@@ -48,7 +51,7 @@ from yolo.report import (
     report_start,
     resume_command,
 )
-from yolo.rundir import RunLock, check_writable, remove_stale_temp_files
+from yolo.rundir import NewFolders, RunLock, check_writable, remove_stale_temp_files
 from yolo.runtime import (
     Runtime,
     StopRequest,
@@ -93,8 +96,9 @@ class Run:
     schedule: Schedule
     train_loader: object
     val_loader: object
-    writer: SummaryWriter | None
+    writer: TensorboardLog | None
     stop: StopRequest
+    best_effort: BestEffort  # tensorboard and results.png: reported once, never fatal
 
 
 def fit(config: TrainConfig) -> dict:
@@ -104,8 +108,9 @@ def fit(config: TrainConfig) -> dict:
         stack.callback(teardown_runtime, runtime)
         config = resolve_demo(config, runtime)
         run_dir, log_dir = Path(config.model_dir) / config.run, Path(config.log_dir) / config.run
+        new_folders = NewFolders()
         if runtime.is_main:
-            _hold_run_folder(stack, run_dir, log_dir)
+            new_folders = _hold_run_folder(stack, run_dir, log_dir)
         seed_everything(config.seed)
         classes, anchors = resolve_run_classes(config), resolve_anchors(config.anchors)
         ckpt = checkpoint_to_resume(config, run_dir, classes, anchors, runtime.world_size)
@@ -115,12 +120,14 @@ def fit(config: TrainConfig) -> dict:
         model, criterion, optimizer, scaler = build_training(config, len(classes), anchors, runtime)
         state = _start_state(ckpt, config, model, optimizer, scaler)
         schedule = build_schedule(config, math.ceil(len(train_loader) / config.accum))
-        writer = None
+        writer, best_effort = None, BestEffort()
         if runtime.is_main:
-            writer = _open_writer(stack, config, schedule, run_dir, log_dir, state.iteration)
+            writer = _open_writer(stack, config, schedule, log_dir, state.iteration, best_effort)
+            save_config_json(config, run_dir / "config.json")
         run = Run(config, runtime, run_dir, classes, anchors, _wrap_ddp(model, runtime),
                   criterion, optimizer, scaler, schedule, train_loader, val_loader, writer,
-                  stack.enter_context(StopRequest()))  # fmt: skip
+                  stack.enter_context(StopRequest()), best_effort)  # fmt: skip
+        new_folders.keep()  # started: from here on the folders hold the run
         # pending: a resumed run that stopped in its evaluation finishes that epoch first
         interrupted = state.eval_pending and close_epoch(run, state)
         for _ in range(state.epoch, config.epochs):
@@ -138,21 +145,26 @@ def fit(config: TrainConfig) -> dict:
     return {"interrupted": False, "finished": True, "best_map": state.best_map, "exit_code": 0}
 
 
-def _hold_run_folder(stack: ExitStack, run_dir: Path, log_dir: Path) -> None:
-    """Check both folders are writable, lock the run folder, clear a killed write's debris."""
+def _hold_run_folder(stack: ExitStack, run_dir: Path, log_dir: Path) -> NewFolders:
+    """Check both folders are writable, lock the run folder, clear a killed write's debris;
+    the folders this creates go again unless the start succeeds."""
+    new_folders = stack.enter_context(NewFolders(run_dir, log_dir))
     check_writable(run_dir, "--model-dir")
     check_writable(log_dir, "--log-dir")
     stack.enter_context(RunLock(run_dir))
     remove_stale_temp_files(run_dir)
+    return new_folders
 
 
 def _nothing_to_train(ckpt: dict, config: TrainConfig) -> bool:
-    """True (and says so) when the checkpoint to resume has trained ``--epochs`` already."""
+    """True (and says so in one line) when the checkpoint to resume has trained ``--epochs``
+    already: nothing is trained, written or claimed."""
     state = ckpt["state"]
     if state["epoch"] < config.epochs or state["eval_pending"]:
         return False
-    log.info("run %s already finished %d epochs: nothing to resume; raise --epochs to "
-             "train further", config.run, state["epoch"])  # fmt: skip
+    log.info("nothing to train: %s already finished %d epochs and --epochs is %d; raise "
+             "--epochs above %d to train further", resume_path(config), state["epoch"],
+             config.epochs, state["epoch"])  # fmt: skip
     return True
 
 
@@ -165,12 +177,11 @@ def _start_state(ckpt: dict | None, config: TrainConfig, model, optimizer, scale
     return TrainState()
 
 
-def _open_writer(stack, config, schedule, run_dir: Path, log_dir: Path, step: int):
-    """Report the settings, write config.json and open tensorboard, purging steps after
-    ``step`` (what an interrupted run logged after its checkpoint)."""
+def _open_writer(stack, config, schedule, log_dir: Path, step: int, best_effort: BestEffort):
+    """Report the settings and open tensorboard, purging steps after ``step`` (what an
+    interrupted run logged after its checkpoint)."""
     report_start(config, schedule)
-    save_config_json(config, run_dir / "config.json")
-    writer = stack.enter_context(SummaryWriter(log_dir, purge_step=step))
+    writer = stack.enter_context(TensorboardLog(log_dir, step, best_effort))
     writer.add_text("config", f"```\n{config_text(config)}\n```", step)
     return writer
 
@@ -209,6 +220,7 @@ def train_epoch(run: Run, state: TrainState) -> bool:
         state.epoch, state.batch, state.epoch_images = state.epoch + 1, 0, 0
         state.eval_pending = state.epoch % config.eval_every == 0 or state.epoch == config.epochs
         record_epoch(state, metrics, run.schedule, run.writer, whole)
+        state.loss_sums, state.loss_steps = {}, 0
     return stopped
 
 
@@ -218,7 +230,7 @@ def close_epoch(run: Run, state: TrainState) -> bool:
     if state.eval_pending and not evaluate_epoch(run, state):
         return True
     if run.runtime.is_main:
-        report_epoch(state, run.config, run.run_dir)
+        report_epoch(state, run.config, run.run_dir, run.best_effort)
     return False
 
 
