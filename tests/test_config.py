@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from yolo.config import TestConfig, TrainConfig
 from yolo.flags import (
@@ -11,6 +12,8 @@ from yolo.flags import (
     parse_config,
     save_config_json,
 )
+from yolo.load import resolve_anchors
+from yolo.weights import DARKNET_RELEASES
 
 
 def test_every_field_is_a_kebab_case_flag():
@@ -147,3 +150,14 @@ def test_preset_small_sets_its_values_and_flags_given_win():
     )
     with pytest.raises(SystemExit):
         parse_config(TrainConfig(), ["--preset", "huge"])
+
+
+def test_preset_coco_is_darknets_yolov2_cfg():
+    config = parse_config(TrainConfig(), ["--preset", "coco", "--data", "coco/annotations"])
+    assert config.model == "darknet19" and config.anchors == "yolov2"
+    assert config.eval_img_size == 608 and (config.min_size, config.max_size) == (320, 608)
+    steps_per_epoch = 118_287 / (config.batch_size * config.accum)  # train2017, 64 a step
+    assert round(500_200 / steps_per_epoch) == config.epochs  # darknet's max_batches
+    assert [round(s / steps_per_epoch) for s in (400_000, 450_000)] == list(config.lr_steps)
+    anchors = resolve_anchors(config.anchors)
+    assert torch.equal(anchors, torch.tensor(DARKNET_RELEASES["yolov2"].anchors))

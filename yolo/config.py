@@ -35,6 +35,16 @@ DATA_HELP = (
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+# darknet's cfg/yolov2.cfg on COCO: Darknet-19, its anchors, 64 images a step, lr 1e-3 with a
+# 1000-step burn-in, max_batches 500200 with /10 at 400000 and 450000: at train2017's 118,287
+# images 271 epochs with steps at 216 and 243; multi-scale 320..608, evaluated at 608.
+DARKNET_COCO = {
+    "model": "darknet19",
+    "anchors": "yolov2",
+    "epochs": 271,
+    "lr_steps": (216, 243),
+    "eval_img_size": 608,
+}
 # ``--preset small``: a small model from scratch that learns a dataset of a few hundred images
 # on a 2-core CPU in under an hour (import_voc.py prints it; the Makefile's demo shortens it).
 SMALL_DATA = {
@@ -55,7 +65,9 @@ SMALL_DATA = {
 class TrainConfig:
     """Everything a training run depends on; stored in every checkpoint."""
 
-    PRESETS = MappingProxyType({"small": SMALL_DATA})  # --preset NAME (not annotated: no field)
+    PRESETS = MappingProxyType(
+        {"small": SMALL_DATA, "coco": DARKNET_COCO}
+    )  # --preset NAME (not annotated: no field)
 
     model: str = flag("darknet19", "backbone", choices=MODELS)
     # --run-name too: torchrun's parser reads a bare --run as an abbreviation of its --run-path
@@ -66,7 +78,9 @@ class TrainConfig:
     train_sets: tuple[str, ...] = flag(("2007:trainval", "2012:trainval"), "NAME:SPLIT ...")
     val_set: str = flag("2007:test", "NAME:SPLIT evaluated every --eval-every epochs")
     classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
-    anchors: str | None = flag(None, "anchors JSON from kmeans.py (default: darknet's VOC set)")
+    anchors: str | None = flag(
+        None, "anchors JSON from kmeans.py, or yolov2 for darknet's COCO set (default: its VOC set)"
+    )
     demo: bool = flag(False, "generate the demo dataset if missing and train on it")
     epochs: int = flag(160, "number of epochs")
     batch_size: int = flag(16, "images per forward pass (per GPU)")

@@ -29,7 +29,12 @@ def resolve_classes(classes_file: str | None) -> tuple[str, ...]:
 
 
 def resolve_anchors(anchors_file: str | None) -> torch.Tensor:
-    """``[A, 2]`` anchors in grid cells: the file's, else darknet's VOC set."""
+    """``[A, 2]`` anchors in grid cells: the file's, a darknet release's (``--anchors yolov2``
+    names yolov2.cfg's COCO set), else darknet's VOC set."""
+    if anchors_file in DARKNET_RELEASES and not Path(anchors_file).exists():
+        anchors = DARKNET_RELEASES[anchors_file].anchors
+        if anchors is not None:
+            return torch.tensor(anchors, dtype=torch.float32)
     return load_anchors(anchors_file) if anchors_file else default_anchors()
 
 
