@@ -18,7 +18,9 @@ from utils.export_dataset import export_coco, export_yolo
 from utils.importer import import_labelled
 from utils.voc import load_classes
 
-RACCOON = Path(os.environ.get("YOLO_RACCOON_DIR", "/work/shared/datasets/raccoon"))
+# the public raccoon set (github.com/datitran/raccoon_dataset) cloned as docs/own-data.md says
+REPO = Path(__file__).resolve().parents[1]
+RACCOON = Path(os.environ.get("YOLO_RACCOON_DIR", REPO / "data" / "raccoon_dataset"))
 
 
 def _digests(folder: Path) -> dict:
@@ -88,8 +90,9 @@ def test_formats_it_cannot_read_are_named(tmp_path):
         import_labelled(images, notes / "boxes.csv", tmp_path / "out")
 
 
-@pytest.mark.skipif(not RACCOON.is_dir(), reason="the raccoon set is not on this machine "
-                    "(set YOLO_RACCOON_DIR to a folder with images/ and annotations/)")  # fmt: skip
+@pytest.mark.skipif(not RACCOON.is_dir(), reason="the raccoon set is not here: clone "
+                    "github.com/datitran/raccoon_dataset into data/raccoon_dataset, or set "
+                    "YOLO_RACCOON_DIR to a folder with images/ and annotations/")  # fmt: skip
 def test_a_real_labelled_set_exports_to_the_same_targets(tmp_path):
     out = tmp_path / "raccoon"
     import_labelled(RACCOON / "images", RACCOON / "annotations", out, link=True)
