@@ -214,3 +214,32 @@ def test_an_image_that_does_not_decode_is_replaced_by_the_next(tmp_path):
     kept = CocoDataset(path, keep_unreadable=True)
     image, target = kept[0]
     assert image.size == (100, 50) and target["unreadable"] and kept.unreadable == [1]
+
+
+def test_a_coco_folder_picks_instances_files_of_each_split(tmp_path):
+    from utils.formats import open_dataset
+
+    categories = [{"id": 1, "name": "person"}]
+    for name in ("instances_train2017.json", "instances_val2017.json",
+                 "captions_train2017.json", "person_keypoints_val2017.json",
+                 "instances_trainval.json"):  # fmt: skip
+        _write_coco(tmp_path, [_image(1)], [_ann(1, 1, 1, [1, 1, 5, 5])], categories, name)
+    (tmp_path / "val2017").symlink_to(tmp_path / "train")
+    (tmp_path / "train2017").symlink_to(tmp_path / "train")
+    (tmp_path / "trainval").symlink_to(tmp_path / "train")
+    train, val = (open_dataset(tmp_path, split) for split in ("train", "val"))
+    assert train.annotation_file.name == "instances_train2017.json"
+    assert val.annotation_file.name == "instances_val2017.json"
+    given = tmp_path / "annotations" / "instances_train2017.json"
+    assert open_dataset(given, "val").annotation_file.name == "instances_val2017.json"
+    trainval = tmp_path / "annotations" / "instances_trainval.json"
+    assert open_dataset(trainval, "val").annotation_file == trainval  # no "valval" twin
+
+
+def test_strict_stops_at_a_category_not_in_the_list(tmp_path):
+    from utils.formats import open_dataset
+
+    path = _write_coco(tmp_path, [_image(1)], [_ann(1, 1, 3, [1, 1, 5, 5])], CATS)
+    assert len(open_dataset(path, "train", classes=("person",))) == 1
+    with pytest.raises(ValueError, match=r"'car': 1.*leave out --strict"):
+        open_dataset(path, "train", classes=("person",), strict=True)

@@ -49,7 +49,9 @@ def test_voc_coco_and_yolo_give_the_same_numbers_and_a_scorable_results_file(
     classes = load_classes(demo_root / DEMO_CLASSES_FILE)
     [coco_json] = export_coco(demo_root, [("demo", "val")], classes, tmp_path / "coco")
     data_yaml = export_yolo(demo_root, [("demo", "val")], classes, tmp_path / "yolo")
-    voc = run_test(weights, tmp_path / "voc", "--data", str(demo_root), "--val-set", "demo:val")
+    voc_results = tmp_path / "voc-as-coco.json"
+    voc = run_test(weights, tmp_path / "voc", "--data", str(demo_root), "--val-set", "demo:val",
+                   "--save-coco-results", str(voc_results))  # fmt: skip
     results = tmp_path / "coco-results.json"
     coco = run_test(weights, tmp_path / "c", "--data", str(coco_json),
                     "--save-coco-results", str(results))  # fmt: skip
@@ -58,13 +60,10 @@ def test_voc_coco_and_yolo_give_the_same_numbers_and_a_scorable_results_file(
     for key in ("map_voc07", "map_voc12", "map_coco", "num_detections"):
         assert voc[key] == coco[key] == yolo[key], key
     assert voc["coco_stats"] == yolo["coco_stats"]
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO(str(coco_json))
-        scored = COCOeval(truth, truth.loadRes(str(results)), "bbox")
-        scored.evaluate()
-        scored.accumulate()
-        scored.summarize()
-    np.testing.assert_allclose(coco["coco_stats"], scored.stats, rtol=0, atol=1e-12)
+    truth, stats = cocoeval(coco_json, results)
+    np.testing.assert_allclose(coco["coco_stats"], stats, rtol=0, atol=1e-12)
+    # a VOC set's results file numbers its images as the export does: the same scores
+    np.testing.assert_allclose(cocoeval(coco_json, voc_results)[1], stats, rtol=0, atol=1e-12)
     written = json.loads(results.read_text())
     assert {r["category_id"] for r in written} <= {c["id"] for c in truth.dataset["categories"]}
     counts = per_image_counts(written, truth)
@@ -76,3 +75,13 @@ def per_image_counts(written: list, truth: COCO) -> list[int]:
     for row in written:
         counts[row["image_id"]] += 1
     return list(counts.values())
+
+
+def cocoeval(truth_file: Path, results_file: Path) -> tuple[COCO, np.ndarray]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(truth_file))
+        scored = COCOeval(truth, truth.loadRes(str(results_file)), "bbox")
+        scored.evaluate()
+        scored.accumulate()
+        scored.summarize()
+    return truth, scored.stats

@@ -151,3 +151,22 @@ def test_random_labels_match_a_line_by_line_reference(tmp_path):
     assert target["labels"].tolist() == [cls for cls, _ in want]
     expected = np.array([box for _, box in want], np.float32)
     np.testing.assert_array_equal(target["boxes"].numpy(), expected)
+
+
+def test_images_sharing_a_stem_keep_apart(tmp_path):
+    _labels(_image(tmp_path / "images" / "val" / "x.jpg"), "0 0.5 0.5 0.2 0.2\n")
+    _labels(_image(tmp_path / "images" / "val" / "sub" / "x.jpg"), "0 0.5 0.5 0.4 0.4\n")
+    (tmp_path / "data.yaml").write_text("train: images/val\nval: images/val\nnames: [a]\n")
+    dataset = YoloDataset(tmp_path / "data.yaml", "val")
+    ids = sorted(dataset.get_target(i)["image_id"] for i in range(2))
+    assert ids == ["images/val/sub/x.jpg", "images/val/x.jpg"]  # the evaluator keys by id
+
+
+def test_strict_stops_at_a_class_not_in_the_list(tmp_path):
+    _labels(_image(tmp_path / "images" / "train" / "a.jpg"), "1 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "data.yaml").write_text("train: images/train\nnames: [cat, dog]\n")
+    from utils.formats import open_dataset
+
+    assert len(open_dataset(tmp_path / "data.yaml", "train", classes=("cat",))) == 1
+    with pytest.raises(ValueError, match=r"'dog': 1.*leave out --strict"):
+        open_dataset(tmp_path / "data.yaml", "train", classes=("cat",), strict=True)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -267,7 +268,10 @@ class VOCDataset(Dataset):
     def summary(self) -> str:
         """One line: images, objects, and what was skipped, dropped or clamped, with counts."""
         objects = sum(len(record.labels) for record in self.records)
-        kinds = Counter(reason.split(" (")[0].split(",")[0] for _, reason in self.skipped)
+        kinds = Counter(
+            re.sub(r"^object \d+: ", "", reason.split(" (")[0].split(",")[0])  # one per kind
+            for _, reason in self.skipped
+        )
         text = (
             f"{len(self.records)} images, {objects} objects from "
             f"{', '.join(f'{n}:{s}' for n, s in self.sets)} in {self.root} "

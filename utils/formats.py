@@ -71,18 +71,34 @@ def detect_format(path: str | os.PathLike) -> str:
     raise ValueError(f"--data {path}: no VOC, COCO or YOLO layout found in it: {_HINT}")
 
 
+def _split_token(file: Path) -> str:
+    """``instances_train2017.json`` -> ``train2017``: the part of the name that names the split."""
+    return file.stem.removeprefix("instances_")
+
+
+def _names_split(file: Path, split: str) -> bool:
+    """The file is ``split``'s: ``train``, ``train2017``, ``val2014`` (not ``trainval``)."""
+    token = _split_token(file)
+    return token == split or (token.startswith(split) and token[len(split) :].isdigit())
+
+
 def _coco_file(path: Path, split: str) -> Path:
+    """The instances file of ``split`` (``train`` or ``val``): in a folder of COCO's layout,
+    ``annotations/instances_<split>[YEAR].json`` (captions and keypoints files aside); beside
+    a ``..._train...json`` given, its ``val`` twin; else the file given."""
     if path.is_dir():
         files = sorted((path / "annotations").glob("*.json"))
-        named = [f for f in files if split in f.stem]
+        instances = [f for f in files if f.name.startswith("instances_")] or files
+        named = [f for f in instances if _names_split(f, split)]
         if len(named) != 1:
             raise ValueError(
-                f"--data {path}: {len(named)} annotation files name {split!r} among "
-                f"{[f.name for f in files]}: keep one instances_{split}*.json in annotations/"
+                f"--data {path}: {len(named)} annotation files are {split!r}'s among "
+                f"{[f.name for f in instances]}: keep one annotations/instances_{split}[YEAR].json "
+                "or pass the file itself"
             )
         return named[0]
-    if split == "val" and "train" in path.name:
-        sibling = path.with_name(path.name.replace("train", "val"))
+    if split == "val" and _names_split(path, "train"):
+        sibling = path.with_name(path.name.replace("train", "val", 1))
         if not sibling.is_file():
             raise FileNotFoundError(
                 f"no validation file {sibling} beside --data {path}: put the val instances file "
@@ -110,19 +126,32 @@ def open_dataset(
     if kind not in FORMATS:
         raise ValueError(f"--data-format {kind!r}: choose one of {', '.join(FORMATS)}")
     if kind == "coco":
-        return CocoDataset(_coco_file(path, split), None, transform, classes=classes,
-                           keep_unreadable=keep_unreadable)  # fmt: skip
+        dataset = CocoDataset(_coco_file(path, split), None, transform, classes=classes,
+                              keep_unreadable=keep_unreadable)  # fmt: skip
+        return _checked_strict(dataset, strict)
     if kind == "yolo":
         source = _yolo_source(path)
         if path.is_dir() and source == path and split == "train":
             config = folder_config(path)
             split = "train" if "train" in config else "all"  # one folder: kmeans reads it all
-        return YoloDataset(source, split, transform, classes=classes,
-                           keep_unreadable=keep_unreadable)  # fmt: skip
+        dataset = YoloDataset(source, split, transform, classes=classes,
+                              keep_unreadable=keep_unreadable)  # fmt: skip
+        return _checked_strict(dataset, strict)
     if (path / "Annotations").is_dir() and path.name.startswith("VOC"):
         path, voc_sets = path.parent, [(path.name[3:], split)]
     return VOCDataset(path, voc_sets or [], classes or VOC_CLASSES, keep_difficult, transform,
                       strict=strict, keep_unreadable=keep_unreadable)  # fmt: skip
+
+
+def _checked_strict(dataset, strict: bool):
+    """``--strict``: an object of a class not in the class list stops the run, as for VOC."""
+    unknown = dataset.unknown_classes
+    if strict and unknown:
+        raise ValueError(
+            f"{dataset.summary()}: objects of classes not in the class list {dict(unknown)}: add "
+            "them to the classes file, or leave out --strict to skip such objects"
+        )
+    return dataset
 
 
 def _coco_categories(path: Path) -> list:

@@ -192,6 +192,14 @@ def _read_labels(path: Path, num_classes: int, skips: SkipLog):
     return rows
 
 
+def _path_id(image: Path, root: Path) -> str:
+    """An image id that tells apart images of one stem: its path under ``root`` (or whole)."""
+    try:
+        return image.relative_to(root).as_posix()
+    except ValueError:
+        return image.as_posix()
+
+
 def scan_yolo(config: dict, split: str, classes=None, *, labels_dir: Path | None = None):
     """``(records, classes, skips)`` of one split of a :func:`load_data_yaml` dict. With
     ``classes``, labels map by name (the YAML's names) to that list; others are skipped.
@@ -223,6 +231,8 @@ def scan_yolo(config: dict, split: str, classes=None, *, labels_dir: Path | None
         rows += found
         paths.append(image)
         ids.append(image.stem)
+    if len(set(ids)) < len(ids):  # x.jpg and x.png, or one name in two folders: whole paths
+        ids = [_path_id(image, Path(config["root"])) for image in paths]
     table = np.array(rows, np.float64).reshape(-1, 5)
     label = remap[table[:, 0].astype(np.int64)]
     for i in table[label < 0, 0].astype(int):
@@ -243,8 +253,9 @@ def scan_yolo(config: dict, split: str, classes=None, *, labels_dir: Path | None
 class YoloDataset(FlatDetectionDataset):
     """One split of a YOLO-txt dataset: ``data_yaml`` is a data.yaml or a plain folder with
     ``images/`` and ``labels/`` (module docstring). ``ds[i]`` as
-    :class:`utils.records.FlatDetectionDataset`; ``image_id`` is the image's file stem and
-    ``"areas"`` the box areas in pixels of the image."""
+    :class:`utils.records.FlatDetectionDataset`; ``image_id`` is the image's file stem (its
+    path under the dataset's root where two images share a stem) and ``"areas"`` the box areas
+    in pixels of the image."""
 
     def __init__(self, data_yaml, split: str = "train", transform=None, *, classes=None,
                  keep_unreadable: bool = False):  # fmt: skip

@@ -198,4 +198,9 @@ def build_loaders(config, classes: tuple[str, ...], runtime: Runtime):
     transform = build_eval_transform(config.eval_img_size)
     val_loader = build_val_loader(config, classes, transform, workers=config.workers,
                                   runtime=runtime)  # fmt: skip
+    where = getattr(train_set, "where", None)
+    if runtime.is_main and where is not None and where == getattr(val_loader.dataset, "where", 0):
+        log.warning("the validation set is the training set itself (%s): its mAP measures "
+                    "memory, not detection; name a val file (instances_val*.json beside an "
+                    "instances_train*.json)", where)  # fmt: skip
     return train_loader, val_loader

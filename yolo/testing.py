@@ -79,6 +79,18 @@ def coco_category_ids(dataset) -> list[int]:
     return list(range(1, len(dataset.classes) + 1))
 
 
+def coco_image_ids(dataset) -> dict:
+    """Image id -> COCO's integer id: a COCO set's ids stay; a VOC or YOLO set's images are
+    numbered 1..N in the set's order, as ``utils.export_dataset`` numbers them."""
+    if hasattr(dataset, "records") and hasattr(dataset.records, "image_ids"):  # flat records
+        ids = dataset.records.image_ids.tolist()
+    else:
+        ids = [record.image_id for record in dataset.records]
+    if all(isinstance(i, int) for i in ids):
+        return {}
+    return {image_id: number for number, image_id in enumerate(ids, 1)}
+
+
 def run_test(config) -> dict:
     """Evaluate ``config.weights`` on ``config.val_set``; write metrics, plots and samples."""
     require_weights(config)
@@ -132,7 +144,10 @@ def _run_test(config, runtime: Runtime) -> dict:
     if config.save_voc_results:
         write_voc_results(records, classes, config.save_voc_results)
     if config.save_coco_results:
-        write_coco_results(records, coco_category_ids(loader.dataset), config.save_coco_results)
+        numbered = coco_image_ids(loader.dataset)
+        coco_records = [(numbered.get(r[0], r[0]), *r[1:]) for r in records]
+        category_ids = coco_category_ids(loader.dataset)
+        write_coco_results(coco_records, category_ids, config.save_coco_results)
     sys.stdout.write(format_ap_table(res, classes) + "\n")
     sys.stdout.write(
         f"FPS at {img_size} on {fps['device']} ({fps['precision']}), batch 1: model "
