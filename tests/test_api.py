@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import export
+from tests.test_detect import build_confident_tiny
 from yolo import load_detector
 from yolo.api import UnknownWeightsError, UnsupportedWeightsError
 from yolo.checkpoint import FORMAT, load_checkpoint, save_checkpoint, training_checkpoint
@@ -25,14 +26,8 @@ CLASSES = ["cat", "dog", "person"]
 
 
 def confident_tiny(num_classes: int = 3) -> torch.nn.Module:
-    """A random tiny model biased to confident boxes, so that every image has detections."""
     torch.manual_seed(0)
-    model = build_model("tiny", num_classes=num_classes, num_anchors=5).eval()
-    with torch.no_grad():
-        bias = model.head.conv.bias.view(5, 5 + num_classes)  # [A*(5+C)] -> [A, 5+C]
-        bias[:, 4] = 3.0
-        bias[:, 5:] = 3.0 * torch.randn(5, num_classes)
-    return model
+    return build_confident_tiny(num_classes)
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ from torch.utils.data import Dataset
 
 from utils.coco import CocoDataset
 from utils.images import UnreadableImage, load_rgb, probe_image
+from utils.transforms import apply_seeded
 from utils.voc import (
     Annotation,
     BadAnnotation,
@@ -354,10 +355,4 @@ class VOCDataset(Dataset):
         target = self.get_target(used)
         if self.transform is None:
             return image, target
-        if item_seed is None:
-            return self.transform(image, target)
-        with torch.random.fork_rng(devices=[]):
-            # torch.manual_seed(item_seed) for the CPU generator alone: the full call also
-            # queues lazy CUDA/XPU/MTIA seeding with a stack trace, ~0.5 ms per item
-            torch.default_generator.manual_seed(item_seed)
-            return self.transform(image, target)
+        return apply_seeded(self.transform, image, target, item_seed)

@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.images import UnreadableImage, load_rgb, probe_image
+from utils.transforms import apply_seeded
 
 __all__ = ["FlatDetectionDataset", "FlatRecords", "SkipLog", "pack_records"]
 
@@ -227,8 +228,4 @@ class FlatDetectionDataset(Dataset):
         target = self.get_target(used)
         if self.transform is None:
             return image, target
-        if item_seed is None:
-            return self.transform(image, target)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(item_seed)  # as VOCDataset: CPU generator only
-            return self.transform(image, target)
+        return apply_seeded(self.transform, image, target, item_seed)
