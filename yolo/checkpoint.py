@@ -344,7 +344,7 @@ def check_resume_data(ckpt: dict, data: dict, config: TrainConfig) -> None:
         return
     change = (f"the train split holds {data['train']['images']} images, the run trained on "
               f"{saved['train']['images']} ({_short(saved['train'])}, now "
-              f"{_short(data['train'])})")  # fmt: skip
+              f"{data['train']['digest'][:15]}…)")  # fmt: skip
     if not state["epoch_images"]:
         log.warning("%s: epoch %d trains on the new data", change, epoch)
     elif config.restart_epoch:
