@@ -28,6 +28,7 @@ __all__ = [
     "build_dataloader",
     "collate_detection",
     "collate_targets",
+    "data_record",
     "seed_worker",
 ]
 
@@ -36,6 +37,23 @@ def _mix(*values: int) -> int:
     """A 63-bit seed from integers: stable across processes, platforms and Python versions."""
     digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def data_record(dataset, classes: Sequence[str]) -> dict:
+    """What a run trains or evaluates on, for its checkpoint: ``{"images": N, "digest":
+    "sha256:<hex>"}``, the digest over the dataset's image ids in order and the class list, so
+    an image added, removed, renamed or reordered (which changes every later item's index, so
+    the shuffle) shows on resume. Ids come from ``records`` (``VOCDataset``'s per-image records
+    or the flat records' ``image_ids`` array)."""
+    records = dataset.records
+    if hasattr(records, "image_ids"):
+        ids = [str(image_id) for image_id in records.image_ids.tolist()]
+    else:
+        ids = [str(record.image_id) for record in records]
+    digest = hashlib.sha256()
+    for part in ("classes", *classes, "images", *ids):
+        digest.update(part.encode() + b"\0")
+    return {"images": len(ids), "digest": f"sha256:{digest.hexdigest()}"}
 
 
 class SeededSampler(Sampler):
@@ -76,7 +94,10 @@ class SeededSampler(Sampler):
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         if not 0 <= start <= self.num_samples:
-            raise ValueError(f"start {start} is not in [0, {self.num_samples}] for this rank")
+            raise ValueError(
+                f"cannot start epoch {epoch} at item {start} of this rank: its share of the "
+                f"{self.dataset_len} items is {self.num_samples} (did the data change?)"
+            )
         self.epoch, self.start = epoch, start
 
     def rank_indices(self) -> list[int]:

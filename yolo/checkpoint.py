@@ -31,11 +31,12 @@ from yolo.config import TrainConfig
 from yolo.flags import config_from_dict, config_to_dict
 from yolo.model import upgrade_state_dict
 from yolo.release import load_safetensors
-from yolo.runtime import unwrap
+from yolo.runtime import launch_identity, launcher_restart, unwrap
 
 log = logging.getLogger(__name__)
 
 FORMAT = 2
+RESUME_FLAGS = ("resume", "restart_epoch")  # how this start resumes: never a saved setting
 LEGACY_GRID_SIZE = 13  # format 1 anchors were fractions of a 416 image: 13 cells
 
 
@@ -259,6 +260,28 @@ def restore_training(ckpt: dict, model, optimizer, scaler, source: str) -> dict:
     return dict(ckpt["state"])
 
 
+def resolve_resume(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``resume`` made definite: ``--resume auto`` becomes ``last`` when the
+    run's ``last.pt`` exists, else None (a new run); with no ``--resume``, a command that its
+    launcher reran after a failure or preemption (see :func:`yolo.runtime.launcher_restart`)
+    resumes ``last.pt`` when the checkpoint was written by this same job (its launch id)."""
+    last = Path(config.model_dir) / config.run / "last.pt"
+    if config.resume == "auto":
+        target = "last" if last.is_file() else None
+        log.info("--resume auto: %s", f"resuming {last}" if target else "nothing to resume, "
+                 "starting the run")  # fmt: skip
+        return dataclasses.replace(config, resume=target)
+    restart = launcher_restart()
+    if config.resume or restart is None or not last.is_file():
+        return config
+    identity = launch_identity()
+    saved = load_checkpoint(last, weights=False).get("launch") or {}
+    if not identity or any(saved.get(key) != value for key, value in identity.items()):
+        return config  # another job's checkpoint: refused as for any new run
+    log.info("%s of this job: resuming %s", restart, last)
+    return dataclasses.replace(config, resume="last")
+
+
 def resume_path(config: TrainConfig, *, must_exist: bool = False) -> Path:
     """The checkpoint ``--resume`` names: the run's ``last.pt``, or the PATH given; with
     ``must_exist``, a missing one is a one-line error saying what to do."""
@@ -281,7 +304,8 @@ def checkpoint_to_resume(
         if (run_dir / "last.pt").exists():
             raise FileExistsError(
                 f"run {config.run!r} already has checkpoints in {run_dir}: continue it with "
-                f"--resume, start another with --run NAME, or delete {run_dir} to start over"
+                f"--resume (or --resume auto in a job that may restart), start another with "
+                f"--run NAME, or delete {run_dir} to start over"
             )
         return None
     path = resume_path(config, must_exist=True)
@@ -301,21 +325,63 @@ def checkpoint_to_resume(
     return ckpt
 
 
+def check_resume_data(ckpt: dict, data: dict, config: TrainConfig) -> None:
+    """Compare the data a resumed run finds (``data``: ``{"train": record, "val": record}``,
+    see :func:`utils.loader.data_record`) with what its checkpoint trained on.
+
+    Changed training images under a mid-epoch resume would continue another shuffle (images
+    trained twice, others never): refused in one line, or with ``--restart-epoch`` the epoch
+    starts again on the new data (``ckpt["state"]`` is changed so). At an epoch boundary, or
+    for the val set, a changed set is one warning line. A checkpoint with no record passes.
+    """
+    saved, state = ckpt.get("data") or {}, ckpt["state"]
+    epoch, path = state["epoch"] + 1, resume_path(config)
+    if saved.get("val") and saved["val"] != data["val"]:
+        log.warning("the val split holds %d images, the run evaluated on %d (%s): mAPs from "
+                    "here on compare with the best so far on other images", data["val"]["images"],
+                    saved["val"]["images"], _short(saved["val"]))  # fmt: skip
+    if not saved.get("train") or saved["train"] == data["train"]:
+        return
+    change = (f"the train split holds {data['train']['images']} images, the run trained on "
+              f"{saved['train']['images']} ({_short(saved['train'])}, now "
+              f"{data['train']['digest'][:15]}…)")  # fmt: skip
+    if not state["epoch_images"]:
+        log.warning("%s: epoch %d trains on the new data", change, epoch)
+    elif config.restart_epoch:
+        log.warning("%s: epoch %d starts again on the new data (--restart-epoch); its %d "
+                    "images trained before stay trained", change, epoch,
+                    state["epoch_images"])  # fmt: skip
+        state.update(batch=0, epoch_images=0, loss_sums={}, loss_steps=0)
+    else:
+        raise ValueError(
+            f"cannot resume {path} mid-epoch: {change}: restore the data, or resume with "
+            f"--restart-epoch to start epoch {epoch} again on the new data"
+        )
+
+
+def _short(record: dict) -> str:
+    """A data record's digest, shortened for messages."""
+    return f"digest {record['digest'][:15]}…"
+
+
 def changed_settings(saved: TrainConfig, config: TrainConfig) -> str:
     """``--flag old -> new`` for every setting that differs, the resume flag aside."""
     old, new = config_to_dict(saved), config_to_dict(config)
     return ", ".join(
         f"--{name.replace('_', '-')} {old[name]} -> {new[name]}"
         for name in new
-        if name != "resume" and old.get(name) != new[name]
+        if name not in RESUME_FLAGS and old.get(name) != new[name]
     )
 
 
 def resume_settings(config: TrainConfig, given: frozenset[str]) -> TrainConfig:
-    """For ``--resume``: the run's own saved settings, with only the flags given on the
-    command line changed (``given``), so a resumed run never falls back to a preset's value."""
+    """For ``--resume`` (or a restart that resumes, see :func:`resolve_resume`): the run's own
+    saved settings, with only the flags given on the command line changed (``given``), so a
+    resumed run never falls back to a preset's value. How to resume is never inherited."""
+    config = resolve_resume(config)
     if not config.resume or not resume_path(config).is_file():
         return config  # a missing checkpoint is reported by the run, once it holds its folder
     saved = load_checkpoint(resume_path(config), weights=False)["config"]
     saved = config_from_dict(TrainConfig, saved)
-    return dataclasses.replace(saved, **{name: getattr(config, name) for name in given})
+    kept = set(given) | set(RESUME_FLAGS)
+    return dataclasses.replace(saved, **{name: getattr(config, name) for name in kept})

@@ -122,7 +122,16 @@ class TrainConfig:
     device: str = flag("auto", DEVICE_HELP)
     workers: int = flag(4, "data loader worker processes")
     seed: int = flag(0, "seed for shuffling, augmentation and initialisation")
-    resume: str | None = flag(None, "resume model/<run>/last.pt, or the PATH given", const="last")
+    resume: str | None = flag(
+        None,
+        "resume model/<run>/last.pt, or the PATH given; auto: resume if last.pt exists, else "
+        "start (what a job that its launcher restarts wants)",
+        const="last",
+    )
+    restart_epoch: bool = flag(
+        False, "a mid-epoch resume whose training images changed starts that epoch again on "
+        "the new data (instead of refusing)"
+    )  # fmt: skip
     weights: str | None = flag(
         None, "start from a checkpoint of this project or darknet weights (e.g. yolov2-voc)"
     )

@@ -98,13 +98,48 @@ def setup_runtime(device_name: str, amp: bool) -> Runtime:
     device = select_device(device_name, local_rank)
     if launched and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        _join_process_group(backend, rank, world_size)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     amp_dtype = select_amp_dtype(device, amp)
     return Runtime(device, rank, world_size, amp_dtype, distributed=launched)
+
+
+def _join_process_group(backend: str, rank: int, world_size: int) -> None:
+    """``init_process_group`` over torchrun's store, its keys under this attempt's name.
+
+    An elastic restart reuses the rendezvous store of the attempt before (torchrun shares it
+    with the workers), which still holds that attempt's process-group keys: a restarted group
+    read them and waited for peers long dead ("connectFullMesh ... Connection refused", or a
+    hang). Prefixing the keys by ``TORCHELASTIC_RESTART_COUNT`` gives each attempt its own.
+    """
+    store, rank, world_size = next(dist.rendezvous("env://", rank, world_size))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"yolo/attempt_{attempt}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+
+
+def launcher_restart() -> str | None:
+    """``"torchrun restart N"`` or ``"SLURM restart N"`` when the launcher reran this command
+    after a failure or a preemption (its restart count is above 0); else None."""
+    for variable, launcher in (
+        ("TORCHELASTIC_RESTART_COUNT", "torchrun"),
+        ("SLURM_RESTART_COUNT", "SLURM"),
+    ):
+        count = os.environ.get(variable, "0")
+        if count.isdigit() and int(count) > 0:
+            return f"{launcher} restart {count}"
+    return None
+
+
+def launch_identity() -> dict[str, str]:
+    """The launcher's id of this job, the same in each of its restarts: torchrun's run id
+    (``--rdzv-id``; a fresh one per ``--standalone`` command) and SLURM's job id. Recorded in
+    checkpoints, so that a restart resumes only a checkpoint of its own job."""
+    names = {"torchelastic_run_id": "TORCHELASTIC_RUN_ID", "slurm_job_id": "SLURM_JOB_ID"}
+    return {key: os.environ[name] for key, name in names.items() if os.environ.get(name)}
 
 
 def teardown_runtime(runtime: Runtime) -> None:

@@ -18,16 +18,19 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from utils.loader import data_record
 from yolo.build import build_loaders, build_training, initial_weights, resolve_run_classes
 from yolo.checkpoint import (
+    check_resume_data,
     checkpoint_to_resume,
+    resolve_resume,
     restore_training,
     resume_path,
     save_checkpoint,
@@ -56,6 +59,7 @@ from yolo.runtime import (
     Runtime,
     StopRequest,
     broadcast_flag,
+    launch_identity,
     seed_everything,
     setup_runtime,
     teardown_runtime,
@@ -99,6 +103,7 @@ class Run:
     writer: TensorboardLog | None
     stop: StopRequest
     best_effort: BestEffort  # tensorboard and results.png: reported once, never fatal
+    data: dict = field(default_factory=dict)  # what it trains and evaluates on (checkpoints)
 
 
 def fit(config: TrainConfig) -> dict:
@@ -106,7 +111,7 @@ def fit(config: TrainConfig) -> dict:
     runtime = setup_runtime(config.device, config.amp)
     with ExitStack() as stack:
         stack.callback(teardown_runtime, runtime)
-        config = resolve_demo(config, runtime)
+        config = resolve_resume(resolve_demo(config, runtime))
         run_dir, log_dir = Path(config.model_dir) / config.run, Path(config.log_dir) / config.run
         new_folders = NewFolders()
         if runtime.is_main:
@@ -117,6 +122,10 @@ def fit(config: TrainConfig) -> dict:
         if ckpt is not None and _nothing_to_train(ckpt, config):
             return {"finished": True, "best_map": ckpt["state"]["best_map"], "exit_code": 0}
         train_loader, val_loader = build_loaders(config, classes, runtime)
+        data = {"train": data_record(train_loader.dataset, classes),
+                "val": data_record(val_loader.dataset, classes)}  # fmt: skip
+        if ckpt is not None:
+            check_resume_data(ckpt, data, config)
         model, criterion, optimizer, scaler = build_training(config, len(classes), anchors, runtime)
         state = _start_state(ckpt, config, model, optimizer, scaler)
         schedule = build_schedule(config, math.ceil(len(train_loader) / config.accum))
@@ -126,7 +135,7 @@ def fit(config: TrainConfig) -> dict:
             save_config_json(config, run_dir / "config.json")
         run = Run(config, runtime, run_dir, classes, anchors, _wrap_ddp(model, runtime),
                   criterion, optimizer, scaler, schedule, train_loader, val_loader, writer,
-                  stack.enter_context(StopRequest()), best_effort)  # fmt: skip
+                  stack.enter_context(StopRequest()), best_effort, data)  # fmt: skip
         new_folders.keep()  # started: from here on the folders hold the run
         # pending: a resumed run that stopped in its evaluation finishes that epoch first
         interrupted = state.eval_pending and close_epoch(run, state)
@@ -191,6 +200,7 @@ def save(run: Run, state: TrainState, name: str) -> None:
     if run.runtime.is_main:
         saved = training_checkpoint(run.model, run.optimizer, run.scaler, state, run.config,
                                     run.classes, run.anchors)  # fmt: skip
+        saved.update(data=run.data, launch=launch_identity())  # what a resume checks
         if name == "best.pt":  # the file to share: what inference needs, a third of last.pt
             saved = release_checkpoint(saved)
         save_checkpoint(saved, run.run_dir / name)
