@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 import yolo.build
+import yolo.epoch
 import yolo.train
 from utils.data import VOCDataset
 from utils.demo import generate_demo_dataset
@@ -434,3 +435,29 @@ def test_workers_do_not_change_the_weights(tmp_path, demo_root, two_torch_thread
         fit(dataclasses.replace(config, workers=workers))  # one step of the 8 images, at --lr
         last[workers] = weights_of(tmp_path / str(workers) / "model/t/last.pt")
     assert_same_weights(last[0], last[1])
+
+
+def test_augmentation_on_the_device_trains_as_on_the_cpu_and_resumes_exactly(
+    tmp_path, demo_root, monkeypatch
+):
+    """--augment-on device: the same losses as the per-image path (to float rounding) at a
+    fixed size, and a resumed run equal to an uninterrupted one, bit for bit."""
+    batched = []
+    augment_batch = yolo.epoch.augment_batch
+    monkeypatch.setattr(
+        yolo.epoch, "augment_batch", lambda *a: batched.append(1) or augment_batch(*a)
+    )
+    runs = {}
+    for name, where, epochs in (("cpu", "cpu", 2), ("device", "device", 2), ("split", "device", 1)):
+        config = make_config(tmp_path / name, demo_root, augment_on=where, multi_scale=False,
+                             epochs=epochs)  # fmt: skip
+        fit(config)
+        runs[name] = config
+    fit(dataclasses.replace(runs["split"], epochs=2, resume="last"))
+    assert_same_weights(
+        *(weights_of(tmp_path / name / "model/t/last.pt") for name in ("device", "split"))
+    )
+    cpu, device = (logged(tmp_path / n / "logs/t", "train/loss_total") for n in ("cpu", "device"))
+    assert [step for step, _ in cpu] == [step for step, _ in device] == list(range(4))
+    assert [v for _, v in device] == pytest.approx([v for _, v in cpu], rel=1e-4)
+    assert len(batched) == 4 + 2 + 2  # every step of the device runs, none of the cpu run
