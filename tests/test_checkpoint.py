@@ -161,3 +161,16 @@ def test_resume_takes_the_runs_own_settings_and_only_the_flags_given(tmp_path):
     assert more.epochs == 40 and more.lr == 0.01
     assert changed_settings(saved, more) == "--epochs 30 -> 40"
     assert resume_settings(TrainConfig(), frozenset()) == TrainConfig()  # no --resume
+
+
+def test_a_class_list_refusal_names_the_names_that_differ():
+    anchors = torch.ones(5, 2)
+    saved = TrainConfig(model="tiny")
+    classes = [f"class{i}" for i in range(9)]
+    ckpt = {"config": config_to_dict(saved), "classes": classes, "anchors": anchors.tolist()}
+    typo = (*classes[:7], "clas7", classes[8])  # the first five names agree
+    with pytest.raises(ValueError, match=r"have \['class7'\] where this run's 9 have \['clas7'\]"):
+        check_resumable(ckpt, saved, typo, anchors, "x.pt")
+    swapped = (*classes[:6], classes[7], classes[6], classes[8])
+    with pytest.raises(ValueError, match=r"another order \(position 7: 'class6' vs 'class7'\)"):
+        check_resumable(ckpt, saved, swapped, anchors, "x.pt")

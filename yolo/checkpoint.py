@@ -210,6 +210,19 @@ def load_model_weights(model: nn.Module, state_dict: dict, source: str) -> None:
     model.load_state_dict(state_dict)
 
 
+def class_difference(saved: list[str], given: list[str]) -> str:
+    """How two class lists differ, naming the names: ``classes: 'kangaro' (position 3) vs
+    'kangaroo'``, or the names only one of them has."""
+    only_saved = [name for name in saved if name not in given]
+    only_given = [name for name in given if name not in saved]
+    if only_saved or only_given:
+        return (f"classes: the checkpoint's {len(saved)} have {only_saved[:8]} where this run's "
+                f"{len(given)} have {only_given[:8]}")  # fmt: skip
+    moved = next(i for i, (a, b) in enumerate(zip(saved, given, strict=False)) if a != b)
+    return (f"classes: the same {len(saved)} names in another order (position {moved + 1}: "
+            f"{saved[moved]!r} vs {given[moved]!r})")  # fmt: skip
+
+
 def check_resumable(ckpt: dict, config, classes, anchors: torch.Tensor, path) -> None:
     """Resuming is only meaningful for the same model, classes and anchors."""
     saved = ckpt["config"]
@@ -221,7 +234,7 @@ def check_resumable(ckpt: dict, config, classes, anchors: torch.Tensor, path) ->
             f"optimizer {saved.get('optimizer', 'sgd')} vs --optimizer {config.optimizer}"
         )
     if list(ckpt["classes"]) != list(classes):
-        problems.append(f"classes {list(ckpt['classes'])[:5]}... vs {list(classes)[:5]}...")
+        problems.append(class_difference(list(ckpt["classes"]), list(classes)))
     saved_anchors = torch.tensor(ckpt["anchors"])
     if saved_anchors.shape != anchors.shape or not torch.allclose(saved_anchors, anchors.cpu()):
         problems.append(f"anchors {ckpt['anchors']} vs {anchors.tolist()}")
