@@ -35,6 +35,7 @@ from yolo.checkpoint import (
 )
 from yolo.config import TrainConfig
 from yolo.demo import resolve_demo
+from yolo.ema import WeightEMA, ema_terms
 from yolo.epoch import DataLoaderDied, TrainState, train_one_epoch
 from yolo.evaluate import evaluate
 from yolo.flags import save_config_json
@@ -99,6 +100,7 @@ class Run:
     writer: TensorboardLog | None
     stop: StopRequest
     best_effort: BestEffort  # tensorboard and results.png: reported once, never fatal
+    ema: WeightEMA | None = None  # --ema: the weights evaluated and saved as best.pt
 
 
 def fit(config: TrainConfig) -> dict:
@@ -119,14 +121,17 @@ def fit(config: TrainConfig) -> dict:
         train_loader, val_loader = build_loaders(config, classes, runtime)
         model, criterion, optimizer, scaler = build_training(config, len(classes), anchors, runtime)
         state = _start_state(ckpt, config, model, optimizer, scaler)
-        schedule = build_schedule(config, math.ceil(len(train_loader) / config.accum))
+        schedule = build_schedule(config, math.ceil(len(train_loader) / config.accum),
+                                  len(train_loader.dataset))  # fmt: skip
+        criterion.prior_seen = schedule.prior_images
+        ema = _start_ema(ckpt, config, model, schedule)
         writer, best_effort = None, BestEffort()
         if runtime.is_main:
             writer = _open_writer(stack, config, schedule, log_dir, state.iteration, best_effort)
             save_config_json(config, run_dir / "config.json")
         run = Run(config, runtime, run_dir, classes, anchors, _wrap_ddp(model, runtime),
                   criterion, optimizer, scaler, schedule, train_loader, val_loader, writer,
-                  stack.enter_context(StopRequest()), best_effort)  # fmt: skip
+                  stack.enter_context(StopRequest()), best_effort, ema)  # fmt: skip
         new_folders.keep()  # started: from here on the folders hold the run
         # pending: a resumed run that stopped in its evaluation finishes that epoch first
         interrupted = state.eval_pending and close_epoch(run, state)
@@ -177,6 +182,20 @@ def _start_state(ckpt: dict | None, config: TrainConfig, model, optimizer, scale
     return TrainState()
 
 
+def _start_ema(ckpt: dict | None, config: TrainConfig, model, schedule) -> WeightEMA | None:
+    """With ``--ema``: the average, restored from a resumed checkpoint's (bit-exact resume)."""
+    if not config.ema:
+        return None
+    decay, ramp = ema_terms(config.ema_decay, schedule.epochs * schedule.steps_per_epoch)
+    ema = WeightEMA(model, decay=decay, ramp=ramp)
+    if ckpt is not None and "ema" in ckpt:
+        ema.load_state_dict(ckpt["ema"])
+    elif ckpt is not None:
+        log.warning("--ema: %s was trained without it; the average starts from its weights",
+                    resume_path(config))  # fmt: skip
+    return ema
+
+
 def _open_writer(stack, config, schedule, log_dir: Path, step: int, best_effort: BestEffort):
     """Report the settings and open tensorboard, purging steps after ``step`` (what an
     interrupted run logged after its checkpoint)."""
@@ -191,8 +210,12 @@ def save(run: Run, state: TrainState, name: str) -> None:
     if run.runtime.is_main:
         saved = training_checkpoint(run.model, run.optimizer, run.scaler, state, run.config,
                                     run.classes, run.anchors)  # fmt: skip
+        if run.ema is not None:  # last.pt: both, the raw weights to train on, the EMA to resume
+            saved["ema"] = run.ema.state_dict()
         if name == "best.pt":  # the file to share: what inference needs, a third of last.pt
             saved = release_checkpoint(saved)
+            if run.ema is not None:  # the weights that were evaluated
+                saved["model"] = saved.pop("ema")["model"]
         save_checkpoint(saved, run.run_dir / name)
 
 
@@ -206,7 +229,7 @@ def train_epoch(run: Run, state: TrainState) -> bool:
             run.model, run.criterion, run.train_loader, run.optimizer, run.scaler, state,
             schedule=run.schedule, sizes=multiscale_sizes(config),
             size_every=config.multi_scale_every, seed=config.seed, accum=config.accum,
-            runtime=run.runtime, writer=run.writer, stop=run.stop,
+            runtime=run.runtime, writer=run.writer, stop=run.stop, ema=run.ema,
         )  # fmt: skip
     except DataLoaderDied as error:
         save(run, state, "last.pt")
@@ -238,8 +261,9 @@ def evaluate_epoch(run: Run, state: TrainState) -> bool:
     """Evaluate the trained epoch, save best.pt (if best) then last.pt; False when a stop cut
     the evaluation short."""
     config = run.config
+    model = run.ema.module if run.ema is not None else run.model  # --ema: the average's mAP
     res, samples = evaluate(
-        run.model, run.val_loader, run.anchors, runtime=run.runtime, class_names=run.classes,
+        model, run.val_loader, run.anchors, runtime=run.runtime, class_names=run.classes,
         conf_threshold=config.conf_threshold, nms_threshold=config.nms_threshold,
         num_vis_images=config.num_vis_images if run.writer else 0, stop=run.stop,
     )  # fmt: skip
