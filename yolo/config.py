@@ -68,6 +68,9 @@ class TrainConfig:
     val_set: str = flag("2007:test", "NAME:SPLIT evaluated every --eval-every epochs")
     classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
     anchors: str | None = flag(None, "anchors JSON from kmeans.py (default: darknet's VOC set)")
+    scale_anchors: bool = flag(
+        True, "scale --anchors fitted at another size (its img_size) to --eval-img-size's grid"
+    )
     demo: bool = flag(False, "generate the demo dataset if missing and train on it")
     epochs: int = flag(160, "number of epochs")
     batch_size: int = flag(16, "images per forward pass (per GPU)")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from utils.anchors import anchors_for_size, anchors_img_size
 from yolo.build import build_loaders, build_training, initial_weights, resolve_run_classes
 from yolo.checkpoint import (
     checkpoint_to_resume,
@@ -114,7 +115,7 @@ def fit(config: TrainConfig) -> dict:
         if runtime.is_main:
             new_folders = _hold_run_folder(stack, run_dir, log_dir)
         seed_everything(config.seed)
-        classes, anchors = resolve_run_classes(config), resolve_anchors(config.anchors)
+        classes, anchors = resolve_run_classes(config), run_anchors(config, runtime.is_main)
         ckpt = checkpoint_to_resume(config, run_dir, classes, anchors, runtime.world_size)
         if ckpt is not None and _nothing_to_train(ckpt, config):
             return {"finished": True, "best_map": ckpt["state"]["best_map"], "exit_code": 0}
@@ -148,6 +149,25 @@ def fit(config: TrainConfig) -> dict:
     if runtime.is_main:
         report_end(state, config, run_dir, log_dir)
     return {"interrupted": False, "finished": True, "best_map": state.best_map, "exit_code": 0}
+
+
+def run_anchors(config: TrainConfig, say: bool) -> torch.Tensor:
+    """``[A, 2]`` grid cells: the anchors file's (fitted by kmeans.py at its ``img_size``, set to
+    ``--eval-img-size``'s grid unless ``--no-scale-anchors``), else darknet's; ``say``: the one
+    warning line when the sizes differ, with the command that fits them at this size."""
+    anchors = resolve_anchors(config.anchors)
+    fitted = anchors_img_size(config.anchors) if config.anchors else None
+    if fitted is None or fitted == config.eval_img_size:
+        return anchors
+    anchors, line = anchors_for_size(anchors, fitted, config.eval_img_size,
+                                     scale=config.scale_anchors)  # fmt: skip
+    data = f"--data {config.data}" if config.data else (
+        f"--data-root {config.data_root} --sets {' '.join(config.train_sets)}")  # fmt: skip
+    data += f" --classes {config.classes}" if config.classes else ""
+    if say:
+        log.warning("anchors %s: %s; to fit them at this size: python kmeans.py %s --img-size %d",
+                    config.anchors, line, data, config.eval_img_size)  # fmt: skip
+    return anchors
 
 
 def _hold_run_folder(stack: ExitStack, run_dir: Path, log_dir: Path) -> NewFolders:
