@@ -2,6 +2,7 @@
 holds the average, last.pt both, resume mid-epoch is bit-exact, DDP ranks hold the same EMA."""
 
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -14,7 +15,13 @@ import torch
 from torch import nn
 
 import yolo.ema
-from tests.test_train import REPO, _signal_at_batch, assert_same_weights, make_config
+from tests.test_train import (
+    REPO,
+    _signal_at_batch,
+    assert_same_weights,
+    logged,
+    make_config,
+)
 from utils.demo import generate_demo_dataset
 from yolo.checkpoint import load_checkpoint
 from yolo.config import SMALL_DATA, TrainConfig
@@ -121,9 +128,14 @@ def _average_the_whole_run(monkeypatch) -> None:
     monkeypatch.setattr(yolo.ema, "EMA_RUN_SHARE", 1.0)
 
 
-def test_best_holds_the_ema_and_last_both(tmp_path, demo_root, monkeypatch):
+def test_best_holds_the_ema_and_last_both(tmp_path, demo_root, monkeypatch, caplog):
     _average_the_whole_run(monkeypatch)
-    fit(_ema_config(tmp_path, demo_root, epochs=1))
+    with caplog.at_level(logging.INFO):
+        fit(_ema_config(tmp_path, demo_root, epochs=1))
+    # the loss's prior term lasts a tenth of the run's 8 images: the first batch only
+    assert "burn-in 1 steps (0.5 epochs); prior term for the first 1 images" in caplog.text
+    prior = [value for _, value in logged(tmp_path / "logs/t", "train/loss_prior")]
+    assert prior[0] > 0 and prior[1] == 0
     last = load_checkpoint(tmp_path / "model/t/last.pt")
     best = load_checkpoint(tmp_path / "model/t/best.pt")
     assert last["ema"]["updates"] == last["state"]["iteration"] == 2
