@@ -242,7 +242,7 @@ def test_anchors_for_size_keeps_the_share_of_the_image_or_the_cells():
     assert torch.equal(kept, fitted) and "1.62x the boxes" in line
 
 
-def test_a_run_at_another_size_scales_the_anchors_and_says_so_once(tmp_path, caplog):
+def test_a_run_at_another_size_says_so_once_and_scales_on_request(tmp_path, caplog):
     from yolo.config import TrainConfig
     from yolo.train import run_anchors
 
@@ -250,15 +250,17 @@ def test_a_run_at_another_size_scales_the_anchors_and_says_so_once(tmp_path, cap
     save_anchors(torch.tensor([[2.6, 3.9], [6.5, 5.2]]), path, img_size=416)
     config = TrainConfig(anchors=str(path), img_size=256, eval_img_size=256, data="data/x")
     with caplog.at_level(logging.WARNING):
-        anchors = run_anchors(config, say=True)
+        anchors = run_anchors(dataclasses.replace(config, scale_anchors=True), say=True)
     torch.testing.assert_close(anchors, torch.tensor([[1.6, 2.4], [4.0, 3.2]]))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert "--img-size 416" in warnings[0] and "256" in warnings[0]
     assert "python kmeans.py --data data/x --img-size 256" in warnings[0]
     caplog.clear()
-    raw = run_anchors(dataclasses.replace(config, scale_anchors=False), say=True)
+    raw = run_anchors(config, say=True)  # the default: darknet's cells, as they are
     assert torch.equal(raw, load_anchors(path)) and "1.62x" in caplog.text
+    assert "--scale-anchors scales them x8/13" in caplog.text
+    assert "python kmeans.py --data data/x --img-size 256" in caplog.text
     caplog.clear()
     same = run_anchors(dataclasses.replace(config, img_size=416, eval_img_size=416), say=True)
     assert torch.equal(same, load_anchors(path)) and not caplog.text  # fitted at this size

@@ -231,11 +231,12 @@ def anchors_for_size(
         line = (
             f"scaled x{cells}/{fitted_cells} from the {fitted_cells}-cell grid of --img-size "
             f"{fitted} to the {cells}-cell grid of {img_size}, to cover the same share of the "
-            "image (--no-scale-anchors keeps them as they are)"
+            "image"
         )
         return anchors * (cells / fitted_cells), line
     line = (
         f"fitted at --img-size {fitted} ({fitted_cells} cells) but used at {img_size} ({cells} "
-        f"cells): each covers {fitted / img_size:.2f}x the boxes it was fitted to"
+        f"cells): each covers {fitted / img_size:.2f}x the boxes it was fitted to (kept, as "
+        f"darknet keeps anchors in pixels; --scale-anchors scales them x{cells}/{fitted_cells})"
     )
     return anchors, line

@@ -69,7 +69,7 @@ class TrainConfig:
     classes: str | None = flag(None, "classes file, one name per line (default: VOC's 20)")
     anchors: str | None = flag(None, "anchors JSON from kmeans.py (default: darknet's VOC set)")
     scale_anchors: bool = flag(
-        True, "scale --anchors fitted at another size (its img_size) to --eval-img-size's grid"
+        False, "scale --anchors fitted at another size (its img_size) to --eval-img-size's grid"
     )
     demo: bool = flag(False, "generate the demo dataset if missing and train on it")
     epochs: int = flag(160, "number of epochs")

@@ -153,7 +153,7 @@ def fit(config: TrainConfig) -> dict:
 
 def run_anchors(config: TrainConfig, say: bool) -> torch.Tensor:
     """``[A, 2]`` grid cells: the anchors file's (fitted by kmeans.py at its ``img_size``, set to
-    ``--eval-img-size``'s grid unless ``--no-scale-anchors``), else darknet's; ``say``: the one
+    ``--eval-img-size``'s grid with ``--scale-anchors``), else darknet's; ``say``: the one
     warning line when the sizes differ, with the command that fits them at this size."""
     anchors = resolve_anchors(config.anchors)
     fitted = anchors_img_size(config.anchors) if config.anchors else None
