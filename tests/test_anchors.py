@@ -1,6 +1,7 @@
 """Anchors: darknet's defaults, anchor files (the grid-unit format and the legacy one), and box
 sizes read from VOC XML."""
 
+import dataclasses
 import json
 import logging
 
@@ -9,6 +10,8 @@ import torch
 
 from utils.anchors import (
     DARKNET_VOC_ANCHORS_GRID,
+    anchors_for_size,
+    anchors_img_size,
     default_anchors,
     load_anchors,
     read_voc_box_sizes,
@@ -213,3 +216,51 @@ def test_read_voc_box_sizes_errors(voc_writer):
     voc_writer.write_set("empty", ids=["c", "d"])
     with pytest.raises(ValueError, match="no boxes found"):
         read_voc_box_sizes(voc_writer.root, [("test", "empty")], ["cat"])
+
+
+# ---------------------------------------------------------------------------------------------
+# anchors fitted at one input size, trained at another
+
+
+def test_anchors_img_size_is_what_kmeans_recorded(tmp_path):
+    path = tmp_path / "a.json"
+    save_anchors(torch.tensor([[2.0, 3.0]]), path, img_size=416)
+    assert anchors_img_size(path) == 416
+    save_anchors(torch.tensor([[2.0, 3.0]]), path)
+    assert anchors_img_size(path) is None  # darknet's numbers or a hand-written file
+    save_anchors(torch.tensor([[2.0, 3.0]]), path, img_size="416")
+    assert anchors_img_size(path) is None
+
+
+def test_anchors_for_size_keeps_the_share_of_the_image_or_the_cells():
+    fitted = torch.tensor([[2.21, 2.03], [6.42, 4.40]])  # cells of 13 (416)
+    scaled, line = anchors_for_size(fitted, 416, 256, scale=True)
+    # the same share of the image: cells / grid size is unchanged (8 cells at 256)
+    torch.testing.assert_close(scaled / 8, fitted / 13)
+    assert "x8/13" in line and "416" in line and "256" in line
+    kept, line = anchors_for_size(fitted, 416, 256, scale=False)
+    assert torch.equal(kept, fitted) and "1.62x the boxes" in line
+
+
+def test_a_run_at_another_size_says_so_once_and_scales_on_request(tmp_path, caplog):
+    from yolo.config import TrainConfig
+    from yolo.train import run_anchors
+
+    path = tmp_path / "anchors-5.json"
+    save_anchors(torch.tensor([[2.6, 3.9], [6.5, 5.2]]), path, img_size=416)
+    config = TrainConfig(anchors=str(path), img_size=256, eval_img_size=256, data="data/x")
+    with caplog.at_level(logging.WARNING):
+        anchors = run_anchors(dataclasses.replace(config, scale_anchors=True), say=True)
+    torch.testing.assert_close(anchors, torch.tensor([[1.6, 2.4], [4.0, 3.2]]))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "--img-size 416" in warnings[0] and "256" in warnings[0]
+    assert "python kmeans.py --data data/x --img-size 256" in warnings[0]
+    caplog.clear()
+    raw = run_anchors(config, say=True)  # the default: darknet's cells, as they are
+    assert torch.equal(raw, load_anchors(path)) and "1.62x" in caplog.text
+    assert "--scale-anchors scales them x8/13" in caplog.text
+    assert "python kmeans.py --data data/x --img-size 256" in caplog.text
+    caplog.clear()
+    same = run_anchors(dataclasses.replace(config, img_size=416, eval_img_size=416), say=True)
+    assert torch.equal(same, load_anchors(path)) and not caplog.text  # fitted at this size

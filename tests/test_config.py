@@ -144,7 +144,7 @@ def test_preset_small_sets_its_values_and_flags_given_win():
     assert config.epochs == 12 and given == {"epochs"}  # the flag given over the preset's 60
     explicit = ["--model", "tiny", "--img-size", "256", "--eval-img-size", "256",
                 "--no-multi-scale", "--optimizer", "adamw", "--lr", "1e-3", "--batch-size", "8",
-                "--accum", "1", "--epochs", "60", "--lr-steps", "45", "55"]  # fmt: skip
+                "--accum", "1", "--epochs", "60", "--lr-steps", "45", "55", "--ema"]  # fmt: skip
     assert parse_config(TrainConfig(), ["--preset", "small"]) == parse_config(
         TrainConfig(), explicit
     )

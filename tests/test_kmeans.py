@@ -251,6 +251,7 @@ def test_end_to_end_on_the_demo_dataset(demo_root, tmp_path, caplog):
     assert "IoU %" in caplog.text and f"{100 * ious[1]:.2f}" in caplog.text
     grid_w, grid_h = summary["results"][1]["anchors_grid"][0]
     assert f"{grid_w:.2f}x{grid_h:.2f}" in caplog.text  # the table shows grid cells
+    assert "cells of the 13-cell grid of --img-size 416" in caplog.text  # the size they are for
 
 
 def test_img_size_scales_the_grid_units_only(demo_root, tmp_path):

@@ -22,6 +22,8 @@ from utils.fileio import atomic_write_text
 __all__ = [
     "DARKNET_VOC_ANCHORS_GRID",
     "STRIDE",
+    "anchors_for_size",
+    "anchors_img_size",
     "default_anchors",
     "load_anchors",
     "read_voc_box_sizes",
@@ -202,3 +204,39 @@ def read_voc_box_sizes(
         )
         raise ValueError(f"no boxes found under {root} for sets {sets}: {hint}")
     return wh
+
+
+# ---------------------------------------------------------------------------------------------
+# The input size an anchor file was fitted at
+
+
+def anchors_img_size(path: str | os.PathLike) -> int | None:
+    """The ``img_size`` an anchor file records (kmeans.py writes the size whose grid cells its
+    anchors are in), or None (darknet's numbers, a hand-written or legacy file)."""
+    document = json.loads(Path(path).read_text())
+    size = document.get("img_size") if isinstance(document, dict) else None
+    return size if isinstance(size, int) and size > 0 and size % STRIDE == 0 else None
+
+
+def anchors_for_size(
+    anchors: torch.Tensor, fitted: int, img_size: int, *, scale: bool
+) -> tuple[torch.Tensor, str]:
+    """Anchors ``[A, 2]`` in cells of the grid at ``fitted`` pixels, for a model evaluated at
+    ``img_size``, and one line saying what was done. ``scale``: x ``img_size / fitted`` (grid
+    cells at the new size), so each anchor covers the share of the image it was fitted to;
+    else the cells as they are (darknet's way: fixed in pixels x32), each anchor then covering
+    ``fitted / img_size`` times that share."""
+    cells, fitted_cells = img_size // STRIDE, fitted // STRIDE
+    if scale:
+        line = (
+            f"scaled x{cells}/{fitted_cells} from the {fitted_cells}-cell grid of --img-size "
+            f"{fitted} to the {cells}-cell grid of {img_size}, to cover the same share of the "
+            "image"
+        )
+        return anchors * (cells / fitted_cells), line
+    line = (
+        f"fitted at --img-size {fitted} ({fitted_cells} cells) but used at {img_size} ({cells} "
+        f"cells): each covers {fitted / img_size:.2f}x the boxes it was fitted to (kept, as "
+        f"darknet keeps anchors in pixels; --scale-anchors scales them x{cells}/{fitted_cells})"
+    )
+    return anchors, line

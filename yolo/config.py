@@ -58,6 +58,7 @@ SMALL_DATA = {
     "accum": 1,
     "epochs": 60,
     "lr_steps": (45, 55),
+    "ema": True,  # per-epoch mAP of a few hundred images swings by 0.1: evaluate the average
 }
 
 
@@ -81,6 +82,9 @@ class TrainConfig:
     anchors: str | None = flag(
         None, "anchors JSON from kmeans.py, or yolov2 for darknet's COCO set (default: its VOC set)"
     )
+    scale_anchors: bool = flag(
+        False, "scale --anchors fitted at another size (its img_size) to --eval-img-size's grid"
+    )
     demo: bool = flag(False, "generate the demo dataset if missing and train on it")
     epochs: int = flag(160, "number of epochs")
     batch_size: int = flag(16, "images per forward pass (per GPU)")
@@ -101,6 +105,15 @@ class TrainConfig:
     )
     burn_in: int = flag(1000, "optimizer steps of darknet's burn-in, lr * (i / burn_in) ** 4")
     burn_in_epochs: int = flag(4, "the burn-in lasts at most this many epochs (small datasets)")
+    burn_in_share: float = flag(0.1, "the burn-in lasts at most this share of the run's steps")
+    prior_images: int = flag(
+        12800, "images over which the loss pulls every predictor to its anchor (darknet's)"
+    )
+    prior_share: float = flag(0.1, "that pull lasts at most this share of the run's images")
+    ema: bool = flag(False, "evaluate and save an EMA of the weights (on in --preset small)")
+    ema_decay: float = flag(
+        0.9998, "EMA decay on a long run (ramp and window: at most a tenth of a short run)"
+    )
     lr_steps: tuple[int, ...] = flag((60, 90), "epochs at which lr is multiplied by --lr-gamma")
     lr_gamma: float = flag(0.1, "lr factor at each of --lr-steps")
     jitter: float = flag(AUG.jitter, "darknet jitter of the random crop")
@@ -158,10 +171,15 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum", "multi_scale_every", "eval_every"):
             _check(getattr(self, name) >= 1, f"--{kebab(name)} must be at least 1")
         _check(math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr}: a positive number")
-        for name in ("momentum", "weight_decay", "lr_gamma", "burn_in", "burn_in_epochs"):
+        for name in ("momentum", "weight_decay", "lr_gamma", "burn_in", "burn_in_epochs",
+                     "prior_images"):  # fmt: skip
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, f"--{kebab(name)} {value}: must be >= 0")
         _check(self.momentum < 1, f"--momentum {self.momentum}: must be below 1")
+        for name in ("burn_in_share", "prior_share"):
+            value = getattr(self, name)
+            _check(0 < value <= 1, f"--{kebab(name)} {value}: a share in (0, 1], e.g. 0.1")
+        _check(0 <= self.ema_decay < 1, f"--ema-decay {self.ema_decay}: in [0, 1), e.g. 0.9998")
         _check(self.workers >= 0, "--workers must be >= 0")
         _check(list(self.lr_steps) == sorted(self.lr_steps), "--lr-steps must be increasing")
         _check_thresholds(self.conf_threshold, self.nms_threshold)

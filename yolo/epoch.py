@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from utils.batch_augment import RawBatch, augment_batch
 from utils.transforms import resize_batch
+from yolo.ema import WeightEMA
 from yolo.runtime import Runtime, StopRequest, broadcast_flag, unwrap
 from yolo.schedule import Schedule, train_size
 
@@ -93,11 +94,13 @@ def train_one_epoch(
     runtime: Runtime,
     writer: SummaryWriter | None = None,
     stop: StopRequest | None = None,
+    ema: WeightEMA | None = None,
 ) -> tuple[MetricLogger, bool]:
     """One epoch (or its rest, after a mid-epoch resume) -> (metrics, interrupted).
 
     Steps the optimizer every ``accum`` batches; the batch is resized to a multi-scale size
-    drawn from ``sizes`` every ``size_every`` batches. Stops early at an optimizer step when
+    drawn from ``sizes`` every ``size_every`` batches; ``ema`` averages the weights after every
+    optimizer step (once they are checked finite). Stops early at an optimizer step when
     ``stop`` is requested. A dead data loader worker raises :class:`DataLoaderDied` with
     ``state`` set back to the last optimizer step, where the weights are.
     """
@@ -136,6 +139,8 @@ def train_one_epoch(
                 _optimizer_step(optimizer, scaler, lr)
                 in_step = False
                 values = _checked_values(sums, accumulated, model, state)
+                if ema is not None:
+                    ema.update(model)
                 if writer is not None:
                     _log_step(writer, values, lr, size, state.iteration)
                 state.iteration += 1

@@ -172,4 +172,7 @@ def find_anchors(config: KMeansConfig) -> dict:
         format_kmeans_table(entries, config.img_size),
     )
     log.info("wrote anchors-K.json, clusters-K.png and %s into %s", SUMMARY_NAME, out_dir)
+    log.info("the anchors are in cells of the %d-cell grid of --img-size %d: a run evaluated at "
+             "another size says so (fit them at its size with --img-size N)",
+             config.img_size // STRIDE, config.img_size)  # fmt: skip
     return summary

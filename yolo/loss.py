@@ -17,7 +17,8 @@ head output is minus that delta, so ``d total / d raw = -delta / N`` exactly:
   ``<= ignore_thresh``: ``noobject_scale/2 * sig(to)^2``;
 - prior, while ``seen < prior_seen``, for every prediction not responsible for a ground truth:
   ``prior_scale/2 * [(sig(tx) - .5)^2 + (sig(ty) - .5)^2 + tw^2 + th^2]`` (the box of the
-  cell's centre at exactly the anchor's size);
+  cell's centre at exactly the anchor's size); ``prior_seen`` is darknet's 12800 images, a
+  training run sets it from its schedule (at most ``--prior-share`` of the run's images);
 - cls, for every responsible prediction: ``class_scale * cross_entropy(logits, class)``, whose
   gradient ``class_scale * (softmax - onehot)`` is darknet's softmax class delta.
 

@@ -4,11 +4,18 @@ Darknet's schedule (yolov2-voc.cfg, the paper): burn-in ``lr * (i / burn_in) ** 
 first optimizer steps, then ``lr`` times ``gamma`` at each of the ``lr_steps`` epochs. Darknet's
 burn-in is 1000 steps of 64 images, about 4 epochs of VOC; on a dataset of a few hundred
 images that would be the whole run (5 steps an epoch: 200 epochs), so the burn-in is at most
-``burn_in_epochs`` epochs: VOC keeps darknet's 1000 steps, a small set gets a few epochs.
+``burn_in_epochs`` epochs and at most ``burn_in_share`` of the run's steps: VOC keeps darknet's
+1000 steps, a small set gets a few epochs, a short run a tenth of itself.
+
+The loss's prior term (darknet's region layer: while fewer than 12800 images were seen, every
+predictor not responsible for an object is pulled to its anchor) is measured the same way: at
+most ``prior_share`` of the run's images. VOC keeps darknet's 12800 (0.5% of its 2.6M images);
+131 images for 25 epochs (3,275 images) would otherwise spend the whole run under it.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -40,11 +47,12 @@ class Schedule:
     """The learning rate of every optimizer step of a run (``lr_at``) and its description."""
 
     lr: float
-    burn_in: int  # optimizer steps, after the cap in epochs
+    burn_in: int  # optimizer steps, after the caps in epochs and in a share of the run
     lr_steps: tuple[int, ...]
     gamma: float
     epochs: int
     steps_per_epoch: int
+    prior_images: int = 12800  # images seen before the loss's prior term stops
 
     def lr_at(self, iteration: int, epoch: int) -> float:
         return learning_rate(
@@ -67,23 +75,34 @@ class Schedule:
         return low / max(total, 1)
 
     def describe(self) -> str:
-        """Two lines for the log: steps, burn-in and the lr at each step."""
+        """Two lines for the log: steps, burn-in, the prior term's span and the lr at each step."""
         lrs = ", ".join(
             f"{self.lr * self.gamma ** (i + 1):.2g} at epoch {step}"
             for i, step in enumerate(self.lr_steps)
         )
         return (
             f"schedule: {self.epochs} epochs of {self.steps_per_epoch} optimizer steps; "
-            f"burn-in {self.burn_in} steps ({self.burn_in / self.steps_per_epoch:.1f} epochs)\n"
+            f"burn-in {self.burn_in} steps ({self.burn_in / self.steps_per_epoch:.1f} epochs); "
+            f"prior term for the first {self.prior_images} images\n"
             f"learning rate: {self.lr:.2g} after the burn-in" + (f", then {lrs}" if lrs else "")
         )
 
 
-def build_schedule(config, steps_per_epoch: int) -> Schedule:
+def build_schedule(config, steps_per_epoch: int, images_per_epoch: int | None = None) -> Schedule:
     """The schedule of a :class:`yolo.config.TrainConfig` for ``steps_per_epoch`` optimizer
-    steps an epoch (burn-in capped at ``config.burn_in_epochs`` epochs)."""
+    steps and ``images_per_epoch`` images (all processes) an epoch: the burn-in capped at
+    ``config.burn_in_epochs`` epochs and ``config.burn_in_share`` of the run's steps, the prior
+    term at ``config.prior_share`` of its images (rounded up: a share of a run is never 0)."""
     steps_per_epoch = max(steps_per_epoch, 1)
-    burn_in = min(config.burn_in, config.burn_in_epochs * steps_per_epoch)
+    run_steps = config.epochs * steps_per_epoch
+    burn_in = min(
+        config.burn_in,
+        config.burn_in_epochs * steps_per_epoch,
+        math.ceil(config.burn_in_share * run_steps),
+    )
+    prior = config.prior_images
+    if images_per_epoch is not None:
+        prior = min(prior, math.ceil(config.prior_share * config.epochs * images_per_epoch))
     return Schedule(
         lr=config.lr,
         burn_in=burn_in,
@@ -91,6 +110,7 @@ def build_schedule(config, steps_per_epoch: int) -> Schedule:
         gamma=config.lr_gamma,
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
+        prior_images=prior,
     )
 
 

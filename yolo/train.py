@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from utils.anchors import anchors_for_size, anchors_img_size
 from utils.loader import data_record
 from yolo.build import build_loaders, build_training, initial_weights, resolve_run_classes
 from yolo.checkpoint import (
@@ -38,6 +39,7 @@ from yolo.checkpoint import (
 )
 from yolo.config import TrainConfig
 from yolo.demo import resolve_demo
+from yolo.ema import WeightEMA, ema_terms
 from yolo.epoch import DataLoaderDied, TrainState, train_one_epoch
 from yolo.evaluate import evaluate
 from yolo.flags import save_config_json
@@ -104,6 +106,7 @@ class Run:
     stop: StopRequest
     best_effort: BestEffort  # tensorboard and results.png: reported once, never fatal
     data: dict = field(default_factory=dict)  # what it trains and evaluates on (checkpoints)
+    ema: WeightEMA | None = None  # --ema: the weights evaluated and saved as best.pt
 
 
 def fit(config: TrainConfig) -> dict:
@@ -117,7 +120,7 @@ def fit(config: TrainConfig) -> dict:
         if runtime.is_main:
             new_folders = _hold_run_folder(stack, run_dir, log_dir)
         seed_everything(config.seed)
-        classes, anchors = resolve_run_classes(config), resolve_anchors(config.anchors)
+        classes, anchors = resolve_run_classes(config), run_anchors(config, runtime.is_main)
         ckpt = checkpoint_to_resume(config, run_dir, classes, anchors, runtime.world_size)
         if ckpt is not None and _nothing_to_train(ckpt, config):
             return {"finished": True, "best_map": ckpt["state"]["best_map"], "exit_code": 0}
@@ -128,14 +131,17 @@ def fit(config: TrainConfig) -> dict:
             check_resume_data(ckpt, data, config)
         model, criterion, optimizer, scaler = build_training(config, len(classes), anchors, runtime)
         state = _start_state(ckpt, config, model, optimizer, scaler)
-        schedule = build_schedule(config, math.ceil(len(train_loader) / config.accum))
+        schedule = build_schedule(config, math.ceil(len(train_loader) / config.accum),
+                                  len(train_loader.dataset))  # fmt: skip
+        criterion.prior_seen = schedule.prior_images
+        ema = _start_ema(ckpt, config, model, schedule)
         writer, best_effort = None, BestEffort()
         if runtime.is_main:
             writer = _open_writer(stack, config, schedule, log_dir, state.iteration, best_effort)
             save_config_json(config, run_dir / "config.json")
         run = Run(config, runtime, run_dir, classes, anchors, _wrap_ddp(model, runtime),
                   criterion, optimizer, scaler, schedule, train_loader, val_loader, writer,
-                  stack.enter_context(StopRequest()), best_effort, data)  # fmt: skip
+                  stack.enter_context(StopRequest()), best_effort, data, ema)  # fmt: skip
         new_folders.keep()  # started: from here on the folders hold the run
         # pending: a resumed run that stopped in its evaluation finishes that epoch first
         interrupted = state.eval_pending and close_epoch(run, state)
@@ -152,6 +158,26 @@ def fit(config: TrainConfig) -> dict:
     if runtime.is_main:
         report_end(state, config, run_dir, log_dir)
     return {"interrupted": False, "finished": True, "best_map": state.best_map, "exit_code": 0}
+
+
+def run_anchors(config: TrainConfig, say: bool) -> torch.Tensor:
+    """``[A, 2]`` grid cells: the anchors file's (fitted by kmeans.py at its ``img_size``, set to
+    ``--eval-img-size``'s grid with ``--scale-anchors``), else darknet's; ``say``: the one
+    warning line when the sizes differ, with the command that fits them at this size."""
+    anchors = resolve_anchors(config.anchors)
+    named = not config.anchors or not Path(config.anchors).is_file()  # a release's: no size
+    fitted = None if named else anchors_img_size(config.anchors)
+    if fitted is None or fitted == config.eval_img_size:
+        return anchors
+    anchors, line = anchors_for_size(anchors, fitted, config.eval_img_size,
+                                     scale=config.scale_anchors)  # fmt: skip
+    data = f"--data {config.data}" if config.data else (
+        f"--data-root {config.data_root} --sets {' '.join(config.train_sets)}")  # fmt: skip
+    data += f" --classes {config.classes}" if config.classes else ""
+    if say:
+        log.warning("anchors %s: %s; to fit them at this size: python kmeans.py %s --img-size %d",
+                    config.anchors, line, data, config.eval_img_size)  # fmt: skip
+    return anchors
 
 
 def _hold_run_folder(stack: ExitStack, run_dir: Path, log_dir: Path) -> NewFolders:
@@ -186,6 +212,20 @@ def _start_state(ckpt: dict | None, config: TrainConfig, model, optimizer, scale
     return TrainState()
 
 
+def _start_ema(ckpt: dict | None, config: TrainConfig, model, schedule) -> WeightEMA | None:
+    """With ``--ema``: the average, restored from a resumed checkpoint's (bit-exact resume)."""
+    if not config.ema:
+        return None
+    decay, ramp = ema_terms(config.ema_decay, schedule.epochs * schedule.steps_per_epoch)
+    ema = WeightEMA(model, decay=decay, ramp=ramp)
+    if ckpt is not None and "ema" in ckpt:
+        ema.load_state_dict(ckpt["ema"])
+    elif ckpt is not None:
+        log.warning("--ema: %s was trained without it; the average starts from its weights",
+                    resume_path(config))  # fmt: skip
+    return ema
+
+
 def _open_writer(stack, config, schedule, log_dir: Path, step: int, best_effort: BestEffort):
     """Report the settings and open tensorboard, purging steps after ``step`` (what an
     interrupted run logged after its checkpoint)."""
@@ -201,8 +241,12 @@ def save(run: Run, state: TrainState, name: str) -> None:
         saved = training_checkpoint(run.model, run.optimizer, run.scaler, state, run.config,
                                     run.classes, run.anchors)  # fmt: skip
         saved.update(data=run.data, launch=launch_identity())  # what a resume checks
+        if run.ema is not None:  # last.pt: both, the raw weights to train on, the EMA to resume
+            saved["ema"] = run.ema.state_dict()
         if name == "best.pt":  # the file to share: what inference needs, a third of last.pt
             saved = release_checkpoint(saved)
+            if run.ema is not None:  # the weights that were evaluated
+                saved["model"] = saved.pop("ema")["model"]
         save_checkpoint(saved, run.run_dir / name)
 
 
@@ -216,7 +260,7 @@ def train_epoch(run: Run, state: TrainState) -> bool:
             run.model, run.criterion, run.train_loader, run.optimizer, run.scaler, state,
             schedule=run.schedule, sizes=multiscale_sizes(config),
             size_every=config.multi_scale_every, seed=config.seed, accum=config.accum,
-            runtime=run.runtime, writer=run.writer, stop=run.stop,
+            runtime=run.runtime, writer=run.writer, stop=run.stop, ema=run.ema,
         )  # fmt: skip
     except DataLoaderDied as error:
         save(run, state, "last.pt")
@@ -248,8 +292,9 @@ def evaluate_epoch(run: Run, state: TrainState) -> bool:
     """Evaluate the trained epoch, save best.pt (if best) then last.pt; False when a stop cut
     the evaluation short."""
     config = run.config
+    model = run.ema.module if run.ema is not None else run.model  # --ema: the average's mAP
     res, samples = evaluate(
-        run.model, run.val_loader, run.anchors, runtime=run.runtime, class_names=run.classes,
+        model, run.val_loader, run.anchors, runtime=run.runtime, class_names=run.classes,
         conf_threshold=config.conf_threshold, nms_threshold=config.nms_threshold,
         num_vis_images=config.num_vis_images if run.writer else 0, stop=run.stop,
     )  # fmt: skip
