@@ -13,6 +13,7 @@ from yolo.flags import (
     save_config_json,
 )
 from yolo.load import resolve_anchors
+from yolo.train import run_anchors
 from yolo.weights import DARKNET_RELEASES
 
 
@@ -159,5 +160,5 @@ def test_preset_coco_is_darknets_yolov2_cfg():
     steps_per_epoch = 118_287 / (config.batch_size * config.accum)  # train2017, 64 a step
     assert round(500_200 / steps_per_epoch) == config.epochs  # darknet's max_batches
     assert [round(s / steps_per_epoch) for s in (400_000, 450_000)] == list(config.lr_steps)
-    anchors = resolve_anchors(config.anchors)
-    assert torch.equal(anchors, torch.tensor(DARKNET_RELEASES["yolov2"].anchors))
+    for anchors in (resolve_anchors(config.anchors), run_anchors(config, say=True)):
+        assert torch.equal(anchors, torch.tensor(DARKNET_RELEASES["yolov2"].anchors))
