@@ -5,6 +5,9 @@ dropped ones exactly equal."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +25,7 @@ from utils.batch_augment import (
 )
 from utils.data import VOCDataset
 from utils.demo import DEMO_CLASSES
+from utils.images import load_rgb
 from utils.loader import build_dataloader, collate_detection
 from utils.transforms import DarknetParams, build_eval_transform, build_train_transform
 
@@ -245,3 +249,30 @@ def test_cuda_batch_equals_cpu_batch():
     # there (hsv_to_rgb's sector 6), about one value in 10^7 on photos; allow 1 in 10^6
     far = (on_cuda.cpu() - on_cpu).abs() > PIXEL_ATOL
     assert far.sum() <= on_cpu.numel() // 10**6, far.sum()
+
+
+# the public raccoon set (github.com/datitran/raccoon_dataset) cloned as docs/own-data.md says
+RACCOON = Path(
+    os.environ.get("YOLO_RACCOON_DIR", Path(__file__).parents[1] / "data/raccoon_dataset")
+)
+
+
+@pytest.mark.skipif(not RACCOON.is_dir(), reason="the raccoon set is not here: clone "
+                    "github.com/datitran/raccoon_dataset into data/raccoon_dataset, or set "
+                    "YOLO_RACCOON_DIR to a folder with images/ and annotations/")  # fmt: skip
+@pytest.mark.parametrize("size", [320, 416, 608])
+def test_real_photos_give_the_per_image_paths_pixels_and_boxes(size):
+    """Photos of many sizes (grey ones too) with jitter, flips and HSV, 12 a size. Darknet's
+    hue wraps at exactly 1.0 (hsv_to_rgb's sector 6): a pixel whose shifted hue lands on it
+    can round either way, so a few values in a million may jump; every other is within 1e-5."""
+    paths = sorted((RACCOON / "images").glob("*.jpg"))[size % 7 :: 17][:12]
+    images = [load_rgb(path)[0] for path in paths]
+    rng = np.random.default_rng(size)
+    targets = [_target(rng, height=image.height, width=image.width) for image in images]
+    cpu, out, got = _both_paths(images, targets, build_train_transform(size), range(12), chunk=4)
+    pairs = zip(cpu, out, strict=True)
+    off = sum(((o - image).abs() > PIXEL_ATOL).sum().item() for (o, _), image in pairs)
+    assert off <= out.numel() // 1_000_000, off
+    for (_, expected), target in zip(cpu, got, strict=True):
+        assert torch.equal(target["boxes"], expected["boxes"])
+        assert torch.equal(target["labels"], expected["labels"])
