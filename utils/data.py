@@ -54,11 +54,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from utils.coco import CocoDataset
 from utils.images import UnreadableImage, load_rgb, probe_image
-from utils.transforms import apply_seeded
+from utils.records import SeededItems
 from utils.voc import (
     Annotation,
     BadAnnotation,
@@ -100,7 +99,7 @@ class _Record:
     readable: bool  # False: kept unreadable (keep_unreadable), served as a grey image
 
 
-class VOCDataset(Dataset):
+class VOCDataset(SeededItems):
     """VOC-format detection dataset (see the module docstring for layout and bad input).
 
     ``ds[i]`` -> ``(image, target)``: without a transform a PIL RGB image and a dict with
@@ -346,13 +345,3 @@ class VOCDataset(Dataset):
             if image is not None:
                 return image, candidate
         raise ValueError(f"no image of {self.root} sets {self.sets} decodes: check the files")
-
-    def __getitem__(self, key: int | tuple[int, int]):
-        index, item_seed = key if isinstance(key, tuple) else (key, None)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        image, used = self._decode(index % len(self))
-        target = self.get_target(used)
-        if self.transform is None:
-            return image, target
-        return apply_seeded(self.transform, image, target, item_seed)

@@ -113,7 +113,25 @@ def pack_records(
     )
 
 
-class FlatDetectionDataset(Dataset):
+class SeededItems(Dataset):
+    """What every detection dataset here shares: ``ds[i]`` or ``ds[(i, seed)]`` (the loader's
+    sampler gives each item its own seed, so any worker augments it alike) -> ``(image,
+    target)``, the transform applied when there is one. Subclasses give ``_decode(index) ->
+    (image, index used)`` (an image that does not decode may stand in for the next),
+    ``get_target(index)`` and ``transform``."""
+
+    def __getitem__(self, key):
+        index, item_seed = key if isinstance(key, tuple) else (key, None)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        image, used = self._decode(index % len(self))
+        target = self.get_target(used)
+        if self.transform is None:
+            return image, target
+        return apply_seeded(self.transform, image, target, item_seed)
+
+
+class FlatDetectionDataset(SeededItems):
     """Serves :class:`FlatRecords` as :class:`utils.data.VOCDataset` serves its records.
 
     ``ds[i]`` -> ``(image, target)``: a PIL RGB image and ``"boxes"`` ``[G, 4]`` float32
@@ -219,13 +237,3 @@ class FlatDetectionDataset(Dataset):
             if image is not None:
                 return image, candidate
         raise ValueError(f"no image of {self.where} decodes: check the files")
-
-    def __getitem__(self, key):
-        index, item_seed = key if isinstance(key, tuple) else (key, None)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        image, used = self._decode(index % len(self))
-        target = self.get_target(used)
-        if self.transform is None:
-            return image, target
-        return apply_seeded(self.transform, image, target, item_seed)
