@@ -131,8 +131,8 @@ def _average_the_whole_run(monkeypatch) -> None:
 def test_best_holds_the_ema_and_last_both(tmp_path, demo_root, monkeypatch, caplog):
     _average_the_whole_run(monkeypatch)
     with caplog.at_level(logging.INFO):
-        fit(_ema_config(tmp_path, demo_root, epochs=1))
-    # the loss's prior term lasts a tenth of the run's 8 images: the first batch only
+        fit(_ema_config(tmp_path, demo_root, epochs=1, burn_in_share=0.1, prior_share=0.1))
+    # --prior-share 0.1: the loss's prior term lasts a tenth of the run's 8 images, one batch
     assert "burn-in 1 steps (0.5 epochs); prior term for the first 1 images" in caplog.text
     prior = [value for _, value in logged(tmp_path / "logs/t", "train/loss_prior")]
     assert prior[0] > 0 and prior[1] == 0

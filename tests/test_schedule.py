@@ -31,13 +31,16 @@ def test_voc_keeps_darknets_burn_in_and_a_small_set_gets_a_few_epochs():
     assert uncapped.lr_at(5 * 160 - 1, 159) < 0.01 * 1e-3
 
 
-def test_a_short_run_burns_in_for_at_most_a_tenth_of_its_steps():
+def test_burn_in_share_bounds_a_short_runs_burn_in_when_asked():
     # 131 photos in batches of 8 (17 steps) for 25 epochs: 425 steps; 4 epochs would be 68
-    short = build_schedule(TrainConfig(epochs=25), steps_per_epoch=17)
+    assert build_schedule(TrainConfig(epochs=25), steps_per_epoch=17).burn_in == 68  # default
+    short = build_schedule(TrainConfig(epochs=25, burn_in_share=0.1), steps_per_epoch=17)
     assert short.burn_in == 43  # ceil(0.1 * 425)
     assert short.lr_at(42, 2) < 1e-3 and short.lr_at(43, 2) == pytest.approx(1e-3)
-    assert build_schedule(TrainConfig(epochs=60), steps_per_epoch=17).burn_in == 68  # 4 epochs
-    assert build_schedule(TrainConfig(epochs=1), steps_per_epoch=2).burn_in == 1  # never 0
+    config = TrainConfig(epochs=60, burn_in_share=0.1)
+    assert build_schedule(config, steps_per_epoch=17).burn_in == 68  # 4 epochs
+    tiny = TrainConfig(epochs=1, burn_in_share=0.1)
+    assert build_schedule(tiny, steps_per_epoch=2).burn_in == 1  # never 0
     half = build_schedule(TrainConfig(epochs=25, burn_in_share=0.5), steps_per_epoch=17)
     assert half.burn_in == 68
 
@@ -58,6 +61,7 @@ def test_the_prior_term_lasts_darknets_12800_images_or_a_share_of_a_short_run(
     assert build_schedule(config, 3, images_per_epoch=images).prior_images == expected
     assert build_schedule(config, 3).prior_images == 12800  # images unknown: darknet's
     assert build_schedule(TrainConfig(prior_images=100), 3, 131).prior_images == 100
+    assert build_schedule(TrainConfig(epochs=25), 3, 131).prior_images == 3275  # default: no bound
 
 
 def test_share_flags_are_checked():
@@ -68,7 +72,8 @@ def test_share_flags_are_checked():
 
 
 def test_describe_names_steps_burn_in_and_the_learning_rates():
-    text = build_schedule(TrainConfig(), steps_per_epoch=3, images_per_epoch=160).describe()
+    config = TrainConfig(prior_share=0.1)
+    text = build_schedule(config, steps_per_epoch=3, images_per_epoch=160).describe()
     assert "160 epochs of 3 optimizer steps" in text and "burn-in 12 steps (4.0 epochs)" in text
     assert "prior term for the first 2560 images" in text  # 0.1 * 160 * 160
     assert "0.0001 at epoch 60" in text and "1e-05 at epoch 90" in text

@@ -105,11 +105,15 @@ class TrainConfig:
     )
     burn_in: int = flag(1000, "optimizer steps of darknet's burn-in, lr * (i / burn_in) ** 4")
     burn_in_epochs: int = flag(4, "the burn-in lasts at most this many epochs (small datasets)")
-    burn_in_share: float = flag(0.1, "the burn-in lasts at most this share of the run's steps")
+    burn_in_share: float = flag(
+        1.0, "the burn-in lasts at most this share of the run's steps (1: no bound; docs)"
+    )
     prior_images: int = flag(
         12800, "images over which the loss pulls every predictor to its anchor (darknet's)"
     )
-    prior_share: float = flag(0.1, "that pull lasts at most this share of the run's images")
+    prior_share: float = flag(
+        1.0, "that pull lasts at most this share of the run's images (1: no bound; docs)"
+    )
     ema: bool = flag(False, "evaluate and save an EMA of the weights (on in --preset small)")
     ema_decay: float = flag(
         0.9998, "EMA decay on a long run (ramp and window: at most a tenth of a short run)"
