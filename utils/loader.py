@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.boxes import xyxy_to_cxcywh
+from utils.records import dataset_image_ids
 
 __all__ = [
     "SeededSampler",
@@ -44,12 +45,8 @@ def data_record(dataset, classes: Sequence[str]) -> dict:
     "sha256:<hex>"}``, the digest over the dataset's image ids in order and the class list, so
     an image added, removed, renamed or reordered (which changes every later item's index, so
     the shuffle) shows on resume. Ids come from ``records`` (``VOCDataset``'s per-image records
-    or the flat records' ``image_ids`` array)."""
-    records = dataset.records
-    if hasattr(records, "image_ids"):
-        ids = [str(image_id) for image_id in records.image_ids.tolist()]
-    else:
-        ids = [str(record.image_id) for record in records]
+    or the flat records' ``image_ids`` array: :func:`utils.records.dataset_image_ids`)."""
+    ids = [str(image_id) for image_id in dataset_image_ids(dataset)]
     digest = hashlib.sha256()
     for part in ("classes", *classes, "images", *ids):
         digest.update(part.encode() + b"\0")

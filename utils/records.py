@@ -113,6 +113,15 @@ def pack_records(
     )
 
 
+def dataset_image_ids(dataset) -> list:
+    """A dataset's image ids in item order: from ``VOCDataset``'s per-image records or the
+    flat records' ``image_ids`` array (ints for COCO, strings otherwise)."""
+    records = dataset.records
+    if hasattr(records, "image_ids"):
+        return records.image_ids.tolist()
+    return [record.image_id for record in records]
+
+
 class SeededItems(Dataset):
     """What every detection dataset here shares: ``ds[i]`` or ``ds[(i, seed)]`` (the loader's
     sampler gives each item its own seed, so any worker augments it alike) -> ``(image,

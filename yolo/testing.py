@@ -16,6 +16,7 @@ from torch import nn
 from utils.coco_eval import write_coco_results
 from utils.fileio import atomic_write_text
 from utils.metrics import to_json
+from utils.records import dataset_image_ids
 from utils.transforms import build_eval_transform
 from utils.visualize import draw_detections, format_ap_table, plot_pr_curves, save_figure
 from yolo.build import build_val_loader
@@ -82,10 +83,7 @@ def coco_category_ids(dataset) -> list[int]:
 def coco_image_ids(dataset) -> dict:
     """Image id -> COCO's integer id: a COCO set's ids stay; a VOC or YOLO set's images are
     numbered 1..N in the set's order, as ``utils.export_dataset`` numbers them."""
-    if hasattr(dataset, "records") and hasattr(dataset.records, "image_ids"):  # flat records
-        ids = dataset.records.image_ids.tolist()
-    else:
-        ids = [record.image_id for record in dataset.records]
+    ids = dataset_image_ids(dataset)
     if all(isinstance(i, int) for i in ids):
         return {}
     return {image_id: number for number, image_id in enumerate(ids, 1)}
