@@ -87,10 +87,11 @@ def test_sets_concatenate(demo_root):
     assert ds.get_target(24)["image_id"] == "000024"
 
 
-def test_missing_set_file_says_how_to_get_voc(tmp_path, demo_root):
+def test_missing_set_file_says_how_to_get_voc_or_which_sets_there_are(tmp_path, demo_root):
     with pytest.raises(FileNotFoundError, match=r"VOC2007.*download_voc\.py.*import_voc\.py"):
         VOCDataset(tmp_path, [("2007", "trainval")])
-    with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/nosuch\.txt.*download_voc"):
+    sets = r"holds the sets demo:train, demo:trainval, demo:val: name them with --train-sets"
+    with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/nosuch\.txt.*" + sets):
         VOCDataset(demo_root, [("demo", "nosuch")], DEMO_CLASSES)
 
 

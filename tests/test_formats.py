@@ -16,7 +16,7 @@ from tests.test_train import logged, make_config
 from utils.data import CocoDataset, VOCDataset, YoloDataset
 from utils.demo import DEMO_CLASSES
 from utils.export_dataset import export_coco, export_yolo
-from utils.formats import check_trainable, dataset_classes, detect_format, open_dataset
+from utils.formats import box_sizes, check_trainable, dataset_classes, detect_format, open_dataset
 from yolo.train import fit
 
 
@@ -81,6 +81,27 @@ def test_an_empty_training_set_names_the_mismatched_class(voc_writer, tmp_path):
         "0 of 231 objects match a class name in classes.txt: 'kangaroo' is not 'kangaro'"
     )
     check_trainable(VOCDataset(voc_writer.root, sets, ("kangaroo",)))
+
+
+def test_an_imported_voc_set_brings_its_classes_and_names_its_sets(voc_writer, tmp_path):
+    """import_voc.py writes classes.txt beside VOC<NAME>: --data finds it without --classes, and
+    a devkit folder without the sets asked for says which sets it holds."""
+    for index in range(4):
+        voc_writer.add(f"im{index}", [("raccoon", (2, 2, 40, 30), False)])
+    voc_writer.write_set("train")
+    folder = voc_writer.folder
+    assert dataset_classes(folder) is None
+    assert not box_sizes(open_dataset(folder, "train")).numel()  # VOC's 20: raccoon is not one
+    (voc_writer.root / "classes.txt").write_text("raccoon\n")
+    for path in (folder, voc_writer.root):
+        assert dataset_classes(path) == ("raccoon",)
+    assert len(box_sizes(open_dataset(folder, "train"))) == 4
+    (folder / "classes.txt").write_text("cat\nraccoon\n")  # the set's own file comes first
+    assert open_dataset(folder, "train").classes == ("cat", "raccoon")
+    with pytest.raises(FileNotFoundError, match=r"VOC2007 not found .* holds the sets test:train"):
+        open_dataset(voc_writer.root, "train", voc_sets=[("2007", "trainval")])
+    assert kmeans.main(["--data", str(folder), "--k", "1", "--out-dir", str(tmp_path / "k")]) == 0
+    assert json.loads((tmp_path / "k" / "kmeans.json").read_text())["num_boxes"] == 4
 
 
 def test_training_stops_before_the_first_epoch_on_a_class_typo(demo_root, tmp_path):

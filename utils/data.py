@@ -78,6 +78,13 @@ VOC_CLASSES = (
     "train", "tvmonitor",
 )  # fmt: skip
 
+
+def available_sets(root: Path) -> list[str]:
+    """``NAME:split`` of every ``VOC<NAME>/ImageSets/Main/<split>.txt`` under a devkit ``root``."""
+    files = sorted(Path(root).glob("VOC*/ImageSets/Main/*.txt"))
+    return [f"{f.parents[2].name[3:]}:{f.stem}" for f in files if "_" not in f.stem]
+
+
 _HOW_TO_GET_VOC = (
     "get Pascal VOC with `python download_voc.py --root data`, import your own images and XML "
     "with `python import_voc.py`, or lay it out as <root>/VOC<NAME>/{JPEGImages,Annotations,"
@@ -153,9 +160,12 @@ class VOCDataset(SeededItems):
         if not set_file.is_file():
             what = "folder" if not folder.is_dir() else "image set file"
             missing = folder if not folder.is_dir() else set_file
-            raise FileNotFoundError(
-                f"{what} {missing} not found for set {name}:{split}: {_HOW_TO_GET_VOC}"
-            )
+            found = available_sets(self.root)
+            how = _HOW_TO_GET_VOC
+            if found:
+                how = (f"this folder holds the sets {', '.join(found)}: name them with "
+                       "--train-sets and --val-set (kmeans.py: --sets)")  # fmt: skip
+            raise FileNotFoundError(f"{what} {missing} not found for set {name}:{split}: {how}")
         ids, repeated = read_split(set_file)
         if repeated:
             examples = ", ".join(f"{i} x{n}" for i, n in list(repeated.items())[:3])

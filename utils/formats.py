@@ -3,7 +3,9 @@
 The format follows from the path (``data_format`` forces it):
 
 - ``voc``: a VOCdevkit folder (``VOC<NAME>/`` inside; its sets come from ``voc_sets``, the
-  ``--train-sets``/``--val-set`` flags) or one ``VOC<NAME>`` folder (its ``<split>.txt``);
+  ``--train-sets``/``--val-set`` flags) or one ``VOC<NAME>`` folder (its ``<split>.txt``). Its
+  classes are those of a ``classes.txt`` in the ``VOC<NAME>`` folder or the devkit folder (where
+  ``import_voc.py`` writes it), else VOC's 20;
 - ``coco``: an ``instances_*.json``, or a folder in COCO's layout ``annotations/instances_<S>.json``
   + ``<S>/`` images. Splits: in a folder, ``train`` is the one instances file whose name holds
   ``train``, ``val`` the one holding ``val``. A file is its own ``train`` split; its ``val``
@@ -30,6 +32,7 @@ import torch
 
 from utils.coco import BadDataset, CocoDataset
 from utils.data import VOC_CLASSES, VOCDataset
+from utils.voc import load_classes
 from utils.yolotxt import YoloDataset, folder_config, load_data_yaml
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "dataset_classes",
     "detect_format",
     "open_dataset",
+    "voc_classes",
+    "voc_classes_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,9 +142,10 @@ def open_dataset(
         dataset = YoloDataset(source, split, transform, classes=classes,
                               keep_unreadable=keep_unreadable)  # fmt: skip
         return _checked_strict(dataset, strict)
+    classes = classes or voc_classes(path)
     if (path / "Annotations").is_dir() and path.name.startswith("VOC"):
         path, voc_sets = path.parent, [(path.name[3:], split)]
-    return VOCDataset(path, voc_sets or [], classes or VOC_CLASSES, keep_difficult, transform,
+    return VOCDataset(path, voc_sets or [], classes, keep_difficult, transform,
                       strict=strict, keep_unreadable=keep_unreadable)  # fmt: skip
 
 
@@ -173,8 +179,24 @@ def _coco_categories(path: Path) -> list:
         raise BadDataset(f"{path} is not a COCO instances file: give instances_*.json") from None
 
 
+def voc_classes_file(path) -> Path | None:
+    """The ``classes.txt`` of a VOC dataset: in the ``VOC<NAME>`` folder ``path``, else in the
+    devkit folder (where ``import_voc.py`` writes it); None when there is none."""
+    path = Path(path)
+    places = [path, path.parent] if path.name.startswith("VOC") else [path]
+    return next((p / "classes.txt" for p in places if (p / "classes.txt").is_file()), None)
+
+
+def voc_classes(path) -> tuple[str, ...]:
+    """A VOC dataset's class names: its ``classes.txt`` (:func:`voc_classes_file`), else VOC's
+    20."""
+    found = voc_classes_file(path)
+    return load_classes(found) if found else VOC_CLASSES
+
+
 def dataset_classes(path, data_format: str | None = None) -> tuple[str, ...] | None:
-    """The class names a COCO or YOLO dataset defines (None for VOC: it has no list)."""
+    """The class names a dataset defines: a COCO file's categories, a YOLO set's names, a VOC
+    set's ``classes.txt`` (None for a VOC set without one: VOC's 20 apply)."""
     path = Path(path)
     kind = data_format or detect_format(path)
     if kind == "coco":
@@ -183,7 +205,8 @@ def dataset_classes(path, data_format: str | None = None) -> tuple[str, ...] | N
     if kind == "yolo":
         source = _yolo_source(path)
         return (folder_config(source) if source.is_dir() else load_data_yaml(source))["names"]
-    return None
+    found = voc_classes_file(path)
+    return load_classes(found) if found else None
 
 
 def _num_objects(dataset) -> int:

@@ -4,6 +4,7 @@ script reuses :func:`build_val_loader`). Inference loading is :mod:`yolo.load`."
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,10 +34,14 @@ PREDICTION_KEYS = ("head.conv.weight", "head.conv.bias")  # the layer sized by c
 
 
 def resolve_run_classes(config) -> tuple[str, ...]:
-    """A run's classes: ``--classes``, else those of a COCO/YOLO ``--data``, else VOC's 20."""
-    if config.classes or not config.data:
+    """A run's classes: ``--classes``, else those the dataset defines (a COCO file's, a YOLO
+    set's, a VOC set's ``classes.txt``), else VOC's 20."""
+    if config.classes:
         return resolve_classes(config.classes)
-    return dataset_classes(config.data, config.data_format) or VOC_CLASSES
+    path, data_format = data_source(config)
+    if not Path(path).exists():
+        return VOC_CLASSES  # the dataset's own error follows
+    return dataset_classes(path, data_format) or VOC_CLASSES
 
 
 def data_source(config) -> tuple[str, str | None]:

@@ -28,10 +28,9 @@ import torch
 from tqdm import tqdm
 
 from utils.anchors import STRIDE, read_voc_box_sizes, save_anchors
-from utils.data import VOC_CLASSES
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
 from utils.fileio import atomic_write_text
-from utils.formats import box_sizes, check_trainable, open_dataset
+from utils.formats import box_sizes, check_trainable, open_dataset, voc_classes
 from utils.kmeans import KMeansResult, run_kmeans
 from utils.visualize import PAPER_CLUSTER_IOU, plot_anchor_clusters, plot_iou_vs_k, save_figure
 from utils.voc import load_classes, parse_sets
@@ -49,7 +48,7 @@ def resolve_dataset(config: KMeansConfig) -> tuple[Path, list[tuple[str, str]], 
         root = generate_demo_dataset(DEMO_ROOT)
         log.info("--demo: clustering the boxes of %s, set demo:train", root)
         return Path(root), [("demo", "train")], DEMO_CLASSES
-    classes = load_classes(config.classes) if config.classes else VOC_CLASSES
+    classes = load_classes(config.classes) if config.classes else voc_classes(config.data_root)
     return Path(config.data_root), parse_sets(config.sets), classes
 
 
