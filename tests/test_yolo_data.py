@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,7 @@ from PIL import Image
 
 from utils.coco import BadDataset
 from utils.data import YoloDataset
-from utils.yolotxt import _mini_yaml, label_path, load_data_yaml
+from utils.yolotxt import label_path, load_data_yaml
 
 
 def _image(path, size=(64, 32)):
@@ -36,10 +34,7 @@ def test_label_path_replaces_the_last_images_folder(tmp_path):
     ["names: [cat, 'dog']\n", "names:\n  - cat\n  - dog\n", "names:\n  0: cat\n  1: 'dog'\n",
      "names: {0: cat, 1: dog}\n"],
 )  # fmt: skip
-@pytest.mark.parametrize("pyyaml", [True, False])
-def test_yaml_name_forms(tmp_path, monkeypatch, names, pyyaml):
-    if not pyyaml:
-        monkeypatch.setitem(sys.modules, "yaml", None)  # import fails: the built-in subset
+def test_yaml_name_forms(tmp_path, names):
     _image(tmp_path / "ds" / "images" / "train" / "a.jpg")
     yaml = tmp_path / "data.yaml"
     head = "# a comment\npath: ds  # root\ntrain: images/train\nval: images/train\n"
@@ -47,17 +42,6 @@ def test_yaml_name_forms(tmp_path, monkeypatch, names, pyyaml):
     config = load_data_yaml(yaml)
     assert config["names"] == ("cat", "dog") and config["root"] == tmp_path / "ds"
     assert YoloDataset(yaml).classes == ("cat", "dog")
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["path: /data\ntrain: [a, b]\nval: v.txt\nnames:\n  0: person\n  1: 'a b'\n",
-     "# c\npath: ../x  # root\ntrain: t\nnames: {0: a, 1: \"b c\"}\n",
-     "names:\n- a\n- 'b'\ntest:\n"],
-)  # fmt: skip
-def test_mini_yaml_matches_pyyaml(text):
-    yaml = pytest.importorskip("yaml")
-    assert _mini_yaml(text) == yaml.safe_load(text)
 
 
 def test_boxes_negatives_and_split_entries(tmp_path):

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from utils.coco import BadDataset
 from utils.images import IMAGE_SUFFIXES
@@ -33,57 +34,8 @@ log = logging.getLogger(__name__)
 _YAML_HINT = "give an ultralytics data.yaml with path, train, val and names"
 
 
-def _scalar(text: str):
-    """A YAML scalar, or a one-line flow list ``[a, 'b']`` / map ``{0: a}`` of scalars."""
-    text = text.strip()
-    if not text or text in ("~", "null"):
-        return None
-    if text[0] in "[{" and text[-1] == "]}"[text[0] == "{"]:
-        items = [item for item in text[1:-1].split(",") if item.strip()]
-        if text[0] == "[":
-            return [_scalar(item) for item in items]
-        pairs = [item.partition(":") for item in items]
-        return {_scalar(key): _scalar(value) for key, _, value in pairs}
-    if text[0] in "\"'" and text[-1] == text[0]:
-        return text[1:-1]
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
-def _mini_yaml(text: str) -> dict:
-    """The subset of YAML a data.yaml uses (without PyYAML): ``key: value`` lines, flow lists,
-    and one level of ``- item`` lists or ``k: v`` maps under a key; ``#`` comments."""
-    out: dict = {}
-    key = None
-    for raw in text.splitlines():
-        line = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
-        if not line.strip():
-            continue
-        if line[0] not in " \t-":
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise ValueError(f"line {raw!r} is not 'key: value'")
-            key = name.strip()
-            out[key] = _scalar(value)
-        elif key is not None and line.strip().startswith("- "):
-            out[key] = (out[key] or []) + [_scalar(line.strip()[2:])]
-        elif key is not None and ":" in line:
-            name, _, value = line.strip().partition(":")
-            out[key] = {**(out[key] or {}), _scalar(name): _scalar(value)}
-        else:
-            raise ValueError(f"line {raw!r} is not understood")
-    return out
-
-
 def _parse_yaml(path: Path) -> object:
-    text = "\n".join(read_text_lines(path))
-    try:
-        import yaml
-    except ImportError:
-        return _mini_yaml(text)
-    return yaml.safe_load(text)
+    return yaml.safe_load("\n".join(read_text_lines(path)))
 
 
 def load_data_yaml(path: str | os.PathLike) -> dict:
