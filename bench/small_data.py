@@ -1,0 +1,171 @@
+"""A few hundred real photos, from scratch, over seeds: how steady is `--preset small`, and do
+k-means anchors help it? The measurement behind docs/own-data.md and docs/training.md.
+
+The raccoon set (200 photos, VOC XML, one class; github.com/datitran/raccoon_dataset) is
+imported as a user would (``import_voc.py``: 160 train, 40 val, seed 0), its anchors are fitted
+by ``kmeans.py --k 5`` at 256 (the preset's size) and at 416 (kmeans.py's default), and each
+variant below is trained with ``train_yolov2.py --preset small`` (60 epochs at 256) for every
+seed, on one torch thread and one loader worker per run, ``--parallel`` runs at a time. A run
+already finished in ``--work`` is read, not run again; an interrupted one resumes.
+
+    .venv/bin/python bench/small_data.py --raccoon data/raccoon_dataset --work /tmp/small_data
+    .venv/bin/python bench/small_data.py --work /tmp/small_data --variants darknet-ema --seeds 0
+
+Prints, per variant and seed, the best epoch's VOC07 mAP on the 40 val photos, the last epoch's,
+their ratio and the spread of the last 10 epochs (the evaluated weights: the average with
+``--ema``), then the means per variant. Writes bench/results/small_data.{md,json} and the
+curves, bench/results/small_data.png. About 20 minutes a run on one core of a 2-core CPU.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.common import child_env, machine_line, save_results  # noqa: E402
+from utils.visualize import save_figure  # noqa: E402
+
+K256 = ["--anchors", "{work}/anchors-256/anchors-5.json"]
+K416 = ["--anchors", "{work}/anchors-416/anchors-5.json"]
+VARIANTS = {  # name -> (train_yolov2.py flags after --preset small, what it is)
+    "darknet-ema": ([], "the import tool's CPU command: darknet's anchors, weight EMA"),
+    "darknet-raw": (["--no-ema"], "the same without the weight average (the preset before it)"),
+    "kmeans256-ema": (K256, "k-means anchors fitted at 256, the training size"),
+    "kmeans416-ema": (K416, "k-means anchors of kmeans.py's default 416, used as they are at 256"),
+}
+NAME = "raccoon"  # the imported set's name: raccoon:train, raccoon:val
+
+
+def python(*args: str, log: Path | None = None) -> None:
+    """A repository script in a child on one torch thread; its output to ``log`` (else shown)."""
+    env = child_env(OMP_NUM_THREADS="1")
+    command = [sys.executable, *args]
+    if log is None:
+        subprocess.run(command, cwd=ROOT, env=env, check=True)
+        return
+    with open(log, "a") as out:
+        result = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(args[:2])} exited with {result.returncode}: see {log}")
+
+
+def prepare(raccoon: Path, work: Path) -> Path:
+    """Import the photos and fit the anchors once; returns the imported dataset's folder."""
+    data = work / NAME
+    if not (data / "classes.txt").is_file():
+        if not (raccoon / "annotations").is_dir():
+            sys.exit(f"{raccoon}/annotations not found: git clone "
+                     f"https://github.com/datitran/raccoon_dataset {raccoon}")  # fmt: skip
+        python("import_voc.py", "--images", str(raccoon / "images"),
+               "--annotations", str(raccoon / "annotations"), "--out", str(data))  # fmt: skip
+    for size in (256, 416):
+        out = work / f"anchors-{size}"
+        if not (out / "anchors-5.json").is_file():
+            python("kmeans.py", "--data", str(data / f"VOC{NAME}"), "--k", "5",
+                   "--img-size", str(size), "--out-dir", str(out))  # fmt: skip
+    return data
+
+
+def train(work: Path, data: Path, variant: str, seed: int, epochs: int | None) -> Path:
+    """One run (resumed where it stopped); returns its last.pt."""
+    run = f"{variant}-s{seed}"
+    last = work / "m" / run / "last.pt"
+    if last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["finished"]:
+        return last
+    flags = [flag.format(work=work) for flag in VARIANTS[variant][0]]
+    extra = ["--epochs", str(epochs)] if epochs else []
+    python("train_yolov2.py", "--data", str(data / f"VOC{NAME}"), "--preset", "small",
+           *flags, *extra, "--seed", str(seed), "--workers", "1", "--run", run,
+           "--model-dir", str(work / "m"), "--log-dir", str(work / "l"), "--resume", "auto",
+           log=work / f"{run}.log")  # fmt: skip
+    return last
+
+
+def curve(last: Path) -> list[float]:
+    """VOC07 mAP of every epoch of a run, from its last.pt's history."""
+    history = torch.load(last, map_location="cpu", weights_only=True)["state"]["history"]
+    return [row["map_voc07"] for row in history if "map_voc07" in row]
+
+
+def summarise(maps: list[float]) -> dict:
+    best = max(maps)
+    last10 = maps[-10:]
+    return {"best": best, "best_epoch": maps.index(best) + 1, "last": maps[-1],
+            "last_over_best": maps[-1] / best if best else 0.0, "last10_min": min(last10),
+            "last10_sd": statistics.pstdev(last10), "curve": maps}  # fmt: skip
+
+
+def table(rows: dict) -> str:
+    lines = ["| variant | seed | best (epoch) | last | last / best | last 10: min, sd |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for (variant, seed), r in rows.items():
+        lines.append(f"| {variant} | {seed} | {r['best']:.3f} ({r['best_epoch']}) | "
+                     f"{r['last']:.3f} | {r['last_over_best']:.2f} | "
+                     f"{r['last10_min']:.3f}, {r['last10_sd']:.3f} |")  # fmt: skip
+    lines += ["", "| variant | seeds | mean best | mean last | worst last / best | mean sd |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for variant in dict.fromkeys(v for v, _ in rows):
+        rs = [r for (v, _), r in rows.items() if v == variant]
+        lines.append(f"| {variant} | {len(rs)} | {statistics.mean(r['best'] for r in rs):.3f} | "
+                     f"{statistics.mean(r['last'] for r in rs):.3f} | "
+                     f"{min(r['last_over_best'] for r in rs):.2f} | "
+                     f"{statistics.mean(r['last10_sd'] for r in rs):.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(v for v, _ in rows))
+    fig, axes = plt.subplots(1, len(variants), figsize=(4 * len(variants), 3.4), sharey=True,
+                             squeeze=False)  # fmt: skip
+    for ax, variant in zip(axes[0], variants, strict=True):
+        for (v, seed), r in rows.items():
+            if v == variant:
+                ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=f"seed {seed}", lw=1.2)
+        ax.set_title(variant, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("VOC07 mAP (40 val photos)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--raccoon", type=Path, default=Path(
+        os.environ.get("YOLO_RACCOON_DIR", ROOT / "data" / "raccoon_dataset")))  # fmt: skip
+    parser.add_argument("--work", type=Path, default=Path("/tmp/small_data"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
+    parser.add_argument("--epochs", type=int, help="instead of the preset's 60 (a quick try)")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = prepare(args.raccoon, args.work)
+    jobs = [(v, s) for v in args.variants for s in args.seeds]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        lasts = list(pool.map(lambda job: train(args.work, data, *job, args.epochs), jobs))
+    rows = {job: summarise(curve(last)) for job, last in zip(jobs, lasts, strict=True)}
+    text = table(rows)
+    notes = "\n".join(f"- {v}: {VARIANTS[v][1]}" for v in args.variants)
+    report = (f"# Small data over seeds: raccoon, `--preset small`\n\n{notes}\n\n{text}\n\n"
+              f"{machine_line('1 per run')}, {args.parallel} runs at a time\n")  # fmt: skip
+    print(report)
+    plot(rows, ROOT / "bench" / "results" / "small_data.png")
+    payload = {f"{v}-s{s}": r for (v, s), r in rows.items()}
+    save_results("small_data", report, {"runs": payload, "machine": machine_line("1 per run")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
