@@ -11,7 +11,7 @@ from PIL import Image
 
 import kmeans
 import yolo.kmeans as engine
-from utils.anchors import load_anchors, read_voc_box_sizes
+from utils.anchors import default_anchors, load_anchors, read_voc_box_sizes
 from utils.boxes import wh_iou
 from utils.demo import DEMO_CLASSES
 from utils.kmeans import kmeanspp_init, lloyd, run_kmeans
@@ -349,13 +349,43 @@ def test_parse_k_and_the_table():
         with pytest.raises(ValueError, match="--k"):
             parse_k(spec)
     entries = [
-        {"k": 5, "mean_iou": 0.6123, "anchors_grid": [[1.0, 2.0]] * 5},
-        {"k": 6, "mean_iou": 0.65, "anchors_grid": [[1.5, 2.25]] * 6},
+        {"k": 5, "mean_iou": 0.6123, "anchors_grid": [[1.0, 2.0]] * 5, "box_share": [0.2] * 5},
+        {"k": 6, "mean_iou": 0.65, "anchors_grid": [[1.5, 2.25]] * 6, "box_share": [1 / 6] * 6},
     ]
     lines = engine.format_kmeans_table(entries, 416).splitlines()
     assert lines[0].split()[:3] == ["k", "IoU", "%"] and "13x13 grid" in lines[0]
-    assert lines[1].split()[:4] == ["5", "61.23", "61.0", "1.00x2.00"]
-    assert lines[2].split()[:4] == ["6", "65.00", "-", "1.50x2.25"]
+    assert lines[1].split()[:5] == ["5", "61.23", "61.0", "1.00x2.00", "20%"]
+    assert lines[2].split()[:5] == ["6", "65.00", "-", "1.50x2.25", "17%"]
     anchors_grid = torch.tensor([[1.3221, 1.73145], [11.2364, 10.0071]])
     line = "anchors = 1.3221,1.73145, 11.2364,10.0071"  # yolov2-voc.cfg's numbers
     assert engine.darknet_anchor_line(anchors_grid) == line
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_anchor_shares_match_a_box_by_box_loop(trial):
+    generator = torch.Generator().manual_seed(trial)
+    wh = torch.rand(200, 2, generator=generator) * 0.9 + 0.05
+    anchors = torch.rand(4, 2, generator=generator) * 0.9 + 0.05
+    anchors[3] = anchors[1]  # a tie goes to the first of equal anchors
+    counts, ious = [0] * 4, []
+    for w, h in wh.tolist():
+        row = []
+        for aw, ah in anchors.tolist():
+            inter = min(w, aw) * min(h, ah)
+            row.append(inter / (w * h + aw * ah - inter))
+        counts[row.index(max(row))] += 1
+        ious.append(max(row))
+    shares, mean_iou = engine.anchor_shares(wh, anchors)
+    assert shares == pytest.approx([c / 200 for c in counts]) and shares[3] == 0
+    assert mean_iou == pytest.approx(sum(ious) / 200, rel=1e-5)
+
+
+def test_the_summary_compares_darknets_anchors(demo_root, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="yolo.kmeans"):
+        assert kmeans.main(demo_args(demo_root, tmp_path, "--k", "3", "--img-size", "256")) == 0
+    summary = json.loads((tmp_path / "kmeans.json").read_text())
+    wh = read_voc_box_sizes(demo_root, [("demo", "train")], DEMO_CLASSES)
+    shares, iou = engine.anchor_shares(wh, default_anchors() / 8)  # 256: an 8-cell grid
+    assert summary["darknet_default"] == {"mean_iou": iou, "box_share": shares}
+    assert sum(summary["results"][0]["box_share"]) == pytest.approx(1)
+    assert f"at --img-size 256: mean IoU {100 * iou:.2f}%" in caplog.text

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.anchors import STRIDE, read_voc_box_sizes, save_anchors
+from utils.anchors import STRIDE, default_anchors, read_voc_box_sizes, save_anchors
+from utils.boxes import wh_iou
 from utils.demo import DEMO_CLASSES, generate_demo_dataset
 from utils.fileio import atomic_write_text
 from utils.formats import box_sizes, check_trainable, open_dataset, voc_classes
@@ -82,11 +83,22 @@ def darknet_anchor_line(anchors_grid: torch.Tensor) -> str:
     return "anchors = " + ", ".join(f"{w:.6g},{h:.6g}" for w, h in anchors_grid.tolist())
 
 
-def summarise(result: KMeansResult, anchors_grid: torch.Tensor, k: int) -> dict:
+def anchor_shares(wh: torch.Tensor, anchors: torch.Tensor) -> tuple[list[float], float]:
+    """Share of the boxes ``wh`` ``[M, 2]`` whose best-IoU anchor (ties to the first) is each of
+    ``anchors`` ``[A, 2]`` (same unit), and the boxes' mean best IoU: how the loss would spread
+    these boxes over the predictors, and how well the anchors fit them."""
+    iou = wh_iou(wh[:, None], anchors[None])  # [M, A]
+    best = iou.max(dim=1)
+    counts = torch.bincount(best.indices, minlength=len(anchors))
+    return (counts / len(wh)).tolist(), float(best.values.mean())
+
+
+def summarise(result: KMeansResult, anchors_grid: torch.Tensor, k: int, shares: list) -> dict:
     """One k's entry of ``kmeans.json``: plain JSON-able data."""
     return {
         "k": k,
         "mean_iou": result.mean_iou,
+        "box_share": shares,
         "anchors_grid": anchors_grid.tolist(),
         "anchors_fraction": result.anchors.tolist(),
         "darknet_cfg": darknet_anchor_line(anchors_grid),
@@ -100,11 +112,15 @@ def format_kmeans_table(entries: list[dict], img_size: int) -> str:
     """The log's table: k, mean IoU in %, the paper's value where it has one, and the anchors
     as ``w x h`` in cells of the grid at ``img_size`` (``entries`` from :func:`summarise`)."""
     grid = f"{img_size // STRIDE}x{img_size // STRIDE}"
-    lines = [f"{'k':>3} {'IoU %':>7} {'paper':>6}  anchors (w x h, cells of the {grid} grid)"]
+    lines = [f"{'k':>3} {'IoU %':>7} {'paper':>6}  anchors (w x h, cells of the {grid} grid) "
+             "and the share of the boxes each is best for"]  # fmt: skip
     for entry in entries:
         paper = PAPER_CLUSTER_IOU.get(entry["k"])
         paper_cell = "-" if paper is None else f"{paper:.1f}"
-        anchors = "  ".join(f"{w:.2f}x{h:.2f}" for w, h in entry["anchors_grid"])
+        anchors = "  ".join(
+            f"{w:.2f}x{h:.2f} {100 * share:.0f}%"
+            for (w, h), share in zip(entry["anchors_grid"], entry["box_share"], strict=True)
+        )
         lines.append(f"{entry['k']:>3} {100 * entry['mean_iou']:>7.2f} {paper_cell:>6}  {anchors}")
     return "\n".join(lines)
 
@@ -123,7 +139,7 @@ def write_json(document: dict, path: Path) -> None:
 def write_k(wh: torch.Tensor, result: KMeansResult, k: int, out_dir: Path, img_size: int) -> dict:
     """``anchors-K.json`` and ``clusters-K.png`` for one k; returns its ``kmeans.json`` entry."""
     anchors_grid = result.anchors * (img_size // STRIDE)  # [k, 2] fractions of the image -> cells
-    entry = summarise(result, anchors_grid, k)
+    entry = summarise(result, anchors_grid, k, anchor_shares(wh, result.anchors)[0])
     extra = {"img_size": img_size, "mean_iou": result.mean_iou, "darknet_cfg": entry["darknet_cfg"]}
     save_anchors(anchors_grid, out_dir / entry["anchors_file"], **extra)
     figure = plot_anchor_clusters(wh, anchors_grid, img_size=img_size)
@@ -156,6 +172,7 @@ def find_anchors(config: KMeansConfig) -> dict:
     if len(entries) > 1:
         ious = {entry["k"]: entry["mean_iou"] for entry in entries}
         save_figure(plot_iou_vs_k(ious), out_dir / "iou_vs_k.png")
+    shares, default_iou = anchor_shares(wh, default_anchors() / (config.img_size // STRIDE))
     summary = {
         "num_boxes": len(wh),
         "img_size": config.img_size,
@@ -164,12 +181,17 @@ def find_anchors(config: KMeansConfig) -> dict:
         "sets": [":".join(s) for s in sets],
         "config": config_to_dict(config),
         "results": entries,
+        "darknet_default": {"mean_iou": default_iou, "box_share": shares},
     }
     write_json(summary, out_dir / SUMMARY_NAME)
     log.info(
         "mean IoU of each box with its nearest anchor:\n%s",
         format_kmeans_table(entries, config.img_size),
     )
+    log.info("darknet's default anchors (yolov2-voc) at --img-size %d: mean IoU %.2f%%, the share "
+             "of the boxes each is best for: %s (docs/training.md#anchors compares them in "
+             "training)", config.img_size, 100 * default_iou,
+             " ".join(f"{100 * share:.0f}%" for share in shares))  # fmt: skip
     log.info("wrote anchors-K.json, clusters-K.png and %s into %s", SUMMARY_NAME, out_dir)
     log.info("the anchors are in cells of the %d-cell grid of --img-size %d: a run evaluated at "
              "another size says so (fit them at its size with --img-size N)",
