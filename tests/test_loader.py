@@ -173,3 +173,13 @@ def test_build_dataloader_drop_last_and_shards(demo_root):
     assert len(loader) == 2
     ids = [meta["image_id"] for _, _, metas in loader for meta in metas]
     assert ids == [f"{index:06d}" for index in range(1, 20, 2)]
+
+
+def test_workers_are_capped_at_the_usable_cpus(monkeypatch):
+    import utils.loader
+
+    dataset = list(range(6))
+    monkeypatch.setattr(utils.loader, "usable_cpus", lambda: 2)
+    for asked, made in ((0, 0), (1, 1), (2, 2), (4, 2), (16, 2)):
+        loader = build_dataloader(dataset, batch_size=2, shuffle=False, seed=0, workers=asked)
+        assert loader.num_workers == made

@@ -13,6 +13,7 @@ made on one thread too (the training and evaluation between them keep the proces
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -211,6 +212,13 @@ class _DetectionLoader(DataLoader):
         return iterator if self.num_workers > 0 else _OneThreadIterator(iterator)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def build_dataloader(
     dataset: Dataset,
     *,
@@ -231,10 +239,12 @@ def build_dataloader(
     ``loader.sampler`` is the ``SeededSampler`` (call ``loader.sampler.set_epoch(epoch, start)``
     before each epoch). ``drop_last`` drops the last incomplete batch and truncates the shards.
     Workers persist across epochs; memory is pinned by default when CUDA is available. Without
-    workers each batch is made on one torch thread, as a worker makes it: the same bits.
+    workers each batch is made on one torch thread, as a worker makes it: the same bits. So
+    ``workers`` is capped at the CPUs this process may use (more only compete for them).
     """
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
+    workers = min(workers, usable_cpus())
     sampler = SeededSampler(
         len(dataset),
         shuffle=shuffle,
