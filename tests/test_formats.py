@@ -168,6 +168,8 @@ def test_the_suggested_test_command_reuses_data(demo_root, exports, tmp_path):
     assert _test_command(coco, Path("b.pt")).endswith(f"--data {exports / 'coco'}")
     voc = dataclasses.replace(make_config(tmp_path, demo_root), data=str(demo_root))
     assert _test_command(voc, Path("b.pt")).endswith("--val-set demo:val")
+    folder = dataclasses.replace(voc, data=str(demo_root / "VOCdemo"))  # its own val split
+    assert _test_command(folder, Path("b.pt")).endswith(f"--data {demo_root / 'VOCdemo'}")
 
 
 def test_coco_classes_read_without_the_whole_file_and_with_it(tmp_path):

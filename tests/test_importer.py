@@ -14,8 +14,11 @@ import pytest
 from PIL import Image
 
 from utils.data import VOCDataset
+from utils.formats import open_dataset
 from utils.importer import MANIFEST, REPORT, import_labelled
+from utils.records import dataset_image_ids
 from utils.voc import load_classes
+from yolo.build import resolve_run_classes
 from yolo.config import TrainConfig
 from yolo.flags import parse_config
 
@@ -202,8 +205,11 @@ def test_cli_imports_and_prints_a_train_command_that_parses(labelled, tmp_path, 
         words = shlex.split(command)
         assert words[:2] == ["python", "train_yolov2.py"]
         config = parse_config(TrainConfig(), words[2:])  # every flag exists and validates
-        assert config.data_root == str(out) and config.classes == str(out / "classes.txt")
-        assert config.train_sets == ("pets:train",) and config.val_set == "pets:val"
+        assert config.data == str(out / "VOCpets") and config.classes is None
+        assert resolve_run_classes(config) == load_classes(out / "classes.txt")
+        for split in ("train", "val"):  # the splits the import wrote
+            ids = (out / "VOCpets" / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+            assert dataset_image_ids(open_dataset(config.data, split)) == ids
     assert "--weights yolov2-voc" in commands[0] and "--preset small" in commands[1]
     assert parse_config(TrainConfig(), shlex.split(commands[1])[2:]).model == "tiny"
     assert "skipped" in caplog.text and REPORT in caplog.text

@@ -51,9 +51,8 @@ def run_import(config) -> dict:
 
 
 def train_command(out: str, name: str) -> str:
-    """The training command for an imported set (the presets' settings)."""
-    classes = str(Path(out) / "classes.txt")
+    """The training command for an imported set: its ``VOC<NAME>`` folder holds the splits, and
+    ``classes.txt`` beside it the classes (the presets give the rest)."""
     return (
-        f"python train_yolov2.py --data-root {shlex.quote(out)} --classes {shlex.quote(classes)} "
-        f"--train-sets {name}:train --val-set {name}:val --run {name}"
+        f"python train_yolov2.py --data {shlex.quote(str(Path(out) / f'VOC{name}'))} --run {name}"
     )

@@ -191,7 +191,8 @@ def _test_command(config: TrainConfig, weights: Path) -> str:
     elif config.data:  # the same --data: its val split is what training evaluated
         args += ["--data", config.data]
         args += ["--data-format", config.data_format] if config.data_format else []
-        if (config.data_format or detect_format(config.data)) == "voc":
+        voc_folder = (Path(config.data) / "Annotations").is_dir()  # VOC<NAME>: its val split
+        if (config.data_format or detect_format(config.data)) == "voc" and not voc_folder:
             args += ["--val-set", config.val_set]
     else:
         args += ["--data-root", config.data_root, "--val-set", config.val_set]
