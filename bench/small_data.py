@@ -3,10 +3,11 @@ k-means anchors help it? The measurement behind docs/own-data.md and docs/traini
 
 The raccoon set (200 photos, VOC XML, one class; github.com/datitran/raccoon_dataset) is
 imported as a user would (``import_voc.py``: 160 train, 40 val, seed 0), its anchors are fitted
-by ``kmeans.py --k 5`` at 256 (the preset's size) and at 416 (kmeans.py's default), and each
-variant below is trained with ``train_yolov2.py --preset small`` (60 epochs at 256) for every
-seed, on one torch thread and one loader worker per run, ``--parallel`` runs at a time. A run
-already finished in ``--work`` is read, not run again; an interrupted one resumes.
+by ``kmeans.py --k 2-5 --img-size 256`` (the preset's size), and each variant below is trained
+with ``train_yolov2.py --preset small`` (60 epochs at 256) for every seed, on one torch thread
+and one loader worker per run, ``--parallel`` runs at a time. A run already finished in
+``--work`` is read, not run again; an interrupted one resumes; ``--read-only`` reports the
+finished runs and trains nothing.
 
     .venv/bin/python bench/small_data.py --raccoon data/raccoon_dataset --work /tmp/small_data
     .venv/bin/python bench/small_data.py --work /tmp/small_data --variants darknet-ema --seeds 0
@@ -33,13 +34,17 @@ import torch  # noqa: E402
 from bench.common import child_env, machine_line, save_results  # noqa: E402
 from utils.visualize import save_figure  # noqa: E402
 
-K256 = ["--anchors", "{work}/anchors-256/anchors-5.json"]
-K416 = ["--anchors", "{work}/anchors-416/anchors-5.json"]
 VARIANTS = {  # name -> (train_yolov2.py flags after --preset small, what it is)
     "darknet-ema": ([], "the import tool's CPU command: darknet's anchors, weight EMA"),
     "darknet-raw": (["--no-ema"], "the same without the weight average (the preset before it)"),
-    "kmeans256-ema": (K256, "k-means anchors fitted at 256, the training size"),
-    "kmeans416-ema": (K416, "k-means anchors of kmeans.py's default 416, used as they are at 256"),
+    "kmeans256-ema": (
+        ["--anchors", "{work}/anchors-256/anchors-5.json"],
+        "5 k-means anchors fitted at 256, the training size",
+    ),
+    "kmeans256k2-ema": (
+        ["--anchors", "{work}/anchors-256/anchors-2.json"],
+        "2 k-means anchors fitted at 256 (a model of 2 predictors a cell)",
+    ),
 }
 NAME = "raccoon"  # the imported set's name: raccoon:train, raccoon:val
 
@@ -66,19 +71,22 @@ def prepare(raccoon: Path, work: Path) -> Path:
                      f"https://github.com/datitran/raccoon_dataset {raccoon}")  # fmt: skip
         python("import_voc.py", "--images", str(raccoon / "images"),
                "--annotations", str(raccoon / "annotations"), "--out", str(data))  # fmt: skip
-    for size in (256, 416):
-        out = work / f"anchors-{size}"
-        if not (out / "anchors-5.json").is_file():
-            python("kmeans.py", "--data", str(data / f"VOC{NAME}"), "--k", "5",
-                   "--img-size", str(size), "--out-dir", str(out))  # fmt: skip
+    out = work / "anchors-256"
+    if not (out / "anchors-5.json").is_file():
+        python("kmeans.py", "--data", str(data / f"VOC{NAME}"), "--k", "2-5", "--img-size", "256",
+               "--out-dir", str(out))  # fmt: skip
     return data
+
+
+def finished(last: Path) -> bool:
+    return last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["finished"]
 
 
 def train(work: Path, data: Path, variant: str, seed: int, epochs: int | None) -> Path:
     """One run (resumed where it stopped); returns its last.pt."""
     run = f"{variant}-s{seed}"
     last = work / "m" / run / "last.pt"
-    if last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["finished"]:
+    if finished(last):
         return last
     flags = [flag.format(work=work) for flag in VARIANTS[variant][0]]
     extra = ["--epochs", str(epochs)] if epochs else []
@@ -149,10 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
     parser.add_argument("--epochs", type=int, help="instead of the preset's 60 (a quick try)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="train nothing: report the finished runs found in --work")  # fmt: skip
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     data = prepare(args.raccoon, args.work)
     jobs = [(v, s) for v in args.variants for s in args.seeds]
+    if args.read_only:
+        jobs = [(v, s) for v, s in jobs if finished(args.work / "m" / f"{v}-s{s}" / "last.pt")]
+    if not jobs:
+        sys.exit(f"no finished run of {args.variants} in {args.work / 'm'}")
     with ThreadPoolExecutor(args.parallel) as pool:
         lasts = list(pool.map(lambda job: train(args.work, data, *job, args.epochs), jobs))
     rows = {job: summarise(curve(last)) for job, last in zip(jobs, lasts, strict=True)}
