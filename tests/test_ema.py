@@ -98,15 +98,17 @@ def test_state_dict_round_trip_continues_exactly():
 
 
 def test_decay_and_ramp_are_bounded_by_the_run():
-    assert ema_terms(0.9998, 100_000) == (0.9998, EMA_RAMP)  # a long run: YOLOX's numbers
-    decay, ramp = ema_terms(0.9998, 160 * 259)  # VOC: a window of a tenth of 41,440 steps
-    assert ramp == EMA_RAMP and 1 / (1 - decay) == pytest.approx(4144)
-    decay, ramp = ema_terms(0.9998, 25 * 17)  # 131 photos, batch 8, 25 epochs: 425 steps
-    assert ramp == pytest.approx(42.5) and 1 / (1 - decay) == pytest.approx(42.5)
+    assert ema_terms(0.9998, 200_000, 0.05) == (0.9998, EMA_RAMP)  # long: YOLOX's numbers
+    decay, ramp = ema_terms(0.9998, 160 * 259, 0.05)  # VOC: a window of 5% of 41,440 steps
+    assert ramp == EMA_RAMP and 1 / (1 - decay) == pytest.approx(2072)
+    decay, ramp = ema_terms(0.9998, 60 * 20, 0.05)  # 160 photos, batch 8, 60 epochs
+    assert ramp == pytest.approx(120) and 1 / (1 - decay) == pytest.approx(60)  # 3 epochs
     assert ramped_decay(0, decay, ramp) == 0.0  # the first update copies
-    assert ramped_decay(425, decay, ramp) == pytest.approx(decay, rel=1e-4)
-    assert ramped_decay(425, 0.9998, 2000) < 0.2  # YOLOX's ramp: no average in 425 steps
-    assert ema_terms(0.5, 10) == (0.0, 1.0)  # a tiny run: at most the last step
+    assert ramped_decay(1200, decay, ramp) == pytest.approx(decay, rel=1e-4)
+    assert ramped_decay(1200, 0.9998, 2000) < 0.46  # YOLOX's ramp: hardly an average
+    assert ema_terms(0.9998, 60 * 20, 0.1)[0] == pytest.approx(1 - 1 / 120)  # --ema-share 0.1
+    assert ema_terms(0.9, 60 * 20, 0.05)[0] == 0.9  # a lower --ema-decay stays
+    assert ema_terms(0.5, 10, 0.05) == (0.0, 1.0)  # a tiny run: at most the last step
 
 
 def test_small_preset_uses_ema_and_voc_does_not():
@@ -114,7 +116,7 @@ def test_small_preset_uses_ema_and_voc_does_not():
 
 
 def _ema_config(tmp_path: Path, root: Path, **overrides) -> TrainConfig:
-    return make_config(tmp_path, root, ema=True, **overrides)
+    return make_config(tmp_path, root, ema=True, ema_share=1.0, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def demo_root(tmp_path_factory) -> Path:
 
 def _average_the_whole_run(monkeypatch) -> None:
     """These runs are 2 to 4 steps: a tenth of them would make the EMA the weights."""
-    monkeypatch.setattr(yolo.ema, "EMA_RUN_SHARE", 1.0)
+    monkeypatch.setattr(yolo.ema, "EMA_RAMP_SHARE", 1.0)
 
 
 def test_best_holds_the_ema_and_last_both(tmp_path, demo_root, monkeypatch, caplog):
@@ -178,8 +180,9 @@ def save_every_rank(run, state, name):
     save(run, state, name)
     torch.save(run.ema.state_dict(), Path(sys.argv[1]) / f"ema{run.runtime.rank}.pt")
 yolo.train.save = save_every_rank
-yolo.ema.EMA_RUN_SHARE = 1.0  # 2 steps: average them
-config = make_config(Path(sys.argv[1]), Path(sys.argv[2]), epochs=1, batch_size=2, ema=True)
+yolo.ema.EMA_RAMP_SHARE = 1.0  # 2 steps: average them
+config = make_config(Path(sys.argv[1]), Path(sys.argv[2]), epochs=1, batch_size=2, ema=True,
+                     ema_share=1.0)
 yolo.train.fit(config)
 """
 

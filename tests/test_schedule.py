@@ -66,7 +66,8 @@ def test_the_prior_term_lasts_darknets_12800_images_or_a_share_of_a_short_run(
 
 def test_share_flags_are_checked():
     for bad in ({"burn_in_share": 0.0}, {"prior_share": 1.5}, {"ema_decay": 1.0},
-                {"prior_images": -1}, {"burn_in_share": float("nan")}):  # fmt: skip
+                {"prior_images": -1}, {"burn_in_share": float("nan")}, {"ema_share": 0.0},
+                {"ema_share": 2.0}):  # fmt: skip
         with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
             TrainConfig(**bad)
 

@@ -116,7 +116,10 @@ class TrainConfig:
     )
     ema: bool = flag(False, "evaluate and save an EMA of the weights (on in --preset small)")
     ema_decay: float = flag(
-        0.9998, "EMA decay on a long run (ramp and window: at most a tenth of a short run)"
+        0.9998, "EMA decay on a long run (a short one: see --ema-share; ramp: a tenth of it)"
+    )
+    ema_share: float = flag(
+        0.05, "the EMA averages over at most this share of the run's steps (docs/training.md)"
     )
     lr_steps: tuple[int, ...] = flag((60, 90), "epochs at which lr is multiplied by --lr-gamma")
     lr_gamma: float = flag(0.1, "lr factor at each of --lr-steps")
@@ -180,7 +183,7 @@ class TrainConfig:
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, f"--{kebab(name)} {value}: must be >= 0")
         _check(self.momentum < 1, f"--momentum {self.momentum}: must be below 1")
-        for name in ("burn_in_share", "prior_share"):
+        for name in ("burn_in_share", "prior_share", "ema_share"):
             value = getattr(self, name)
             _check(0 < value <= 1, f"--{kebab(name)} {value}: a share in (0, 1], e.g. 0.1")
         _check(0 <= self.ema_decay < 1, f"--ema-decay {self.ema_decay}: in [0, 1), e.g. 0.9998")

@@ -9,9 +9,11 @@ statistics are averaged too). After optimizer step ``k`` (``k`` = 0, 1, ...)::
 the ramp of YOLOX and ultralytics (decay 0.9998, ramp 2000 steps). On a run of a few hundred
 steps that ramp never gets past ``d`` = 0.2, i.e. no averaging at all, and a decay of 0.9998
 (a window of 5000 steps) would freeze the average early in the run. So both are bounded by
-the run's length (:func:`ema_terms`): the ramp and the averaging window ``1 / (1 - decay)``
-are at most ``EMA_RUN_SHARE`` of the run's optimizer steps (a 425-step run averages over its
-last ~40 steps, about 2.5 epochs of a 131-image set); a VOC-length run keeps 0.9998 and 2000.
+the run's length (:func:`ema_terms`): the ramp lasts at most ``EMA_RAMP_SHARE`` of the run's
+optimizer steps and the averaging window ``1 / (1 - decay)`` at most ``--ema-share`` of them
+(a 1200-step run averages over its last 60 steps, 3 epochs of a 160-image set: a window of a
+tenth lagged behind the last learning-rate step, docs/training.md); a VOC-length run keeps
+0.9998 and 2000.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ from torch.optim.swa_utils import AveragedModel
 from yolo.runtime import unwrap
 
 EMA_RAMP = 2000  # optimizer steps of the decay's ramp on a long run (YOLOX, ultralytics)
-EMA_RUN_SHARE = 0.1  # the ramp and the averaging window are at most this share of the run
+EMA_RAMP_SHARE = 0.1  # the ramp lasts at most this share of the run's steps
 
 
-def ema_terms(decay: float, run_steps: int) -> tuple[float, float]:
-    """``(decay, ramp)`` for a run of ``run_steps`` optimizer steps: ``decay`` and
-    :data:`EMA_RAMP`, each bounded so that the ramp and the window ``1 / (1 - decay)`` last at
-    most :data:`EMA_RUN_SHARE` of the run (at least one step)."""
-    span = max(EMA_RUN_SHARE * run_steps, 1.0)
-    return min(decay, 1.0 - 1.0 / span), min(float(EMA_RAMP), span)
+def ema_terms(decay: float, run_steps: int, share: float) -> tuple[float, float]:
+    """``(decay, ramp)`` for a run of ``run_steps`` optimizer steps: ``decay`` bounded so that
+    the window ``1 / (1 - decay)`` lasts at most ``share`` of the run, :data:`EMA_RAMP` so that
+    the ramp lasts at most :data:`EMA_RAMP_SHARE` of it (each at least one step)."""
+    window = max(share * run_steps, 1.0)
+    ramp = max(EMA_RAMP_SHARE * run_steps, 1.0)
+    return min(decay, 1.0 - 1.0 / window), min(float(EMA_RAMP), ramp)
 
 
 def ramped_decay(updates: int, decay: float, ramp: float) -> float:

@@ -216,7 +216,8 @@ def _start_ema(ckpt: dict | None, config: TrainConfig, model, schedule) -> Weigh
     """With ``--ema``: the average, restored from a resumed checkpoint's (bit-exact resume)."""
     if not config.ema:
         return None
-    decay, ramp = ema_terms(config.ema_decay, schedule.epochs * schedule.steps_per_epoch)
+    run_steps = schedule.epochs * schedule.steps_per_epoch
+    decay, ramp = ema_terms(config.ema_decay, run_steps, config.ema_share)
     ema = WeightEMA(model, decay=decay, ramp=ramp)
     window = 1.0 / (1.0 - decay)
     log.info("weight EMA: decay %.4g, an average over about the last %.0f steps (%.1f epochs), "
