@@ -22,6 +22,7 @@ minutes a run on one core of a 2-core CPU.
 """
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -38,15 +39,20 @@ from bench.common import child_env, machine_line, save_results  # noqa: E402
 from utils.visualize import save_figure  # noqa: E402
 
 VARIANTS = {  # name -> (train_yolov2.py flags after --preset small, what it is)
-    "darknet-ema": ([], "the import tool's CPU command: darknet's anchors, weight EMA"),
+    "darknet-ema": (
+        [],
+        "the import tool's CPU command: darknet's anchors, weight EMA over the "
+        "last 5% of the run's steps (3 epochs)",
+    ),
+    "darknet-ema10": (["--ema-share", "0.1"], "the same, the EMA over the last tenth (6 epochs)"),
     "darknet-raw": (["--no-ema"], "the same without the weight average (the preset before it)"),
     "kmeans256-ema": (
-        ["--anchors", "{work}/anchors-256/anchors-5.json"],
-        "5 k-means anchors fitted at 256, the training size",
+        ["--anchors", "{work}/anchors-256/anchors-5.json", "--ema-share", "0.1"],
+        "5 k-means anchors fitted at 256, the training size (EMA over a tenth)",
     ),
     "kmeans256k2-ema": (
-        ["--anchors", "{work}/anchors-256/anchors-2.json"],
-        "2 k-means anchors fitted at 256 (a model of 2 predictors a cell)",
+        ["--anchors", "{work}/anchors-256/anchors-2.json", "--ema-share", "0.1"],
+        "2 k-means anchors fitted at 256, 2 predictors a cell (EMA over a tenth)",
     ),
 }
 NAME = "raccoon"  # the imported set's name: raccoon:train, raccoon:val
@@ -114,6 +120,7 @@ def summarise(curves: dict[str, list[float]]) -> dict:
     return {"best": best, "best_epoch": maps.index(best) + 1, "last": maps[-1],
             "last_over_best": maps[-1] / best if best else 0.0, "last10_min": min(last10),
             "last10_mean": statistics.mean(last10), "last10_sd": statistics.pstdev(last10),
+            "swing": statistics.mean(abs(b - a) for a, b in itertools.pairwise(maps)),
             "coco_last": coco[-1], "coco_last10_mean": statistics.mean(coco[-10:]),
             "curve": maps, "coco_curve": coco}  # fmt: skip
 
@@ -127,13 +134,14 @@ def table(rows: dict) -> str:
                      f"{r['last10_mean']:.3f}, {r['last10_sd']:.3f} | "
                      f"{r['coco_last']:.3f}, {r['coco_last10_mean']:.3f} |")  # fmt: skip
     lines += ["", "| variant | seeds | mean best | mean last | worst last / best | mean sd "
-              "| mean COCO last |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| mean epoch-to-epoch change | mean COCO last |", "|---" * 8 + "|"]  # fmt: skip
     for variant in dict.fromkeys(v for v, _ in rows):
         rs = [r for (v, _), r in rows.items() if v == variant]
         lines.append(f"| {variant} | {len(rs)} | {statistics.mean(r['best'] for r in rs):.3f} | "
                      f"{statistics.mean(r['last'] for r in rs):.3f} | "
                      f"{min(r['last_over_best'] for r in rs):.2f} | "
                      f"{statistics.mean(r['last10_sd'] for r in rs):.3f} | "
+                     f"{statistics.mean(r['swing'] for r in rs):.3f} | "
                      f"{statistics.mean(r['coco_last'] for r in rs):.3f} |")  # fmt: skip
     return "\n".join(lines)
 
