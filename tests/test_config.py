@@ -136,6 +136,10 @@ def test_round_trip_through_json(tmp_path):
     assert config_from_dict(TestConfig, config_to_dict(TestConfig())) == TestConfig()
     with pytest.raises(ValueError, match="unknown fields"):
         config_from_dict(TrainConfig, {**data, "bogus": 1})
+    # a checkpoint from before --ema-share averaged over a tenth of the run: it resumes so
+    older = {k: v for k, v in data.items() if k != "ema_share"}
+    assert config_from_dict(TrainConfig, older).ema_share == 0.1 != TrainConfig().ema_share
+    assert config_from_dict(TrainConfig, {**older, "ema_share": 0.05}).ema_share == 0.05
 
 
 def test_preset_small_sets_its_values_and_flags_given_win():

@@ -69,6 +69,8 @@ class TrainConfig:
     PRESETS = MappingProxyType(
         {"small": SMALL_DATA, "coco": DARKNET_COCO}
     )  # --preset NAME (not annotated: no field)
+    # a checkpoint written before a flag existed ran with this value (yolo.flags.config_from_dict)
+    BEFORE_FLAGS = MappingProxyType({"ema_share": 0.1})
 
     model: str = flag("darknet19", "backbone", choices=MODELS)
     # --run-name too: torchrun's parser reads a bare --run as an abbreviation of its --run-path
@@ -116,7 +118,7 @@ class TrainConfig:
     )
     ema: bool = flag(False, "evaluate and save an EMA of the weights (on in --preset small)")
     ema_decay: float = flag(
-        0.9998, "EMA decay on a long run (a short one: see --ema-share; ramp: a tenth of it)"
+        0.9998, "EMA decay of a run of 100k+ steps (shorter: bounded by --ema-share)"
     )
     ema_share: float = flag(
         0.05, "the EMA averages over at most this share of the run's steps (docs/training.md)"

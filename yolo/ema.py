@@ -12,8 +12,8 @@ steps that ramp never gets past ``d`` = 0.2, i.e. no averaging at all, and a dec
 the run's length (:func:`ema_terms`): the ramp lasts at most ``EMA_RAMP_SHARE`` of the run's
 optimizer steps and the averaging window ``1 / (1 - decay)`` at most ``--ema-share`` of them
 (a 1200-step run averages over its last 60 steps, 3 epochs of a 160-image set: a window of a
-tenth lagged behind the last learning-rate step, docs/training.md); a VOC-length run keeps
-0.9998 and 2000.
+tenth lagged behind the last learning-rate step, docs/training.md). YOLOX's 0.9998 applies from
+100,000 steps; darknet's VOC schedule (41,440 steps) averages over its last 2,072 (8 epochs).
 """
 
 from __future__ import annotations

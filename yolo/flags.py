@@ -122,7 +122,10 @@ def config_to_dict(config) -> dict:
 
 
 def config_from_dict(cls, data: dict):
-    """Inverse of :func:`config_to_dict`; keys the class no longer has are an error."""
+    """Inverse of :func:`config_to_dict`; keys the class no longer has are an error. A field
+    added since ``data`` was written takes the value it had before it was a flag (the class's
+    ``BEFORE_FLAGS``), else its default."""
+    data = {**getattr(cls, "BEFORE_FLAGS", {}), **data}
     names = {item.name for item in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
