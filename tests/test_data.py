@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,7 @@ def test_missing_set_file_says_how_to_get_voc_or_which_sets_there_are(tmp_path, 
     with pytest.raises(FileNotFoundError, match=r"VOC2007.*download_voc\.py.*import_voc\.py"):
         VOCDataset(tmp_path, [("2007", "trainval")])
     sets = r"holds the sets demo:train, demo:trainval, demo:val: name them with --train-sets"
+    sets += " and --val-set and give --data " + re.escape(str(demo_root))
     with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/nosuch\.txt.*" + sets):
         VOCDataset(demo_root, [("demo", "nosuch")], DEMO_CLASSES)
 

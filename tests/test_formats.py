@@ -16,7 +16,14 @@ from tests.test_train import logged, make_config
 from utils.data import CocoDataset, VOCDataset, YoloDataset
 from utils.demo import DEMO_CLASSES
 from utils.export_dataset import export_coco, export_yolo
-from utils.formats import box_sizes, check_trainable, dataset_classes, detect_format, open_dataset
+from utils.formats import (
+    box_sizes,
+    check_trainable,
+    dataset_classes,
+    detect_format,
+    open_dataset,
+    voc_classes_file,
+)
 from yolo.train import fit
 
 
@@ -102,6 +109,10 @@ def test_an_imported_voc_set_brings_its_classes_and_names_its_sets(voc_writer, t
         open_dataset(voc_writer.root, "train", voc_sets=[("2007", "trainval")])
     assert kmeans.main(["--data", str(folder), "--k", "1", "--out-dir", str(tmp_path / "k")]) == 0
     assert json.loads((tmp_path / "k" / "kmeans.json").read_text())["num_boxes"] == 4
+    devkit = tmp_path / "VOCdevkit"  # a devkit named VOC...: a classes.txt above it is not its
+    (devkit / "VOCx" / "Annotations").mkdir(parents=True)
+    (tmp_path / "classes.txt").write_text("dog\n")
+    assert dataset_classes(devkit) is None and voc_classes_file(devkit) is None
 
 
 def test_training_stops_before_the_first_epoch_on_a_class_typo(demo_root, tmp_path):

@@ -162,9 +162,10 @@ class VOCDataset(SeededItems):
             missing = folder if not folder.is_dir() else set_file
             found = available_sets(self.root)
             how = _HOW_TO_GET_VOC
-            if found:
+            if found:  # --data VOC<NAME> reads that folder's train and val: name the devkit
                 how = (f"this folder holds the sets {', '.join(found)}: name them with "
-                       "--train-sets and --val-set (kmeans.py: --sets)")  # fmt: skip
+                       f"--train-sets and --val-set and give --data {self.root} (kmeans.py: "
+                       "--sets)")  # fmt: skip
             raise FileNotFoundError(f"{what} {missing} not found for set {name}:{split}: {how}")
         ids, repeated = read_split(set_file)
         if repeated:

@@ -183,7 +183,8 @@ def voc_classes_file(path) -> Path | None:
     """The ``classes.txt`` of a VOC dataset: in the ``VOC<NAME>`` folder ``path``, else in the
     devkit folder (where ``import_voc.py`` writes it); None when there is none."""
     path = Path(path)
-    places = [path, path.parent] if path.name.startswith("VOC") else [path]
+    one_set = path.name.startswith("VOC") and (path / "Annotations").is_dir()  # not VOCdevkit
+    places = [path, path.parent] if one_set else [path]
     return next((p / "classes.txt" for p in places if (p / "classes.txt").is_file()), None)
 
 

@@ -191,7 +191,8 @@ def _test_command(config: TrainConfig, weights: Path) -> str:
     elif config.data:  # the same --data: its val split is what training evaluated
         args += ["--data", config.data]
         args += ["--data-format", config.data_format] if config.data_format else []
-        voc_folder = (Path(config.data) / "Annotations").is_dir()  # VOC<NAME>: its val split
+        data = Path(config.data)  # a VOC<NAME> folder: its own val split (utils.formats)
+        voc_folder = data.name.startswith("VOC") and (data / "Annotations").is_dir()
         if (config.data_format or detect_format(config.data)) == "voc" and not voc_folder:
             args += ["--val-set", config.val_set]
     else:
