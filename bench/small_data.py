@@ -47,12 +47,16 @@ VARIANTS = {  # name -> (train_yolov2.py flags after --preset small, what it is)
     "darknet-ema10": (["--ema-share", "0.1"], "the same, the EMA over the last tenth (6 epochs)"),
     "darknet-raw": (["--no-ema"], "the same without the weight average (the preset before it)"),
     "kmeans256-ema": (
-        ["--anchors", "{work}/anchors-256/anchors-5.json", "--ema-share", "0.1"],
-        "5 k-means anchors fitted at 256, the training size (EMA over a tenth)",
+        ["--anchors", "{work}/anchors-256/anchors-5.json"],
+        "5 k-means anchors fitted at 256, the training size",
     ),
-    "kmeans256k2-ema": (
+    "kmeans256-ema10": (
+        ["--anchors", "{work}/anchors-256/anchors-5.json", "--ema-share", "0.1"],
+        "the same, the EMA over a tenth",
+    ),
+    "kmeans256k2-ema10": (
         ["--anchors", "{work}/anchors-256/anchors-2.json", "--ema-share", "0.1"],
-        "2 k-means anchors fitted at 256, 2 predictors a cell (EMA over a tenth)",
+        "2 k-means anchors fitted at 256, 2 predictors a cell, the EMA over a tenth",
     ),
 }
 NAME = "raccoon"  # the imported set's name: raccoon:train, raccoon:val
@@ -106,23 +110,31 @@ def train(work: Path, data: Path, variant: str, seed: int, epochs: int | None) -
     return last
 
 
-def curves(last: Path) -> dict[str, list[float]]:
-    """VOC07 and COCO mAP of every epoch of a run, from its last.pt's history."""
-    history = torch.load(last, map_location="cpu", weights_only=True)["state"]["history"]
-    rows = [row for row in history if "map_voc07" in row]
-    return {key: [row[key] for row in rows] for key in ("map_voc07", "map_coco")}
+def curves(last: Path) -> dict:
+    """VOC07 and COCO mAP of every evaluated epoch of a run (COCO NaN where an older run did not
+    record it), and the run's saved settings that tell the variants apart."""
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    rows = [row for row in saved["state"]["history"] if "map_voc07" in row]
+    config = saved["config"]
+    settings = {key: config.get(key) for key in ("anchors", "ema", "ema_decay", "ema_share")}
+    return {"map_voc07": [row["map_voc07"] for row in rows], "settings": settings,
+            "map_coco": [row.get("map_coco", float("nan")) for row in rows]}  # fmt: skip
 
 
-def summarise(curves: dict[str, list[float]]) -> dict:
+def summarise(curves: dict) -> dict | None:
+    """The run's numbers (None when no epoch was evaluated)."""
     maps, coco = curves["map_voc07"], curves["map_coco"]
+    if not maps:
+        return None
     best = max(maps)
     last10 = maps[-10:]
+    swings = [abs(b - a) for a, b in itertools.pairwise(maps)]
     return {"best": best, "best_epoch": maps.index(best) + 1, "last": maps[-1],
             "last_over_best": maps[-1] / best if best else 0.0, "last10_min": min(last10),
             "last10_mean": statistics.mean(last10), "last10_sd": statistics.pstdev(last10),
-            "swing": statistics.mean(abs(b - a) for a, b in itertools.pairwise(maps)),
+            "swing": statistics.mean(swings) if swings else 0.0,
             "coco_last": coco[-1], "coco_last10_mean": statistics.mean(coco[-10:]),
-            "curve": maps, "coco_curve": coco}  # fmt: skip
+            "curve": maps, "coco_curve": coco, "settings": curves["settings"]}  # fmt: skip
 
 
 def table(rows: dict) -> str:
@@ -182,23 +194,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="train nothing: report the finished runs found in --work")  # fmt: skip
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    data = prepare(args.raccoon, args.work)
     jobs = [(v, s) for v in args.variants for s in args.seeds]
-    if args.read_only:
+    if args.read_only:  # runs are found by name: their saved settings go into the JSON
+        data = args.work / NAME
         jobs = [(v, s) for v, s in jobs if finished(args.work / "m" / f"{v}-s{s}" / "last.pt")]
+    else:
+        data = prepare(args.raccoon, args.work)
     if not jobs:
         sys.exit(f"no finished run of {args.variants} in {args.work / 'm'}")
     with ThreadPoolExecutor(args.parallel) as pool:
         lasts = list(pool.map(lambda job: train(args.work, data, *job, args.epochs), jobs))
     rows = {job: summarise(curves(last)) for job, last in zip(jobs, lasts, strict=True)}
+    if unevaluated := [f"{v}-s{s}" for (v, s), r in rows.items() if r is None]:
+        print(f"no evaluated epoch in {', '.join(unevaluated)}: left out")
+    rows = {job: r for job, r in rows.items() if r is not None}
+    if not rows:
+        sys.exit("nothing to report")
     text = table(rows)
-    notes = "\n".join(f"- {v}: {VARIANTS[v][1]}" for v in args.variants)
-    report = (f"# Small data over seeds: raccoon, `--preset small`\n\n{notes}\n\n{text}\n\n"
-              f"{machine_line('1 per run')}, {args.parallel} runs at a time\n")  # fmt: skip
+    notes = "\n".join(f"- {v}: {VARIANTS[v][1]}" for v in dict.fromkeys(v for v, _ in rows))
+    machine = machine_line("1 per run")
+    where = f"{machine}, {args.parallel} runs at a time"
+    if args.read_only:
+        where = f"read from the finished runs in --work (one torch thread each); read on {machine}"
+    report = f"# Small data over seeds: raccoon, `--preset small`\n\n{notes}\n\n{text}\n\n{where}\n"
     print(report)
     plot(rows, ROOT / "bench" / "results" / "small_data.png")
     payload = {f"{v}-s{s}": r for (v, s), r in rows.items()}
-    save_results("small_data", report, {"runs": payload, "machine": machine_line("1 per run")})
+    save_results("small_data", report, {"runs": payload, "machine": where})
     return 0
 
 
