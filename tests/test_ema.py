@@ -137,7 +137,7 @@ def test_best_holds_the_ema_and_last_both(tmp_path, demo_root, monkeypatch, capl
     # --prior-share 0.1: the loss's prior term lasts a tenth of the run's 8 images, one batch
     assert "burn-in 1 steps (0.5 epochs); prior term for the first 1 images" in caplog.text
     assert ("weight EMA: decay 0.5, an average over about the last 2 steps (1.0 epochs), "
-            "ramped up over 2 steps" in caplog.text)  # fmt: skip
+            "ramping up with a time constant of 2 steps" in caplog.text)  # fmt: skip
     prior = [value for _, value in logged(tmp_path / "logs/t", "train/loss_prior")]
     assert prior[0] > 0 and prior[1] == 0
     last = load_checkpoint(tmp_path / "model/t/last.pt")

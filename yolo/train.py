@@ -221,8 +221,8 @@ def _start_ema(ckpt: dict | None, config: TrainConfig, model, schedule) -> Weigh
     ema = WeightEMA(model, decay=decay, ramp=ramp)
     window = 1.0 / (1.0 - decay)
     log.info("weight EMA: decay %.4g, an average over about the last %.0f steps (%.1f epochs), "
-             "ramped up over %.0f steps; evaluated and saved as best.pt", decay, window,
-             window / schedule.steps_per_epoch, ramp)  # fmt: skip
+             "ramping up with a time constant of %.0f steps; evaluated and saved as best.pt",
+             decay, window, window / schedule.steps_per_epoch, ramp)  # fmt: skip
     if ckpt is not None and "ema" in ckpt:
         ema.load_state_dict(ckpt["ema"])
     elif ckpt is not None:
