@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_line("1 per run")
     where = f"{machine}, {args.parallel} runs at a time"
     if args.read_only:
-        where = f"read from the finished runs in --work (one torch thread each); read on {machine}"
+        where = f"Read from the finished runs in --work (one torch thread each). {machine}"
     report = f"# Small data over seeds: raccoon, `--preset small`\n\n{notes}\n\n{text}\n\n{where}\n"
     print(report)
     plot(rows, ROOT / "bench" / "results" / "small_data.png")
