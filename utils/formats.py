@@ -143,7 +143,7 @@ def open_dataset(
                               keep_unreadable=keep_unreadable)  # fmt: skip
         return _checked_strict(dataset, strict)
     classes = classes or voc_classes(path)
-    if (path / "Annotations").is_dir() and path.name.startswith("VOC"):
+    if is_voc_set_folder(path):
         path, voc_sets = path.parent, [(path.name[3:], split)]
     return VOCDataset(path, voc_sets or [], classes, keep_difficult, transform,
                       strict=strict, keep_unreadable=keep_unreadable)  # fmt: skip
@@ -179,12 +179,18 @@ def _coco_categories(path: Path) -> list:
         raise BadDataset(f"{path} is not a COCO instances file: give instances_*.json") from None
 
 
+def is_voc_set_folder(path) -> bool:
+    """``path`` is one ``VOC<NAME>`` folder (its own train and val splits), not a devkit such
+    as ``VOCdevkit`` that holds them."""
+    path = Path(path)
+    return path.name.startswith("VOC") and (path / "Annotations").is_dir()
+
+
 def voc_classes_file(path) -> Path | None:
     """The ``classes.txt`` of a VOC dataset: in the ``VOC<NAME>`` folder ``path``, else in the
     devkit folder (where ``import_voc.py`` writes it); None when there is none."""
     path = Path(path)
-    one_set = path.name.startswith("VOC") and (path / "Annotations").is_dir()  # not VOCdevkit
-    places = [path, path.parent] if one_set else [path]
+    places = [path, path.parent] if is_voc_set_folder(path) else [path]
     return next((p / "classes.txt" for p in places if (p / "classes.txt").is_file()), None)
 
 

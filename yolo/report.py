@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from utils.formats import detect_format
+from utils.formats import detect_format, is_voc_set_folder
 from utils.visualize import format_ap_table, plot_training_history, save_figure
 from yolo.config import TrainConfig
 from yolo.evaluate import log_evaluation, summary_line
@@ -191,9 +191,8 @@ def _test_command(config: TrainConfig, weights: Path) -> str:
     elif config.data:  # the same --data: its val split is what training evaluated
         args += ["--data", config.data]
         args += ["--data-format", config.data_format] if config.data_format else []
-        data = Path(config.data)  # a VOC<NAME> folder: its own val split (utils.formats)
-        voc_folder = data.name.startswith("VOC") and (data / "Annotations").is_dir()
-        if (config.data_format or detect_format(config.data)) == "voc" and not voc_folder:
+        voc = (config.data_format or detect_format(config.data)) == "voc"
+        if voc and not is_voc_set_folder(config.data):  # a VOC<NAME> folder: its own val split
             args += ["--val-set", config.val_set]
     else:
         args += ["--data-root", config.data_root, "--val-set", config.val_set]
